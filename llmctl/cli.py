@@ -1,0 +1,307 @@
+"""``llmctl``: the command line.  It reaches the daemon only through ``llmctl.Client``.
+
+Exit statuses follow sysexits(3): 64 usage, 65 bad data, 66 no such model, 69 daemon
+unavailable, 70 internal error, 73 already exists, 75 busy/try again, 76 protocol, 130 Ctrl-C.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import format as fmt
+from .client import Client
+from .errors import EX_USAGE, LlmosdError
+
+VOCAB_TEXT_LIMIT = 8 * 1024 * 1024
+
+
+def _client(ctx: click.Context) -> Client:
+    obj = ctx.find_root().obj
+    if "client" not in obj:
+        obj["client"] = Client(obj["socket"], timeout=obj["timeout"]).connect()
+    return obj["client"]
+
+
+def _json(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--socket", metavar="URL", envvar="LLMOSD_SOCKET",
+              help="Daemon endpoint [env LLMOSD_SOCKET; default: the user socket if it exists, "
+                   "else ipc:///run/llmosd/llmosd.sock].")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for a reply to a non-streaming request.")
+@click.version_option(package_name="llmosd", prog_name="llmctl")
+@click.pass_context
+def cli(ctx, socket, timeout):
+    """Control llmosd: create, load, run and manage language models.
+
+    \b
+    Examples:
+      llmctl create tiny --layers 2 --dim 64 --heads 4 --vocab-from corpus.txt
+      llmctl generate tiny "Once upon a time" --max-tokens 50
+      echo "Hello" | llmctl generate tiny --temperature 0
+      llmctl ps
+    """
+    ctx.obj = {"socket": socket, "timeout": timeout}
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx, as_json):
+    """Show the daemon's status."""
+    s = _client(ctx).status()
+    if as_json:
+        return _json(s)
+    rows = [("daemon", f"llmosd {s['version']} (pid {s['pid']}, protocol {'.'.join(map(str, s['protocol']))})"),
+            ("socket", s["socket"]), ("state", s["state_dir"]),
+            ("device", f"{s['device']} ({s['dtype']}, {s['threads']} thread(s))"),
+            ("uptime", f"{s['uptime_s']:.0f}s"), ("models", s["models"]),
+            ("instances", f"{s['instances']} ({fmt.size(s['resident_bytes'])} resident)"),
+            ("requests", f"{s['active_requests']} active, {s['tokens_served']} tokens served"),
+            ("memory", f"{fmt.size(s['rss_bytes'])} RSS"), ("jobs", len(s["jobs"]))]
+    for k, v in rows:
+        click.echo(f"{k + ':':<11}{v}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def ps(ctx, as_json):
+    """List loaded model instances (the model table)."""
+    c = _client(ctx)
+    body = c._call("ps")
+    if as_json:
+        return _json(body)
+    rows = [[i["id"], i["model"], i["state"] + (f" ({i['reason']})" if i["reason"] else ""),
+             i["device"], fmt.size(i["resident_bytes"]), i["active_requests"], i["tokens_served"],
+             fmt.ago(i["loaded_at"]), fmt.ago(i["last_used"]), "-" if i["uid"] is None else i["uid"]]
+            for i in body["instances"]]
+    click.echo(fmt.table(["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "ACTIVE", "TOKENS",
+                          "LOADED", "LAST USED", "UID"], rows))
+    if body["jobs"]:
+        click.echo()
+        click.echo(fmt.table(["JOB", "KIND", "TARGET", "STATE", "PROGRESS", "PID"],
+                             [[j["id"], j["kind"], j["target"], j["state"],
+                               j["progress"].get("message", ""), j["pid"]] for j in body["jobs"]]))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def ls(ctx, as_json):
+    """List the models in the store."""
+    models = _client(ctx).ls()
+    if as_json:
+        return _json(models)
+    rows = [[m["model"], fmt.short_digest(m["digest"]), fmt.size(m["size"]), fmt.count(m["parameters"]),
+             m["method"] or "-", fmt.ago(m["created"]), ",".join(map(str, m["instances"])) or "-"]
+            for m in models]
+    click.echo(fmt.table(["NAME", "ID", "SIZE", "PARAMS", "MADE BY", "CREATED", "LOADED"], rows))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def show(ctx, model, as_json):
+    """Show a model's manifest, config and lineage."""
+    s = _client(ctx).show(model)
+    if as_json:
+        return _json(s)
+    man, cfg = s["manifest"], s["config"]
+    lin = man.get("lineage") or {}
+    click.echo(f"model:         {s['model']}")
+    click.echo(f"digest:        {s['digest']}")
+    click.echo(f"architecture:  {man.get('architecture')}  ({fmt.count(man.get('parameters'))} parameters, {fmt.size(s['size'])})")
+    click.echo(f"created:       {man.get('created')}  by {lin.get('method')}"
+               + (f" from {lin['parent']}" if lin.get("parent") else ""))
+    click.echo(f"tokenizer:     {man['tokenizer']['type']}, {man['tokenizer'].get('vocab_size')} pieces")
+    click.echo("config:")
+    for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta",
+              "rms_norm_eps", "tie_word_embeddings"):
+        click.echo(f"  {k:<25}{cfg.get(k)}")
+    if s["instances"]:
+        click.echo("instances:     " + ", ".join(f"{i['id']} ({i['state']})" for i in s["instances"]))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--layers", type=int, required=True, help="Number of transformer blocks.")
+@click.option("--dim", type=int, required=True, help="Model width (hidden size).")
+@click.option("--heads", type=int, required=True, help="Attention heads.")
+@click.option("--kv-heads", type=int, help="Key/value heads for grouped-query attention [default: heads].")
+@click.option("--vocab-size", type=int, default=1024, show_default=True, help="Tokenizer pieces (at least 300).")
+@click.option("--vocab-from", "vocab_from", type=click.File("rb"), required=True,
+              help="Text to train the SentencePiece tokenizer on ('-' for stdin; first 8 MiB used).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights and tokenizer.")
+@click.option("--hidden-dim", type=int, help="MLP width [default: Llama's 8/3*dim rounded to 32].")
+@click.option("--context", type=int, default=2048, show_default=True, help="Maximum sequence length.")
+@click.option("--rope-theta", type=float, default=10000.0, show_default=True, help="Rotary base.")
+@click.option("--tie-embeddings", is_flag=True, help="Share the input embedding with the output layer.")
+@click.option("--force", is_flag=True, help="Replace a model of the same name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def create(ctx, name, vocab_from, as_json, **opts):
+    """Create a new model NAME[:TAG] with random weights (a starting point for pretraining)."""
+    text = vocab_from.read(VOCAB_TEXT_LIMIT + 1)
+    if len(text) > VOCAB_TEXT_LIMIT:
+        text = text[:text.rfind(b"\n", 0, VOCAB_TEXT_LIMIT) + 1 or VOCAB_TEXT_LIMIT]
+        click.echo(f"note: using the first {len(text):,} bytes of the vocabulary text", err=True)
+
+    def progress(p):
+        if not as_json:
+            click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
+    r = _client(ctx).create(name, text=text, progress=progress, **opts)
+    if as_json:
+        return _json(r)
+    click.echo(f"created {r['model']} ({fmt.count(r['parameters'])} parameters, "
+               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.pass_context
+def rm(ctx, models):
+    """Remove models from the store (refused while loaded)."""
+    for m in models:
+        r = _client(ctx).rm(m)
+        click.echo(f"deleted {r['model']} ({fmt.size(r['freed_bytes'])} freed)")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("target")
+@click.pass_context
+def tag(ctx, source, target):
+    """Give model SOURCE another name TARGET (a copy that shares its blobs)."""
+    r = _client(ctx).tag(source, target)
+    click.echo(f"tagged {r['source']} as {r['model']}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the instance as JSON.")
+@click.pass_context
+def load(ctx, model, as_json):
+    """Load MODEL into the model table (no-op if it is already loaded)."""
+    r = _client(ctx).load(model)
+    if as_json:
+        return _json(r)
+    click.echo(f"instance {r['id']}: {r['model']} {r['state']} on {r['device']} "
+               f"({fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s)")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--force", is_flag=True, help="Cancel active requests instead of refusing.")
+@click.pass_context
+def unload(ctx, target, force):
+    """Unload TARGET: an instance ID, or every instance of a model."""
+    r = _client(ctx).unload(target, force=force)
+    click.echo("unloaded instance " + ", ".join(map(str, r["unloaded"])))
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@click.option("--max-tokens", type=int, help="Most tokens to generate [daemon default: 256].")
+@click.option("--temperature", type=float, help="0 for greedy [default: 0.8].")
+@click.option("--top-k", type=int, help="Sample among the K most likely tokens (0: off).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold (1: off).")
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
+@click.option("--no-bos", is_flag=True, help="Do not prepend the beginning-of-sequence token.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per chunk, then the stats.")
+@click.option("-v", "--verbose", is_flag=True, help="Print timing statistics to stderr.")
+@click.pass_context
+def generate(ctx, model, prompt, as_json, verbose, no_bos, **opts):
+    """Generate text from PROMPT (or stdin when PROMPT is '-' or absent and stdin is a pipe).
+
+    The model is loaded first if it is not; the statistics say so.  Ctrl-C cancels.
+    """
+    if prompt in (None, "-"):
+        if prompt is None and sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or pipe one in (e.g. echo hi | llmctl generate MODEL)")
+        prompt = sys.stdin.read()
+    gen = _client(ctx).generate(model, prompt, stop=list(opts.pop("stop")) or None,
+                                add_bos=False if no_bos else None, **opts)
+    out = sys.stdout
+    last = ""
+    try:
+        for text in gen:
+            if as_json:
+                _json(gen.chunks[-1])
+            elif text:
+                out.write(text)
+                out.flush()
+                last = text
+    except KeyboardInterrupt:
+        gen.cancel()
+        if not as_json:
+            out.write("\n")
+        click.echo("cancelled", err=True)
+        sys.exit(130)
+    stats = gen.stats or {}
+    if as_json:
+        _json({"done": True, **stats})
+    else:
+        if out.isatty() and not last.endswith("\n"):
+            out.write("\n")
+        out.flush()
+        if verbose:
+            click.echo(_stats_line(stats), err=True)
+
+
+def _stats_line(s: dict) -> str:
+    parts = [f"{s.get('prompt_tokens')} prompt tokens", f"{s.get('generated_tokens')} generated",
+             f"finish: {s.get('finish_reason')}"]
+    if s.get("ttft_ms") is not None:
+        parts.append(f"first token {s['ttft_ms']:.0f} ms")
+    if s.get("tokens_per_s"):
+        parts.append(f"{s['tokens_per_s']:.1f} tokens/s")
+    if s.get("loaded"):
+        parts.append(f"loaded in {s['load_ms'] / 1000:.2f}s")
+    return ", ".join(parts)
+
+
+def main(argv=None) -> int:
+    """Entry point: runs the CLI and maps errors to sysexits statuses."""
+    try:
+        cli.main(args=argv, prog_name="llmctl", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("cancelled", err=True)
+        return 130
+    except click.UsageError as e:
+        e.show()
+        return EX_USAGE
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("cancelled", err=True)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except LlmosdError as e:
+        click.echo(f"llmctl: {e.name}: {e}", err=True)
+        if e.hint:
+            click.echo(f"  hint: {e.hint}", err=True)
+        return e.exit_status
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0
+    except click.exceptions.Exit as e:
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The client library: one ``Client`` per thread, talking protocol v1 to llmosd.
+
+    from llmctl import Client
+    with Client() as c:
+        gen = c.generate("tiny", "Once upon", max_tokens=20, temperature=0)
+        for text in gen:
+            print(text, end="")
+        print(gen.stats)
+
+Every daemon error arrives as the matching ``llmctl.errors`` subclass.  A daemon that is not
+running raises ``DaemonUnavailable`` within ``connect_timeout`` seconds instead of hanging.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Callable, Iterator
+
+import zmq
+
+from . import protocol
+from .errors import DaemonUnavailable, LlmosdError, Timeout, from_wire
+from .paths import client_default_socket, ipc_path
+
+__all__ = ["Client", "Generation"]
+
+
+class Generation:
+    """An in-flight ``generate`` stream: iterate for text pieces; ``stats`` once exhausted.
+
+    ``chunks`` keeps every chunk body (text, token ids) for callers that want more than text.
+    ``cancel()`` stops the generation on the daemon (safe to call at any time).
+    """
+
+    def __init__(self, client: "Client", rid: int, stream: Iterator[dict]):
+        self._client, self.id, self._stream = client, rid, stream
+        self.stats: dict | None = None
+        self.chunks: list[dict] = []
+        self._done = False
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        try:
+            chunk = next(self._stream)
+        except StopIteration as stop:
+            self._done, self.stats = True, stop.value
+            raise StopIteration from None
+        except BaseException:
+            self._done = True
+            raise
+        self.chunks.append(chunk)
+        return chunk.get("text", "")
+
+    def text(self) -> str:
+        """Drain the stream and return all of the text."""
+        return "".join(list(self))
+
+    def cancel(self, wait: float = 2.0) -> dict | None:
+        """Cancel on the daemon and wait up to ``wait`` s for its ``end``; returns final stats."""
+        if self._done:
+            return self.stats
+        self._client._send(protocol.request(next(self._client._ids), "cancel", {"target": self.id}))
+        deadline = time.monotonic() + wait
+        try:
+            while time.monotonic() < deadline:
+                next(self)
+        except StopIteration:
+            pass
+        except LlmosdError:
+            pass
+        self._done = True
+        return self.stats
+
+
+class Client:
+    """A connection to llmosd.  Not thread-safe: use one per thread."""
+
+    def __init__(self, socket: str | None = None, *, timeout: float = 60.0,
+                 connect_timeout: float = 2.0, stream_idle_timeout: float = 30.0,
+                 max_message: int = protocol.DEFAULT_MAX_MESSAGE):
+        self.url = socket or client_default_socket()
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.stream_idle_timeout = stream_idle_timeout
+        self.max_message = max_message
+        self._ids = itertools.count(1)
+        self._ctx = zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self.daemon_info: dict | None = None
+
+    # -- connection -----------------------------------------------------------------------
+    def connect(self) -> "Client":
+        if self._sock is not None:
+            return self
+        path = ipc_path(self.url)
+        if path is not None and not os.path.exists(path):
+            raise DaemonUnavailable(f"is llmosd running? (socket {self.url} does not exist)",
+                                    hint="start it with 'llmosd' or point LLMOSD_SOCKET / --socket at it")
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_message + (1 << 20))
+        s.connect(self.url)
+        self._sock = s
+        try:
+            self.daemon_info = self._call("hello", {"client": "llmctl", "version": protocol.VERSION},
+                                          timeout=self.connect_timeout)
+        except Timeout:
+            self.close()
+            raise DaemonUnavailable(f"is llmosd running? (no answer on {self.url} within "
+                                    f"{self.connect_timeout:g}s)",
+                                    hint="start it with 'llmosd', or check --socket / LLMOSD_SOCKET") from None
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> "Client":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _send(self, msg: dict) -> None:
+        if self._sock is None:
+            self.connect()
+        self._sock.send(protocol.encode(msg))
+
+    def _recv(self, rid: int, timeout: float) -> dict:
+        """Next reply for request ``rid`` (others, and beats, are dropped) or Timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                if time.monotonic() >= deadline:
+                    raise Timeout(f"no reply from llmosd within {timeout:g}s ({self.url})",
+                                  hint="the daemon may be overloaded or hung; see its log")
+                continue
+            msg = protocol.decode(self._sock.recv(), max_size=self.max_message + (1 << 20))
+            if msg["type"] == "beat" or msg["id"] != rid:
+                if msg["type"] == "beat":
+                    deadline = max(deadline, time.monotonic() + timeout)
+                continue
+            return msg
+
+    def _call(self, type_: str, body: dict | None = None, timeout: float | None = None) -> dict:
+        if self._sock is None and type_ != "hello":
+            self.connect()
+        rid = next(self._ids)
+        self._send(protocol.request(rid, type_, body))
+        msg = self._recv(rid, self.timeout if timeout is None else timeout)
+        if msg["type"] == "error":
+            raise from_wire(msg["body"])
+        if msg["type"] != "ok":
+            raise LlmosdError(f"unexpected reply type {msg['type']!r} to {type_!r}")
+        return msg["body"]
+
+    def _stream(self, rid: int) -> Iterator[dict]:
+        """Yield chunk bodies of stream ``rid``; the generator's return value is the end body."""
+        while True:
+            msg = self._recv(rid, self.stream_idle_timeout)
+            kind = msg["type"]
+            if kind == "chunk":
+                yield msg["body"]
+            elif kind == "end":
+                return msg["body"]
+            elif kind == "error":
+                raise from_wire(msg["body"])
+            else:
+                raise LlmosdError(f"unexpected reply type {kind!r} in a stream")
+
+    def _start_stream(self, type_: str, body: dict) -> tuple[int, Iterator[dict]]:
+        if self._sock is None:
+            self.connect()
+        rid = next(self._ids)
+        self._send(protocol.request(rid, type_, body))
+        return rid, self._stream(rid)
+
+    # -- operations -------------------------------------------------------------------------
+    def ping(self) -> dict:
+        return self._call("ping")
+
+    def status(self) -> dict:
+        return self._call("status")
+
+    def ps(self) -> list[dict]:
+        return self._call("ps")["instances"]
+
+    def ls(self) -> list[dict]:
+        return self._call("ls")["models"]
+
+    def show(self, model: str) -> dict:
+        return self._call("show", {"model": model})
+
+    def rm(self, model: str) -> dict:
+        return self._call("rm", {"model": model})
+
+    def tag(self, source: str, target: str) -> dict:
+        return self._call("tag", {"source": source, "target": target})
+
+    def load(self, model: str, timeout: float | None = None) -> dict:
+        return self._call("load", {"model": model}, timeout=timeout or max(self.timeout, 600))
+
+    def unload(self, target: str | int, force: bool = False) -> dict:
+        return self._call("unload", {"target": str(target), "force": force})
+
+    def create(self, name: str, *, layers: int, dim: int, heads: int, text: str | bytes,
+               progress: Callable[[dict], None] | None = None, **opts) -> dict:
+        """Create a model with random weights and a tokenizer trained on ``text``.
+
+        ``opts``: kv_heads, vocab_size, seed, hidden_dim, context, rope_theta, tie_embeddings,
+        force (replace an existing name).  ``progress`` receives each progress chunk.
+        """
+        body = {"name": name, "layers": layers, "dim": dim, "heads": heads, "text": text}
+        body.update({k: v for k, v in opts.items() if v is not None})
+        _, stream = self._start_stream("create", body)
+        while True:
+            try:
+                chunk = next(stream)
+            except StopIteration as stop:
+                return stop.value
+            if progress:
+                progress(chunk)
+
+    def generate(self, model: str, prompt: str, *, max_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None,
+                 stop: list[str] | None = None, add_bos: bool | None = None) -> Generation:
+        """Start generating; returns a ``Generation`` to iterate (loads the model if needed)."""
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
+                "stop": list(stop) if stop else None, "add_bos": add_bos}
+        rid, stream = self._start_stream("generate", {k: v for k, v in body.items() if v is not None})
+        return Generation(self, rid, stream)

@@ -1,0 +1,221 @@
+"""The engine: one thread per loaded instance, stepping its sequences.
+
+Each step asks the scheduler for a plan, runs the forward passes, samples, detokenizes, checks
+stop strings, and hands chunks to ``emit`` (the control loop's thread-safe inbox).  The engine
+never touches the socket and the control loop never runs the model.
+
+Sequences run one at a time inside a step (batch 1 per forward pass), so a request's output is
+bit-identical to a plain forward pass of the same weights however many others share the step.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+import torch
+
+from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, OutOfMemory
+from .detok import StopMatcher, StreamDecoder
+from .model import KVCache, Llama
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import Scheduler, Seq
+
+log = logging.getLogger("llmosd.engine")
+
+Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error", body)
+
+
+@dataclass
+class Request:
+    """One generation, shared by the control loop (which counts ``sent``) and the engine."""
+    key: Hashable
+    prompt: str
+    max_tokens: int
+    sampling: SamplingParams
+    stops: list[str] = field(default_factory=list)
+    add_bos: bool = True
+    prompt_ids: list[int] = field(default_factory=list)   # set by the engine (tokenizing is work)
+    submitted: float = field(default_factory=time.perf_counter)
+    emitted: int = 0               # chunks handed to emit (engine thread writes)
+    sent: int = 0                  # chunks written to the socket (control loop writes)
+    # engine-private
+    cache: KVCache | None = None
+    generator: torch.Generator | None = None
+    decoder: StreamDecoder | None = None
+    matcher: StopMatcher | None = None
+    last_token: int = -1
+    pending_ids: list = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+class Engine(threading.Thread):
+    def __init__(self, instance_id: int, model: Llama, tokenizer, device: torch.device,
+                 emit: Emit, *, max_batch: int = 16, stream_buffer: int = 64):
+        super().__init__(name=f"engine-{instance_id}", daemon=True)
+        self.model, self.tok, self.device, self.emit = model, tokenizer, device, emit
+        self.context = model.config.max_position_embeddings
+        eos = model.config.eos_ids() | tokenizer.eos_ids()
+        self.sched = Scheduler(max_batch, eos)
+        self.stream_buffer = stream_buffer
+        self.reqs: dict[Hashable, Request] = {}
+        self._cv = threading.Condition()
+        self._inbox: list[Request] = []
+        self._cancels: list[tuple[Hashable, str]] = []
+        self._stopping = False
+
+    # -- called from other threads -----------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            self._inbox.append(req)
+            self._cv.notify()
+
+    def cancel(self, key: Hashable, reason: str = "cancelled") -> None:
+        with self._cv:
+            self._cancels.append((key, reason))
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # -- engine thread -----------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._admit():
+                    plan = self.sched.schedule(self._blocked)
+                    if not plan:
+                        with self._cv:
+                            if not (self._inbox or self._cancels or self._stopping):
+                                # all sequences idle or waiting on slow readers: nap briefly
+                                self._cv.wait(0.02 if self.sched.seqs else 1.0)
+                        continue
+                    for key in plan.prefill:
+                        self._run(key, prefill=True)
+                    for key in plan.decode:
+                        self._run(key, prefill=False)
+        except Exception:  # a bug here must not leave clients hanging
+            log.exception("engine thread crashed")
+            for key in list(self.reqs):
+                self._fail(key, Internal("the engine crashed; see the daemon log"))
+        finally:
+            for key in list(self.reqs):
+                self._drop(key)
+            self.model = None
+            self.emit(None, "stopped", {})
+
+    def _admit(self) -> bool:
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, []
+            stopping = self._stopping
+        for req in inbox:
+            req.prompt_ids = self.tok.encode(req.prompt, add_bos=req.add_bos)
+            n = len(req.prompt_ids)
+            if n == 0 or n > self.context:
+                self._fail(req.key, InvalidArgument(
+                    "the prompt is empty" if n == 0 else
+                    f"the prompt is {n} tokens, more than the model's context of {self.context}",
+                    hint="" if n == 0 else "shorten the prompt"), req)
+                continue
+            cap = min(self.context, n + req.max_tokens)
+            try:
+                self.sched.add(Seq(req.key, len(req.prompt_ids), req.max_tokens, cap))
+                req.cache = KVCache(self.model.config, cap, device=self.device,
+                                    dtype=self.model.model.embed_tokens.weight.dtype)
+            except torch.OutOfMemoryError:
+                self.sched.finish(req.key, "error")
+                self._fail(req.key, OutOfMemory("no memory for this request's KV cache"), req)
+                continue
+            req.generator = make_generator(req.sampling.seed)
+            req.decoder = StreamDecoder(self.tok, req.prompt_ids)
+            req.matcher = StopMatcher(req.stops)
+            self.reqs[req.key] = req
+        for key, reason in cancels:
+            seq = self.sched.finish(key, reason)
+            if seq is not None:
+                self._end(key, reason, seq.generated)
+        return not stopping
+
+    def _blocked(self, key) -> bool:
+        r = self.reqs[key]
+        return r.emitted - r.sent >= self.stream_buffer
+
+    def _run(self, key, prefill: bool) -> None:
+        req = self.reqs[key]
+        try:
+            if prefill:
+                ids = torch.tensor([req.prompt_ids], device=self.device)
+                logits = self.model(ids, req.cache, 0, last_only=True)
+            else:
+                pos = len(req.prompt_ids) + self.sched.seqs[key].generated - 1
+                ids = torch.tensor([[req.last_token]], device=self.device)
+                logits = self.model(ids, req.cache, pos)
+            token = sample(logits[0, -1], req.sampling, req.generator)
+        except torch.OutOfMemoryError:
+            self.sched.finish(key, "error")
+            self._fail(key, OutOfMemory("ran out of memory while generating"))
+            return
+        except Exception as e:
+            log.exception("forward pass failed")
+            self.sched.finish(key, "error")
+            self._fail(key, Internal(f"forward pass failed: {e}"))
+            return
+        now = time.perf_counter()
+        req.first_token_at = req.first_token_at or now
+        req.last_token_at = now
+        req.last_token = token
+        eos = token in self.sched.eos_ids
+        text = "" if eos else req.decoder.push(token)
+        if not eos:
+            req.pending_ids.append(token)
+        out, stopped = req.matcher.feed(text)
+        seq = self.sched.update(key, token, stop_hit=stopped)
+        if seq.finish_reason is not None and not stopped:
+            out += req.matcher.feed(req.decoder.flush())[0] + req.matcher.flush()
+        if out or (seq.finish_reason is not None and req.pending_ids):
+            self._chunk(req, out)
+        if seq.finish_reason is not None:
+            self._end(key, seq.finish_reason, seq.generated)
+
+    def _chunk(self, req: Request, text: str) -> None:
+        req.emitted += 1
+        ids, req.pending_ids = req.pending_ids, []
+        self.emit(req.key, "chunk", {"text": text, "token_ids": ids})
+
+    def _end(self, key, reason: str, generated: int) -> None:
+        req = self.reqs.pop(key, None)
+        if req is None:
+            return
+        t0, t1, tl = req.submitted, req.first_token_at, req.last_token_at
+        stats = {
+            "finish_reason": reason,
+            "prompt_tokens": len(req.prompt_ids),
+            "generated_tokens": generated,
+            "ttft_ms": round((t1 - t0) * 1000, 3) if t1 else None,
+            "total_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "tokens_per_s": round((generated - 1) / (tl - t1), 3) if t1 and tl > t1 and generated > 1 else None,
+        }
+        req.cache = None
+        self.emit(key, "end", stats)
+
+    def _fail(self, key, err: LlmosdError, req: Request | None = None) -> None:
+        req = self.reqs.pop(key, None) or req
+        if req is not None:
+            req.cache = None
+        self.emit(key, "error", err.to_wire())
+
+    def _drop(self, key) -> None:
+        req = self.reqs.pop(key, None)
+        if req is not None:
+            req.cache = None
+            self.emit(key, "error", Cancelled("the instance stopped").to_wire())

@@ -1,0 +1,151 @@
+"""Jobs: long work (create now; pretraining and fine-tuning later) in worker processes.
+
+A job runs ``module:function(spec, store_root, progress)`` in a fresh ``spawn`` process, so a
+crash or an out-of-memory kill there never takes the daemon down.  A monitor thread relays the
+worker's progress and result to the control loop through ``post``.  Workers die with the
+daemon (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan writing into the store.
+"""
+from __future__ import annotations
+
+import ctypes
+import enum
+import importlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llmctl.errors import InvalidState
+
+log = logging.getLogger("llmosd.jobs")
+
+
+class JobState(str, enum.Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+LEGAL = {JobState.RUNNING: {JobState.DONE, JobState.FAILED, JobState.CANCELLED}}
+
+
+@dataclass
+class Job:
+    id: int
+    kind: str
+    target: str                    # what it makes, e.g. the model name
+    uid: int | None
+    state: JobState = JobState.RUNNING
+    started: float = field(default_factory=time.time)
+    progress: dict = field(default_factory=dict)
+    error: str = ""
+    process: mp.Process | None = None
+
+    def transition(self, new: JobState) -> None:
+        if new not in LEGAL.get(self.state, set()):
+            raise InvalidState(f"job {self.id} cannot go from {self.state.value} to {new.value}")
+        self.state = new
+
+    def row(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "target": self.target, "uid": self.uid,
+                "state": self.state.value, "started": self.started, "progress": self.progress,
+                "pid": self.process.pid if self.process else None, "error": self.error}
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(conn, func: str, spec: dict, store_root: str, threads: int) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the daemon decides when we stop
+    try:
+        import torch
+        torch.set_num_threads(threads)
+        mod, name = func.split(":")
+        fn = getattr(importlib.import_module(mod), name)
+        result = fn(spec, store_root, lambda p: conn.send(("progress", p)))
+        conn.send(("result", result))
+    except BaseException as e:
+        conn.send(("error", f"{e.__class__.__name__}: {e}", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class JobRunner:
+    def __init__(self, post: Callable, store_root: str, threads: int = 1):
+        self.post, self.store_root, self.threads = post, store_root, threads
+        self.jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._mp = mp.get_context("spawn")
+
+    def start(self, kind: str, target: str, func: str, spec: dict, uid: int | None,
+              on_progress: Callable[[Job, dict], None],
+              on_done: Callable[[Job, dict | None, str | None], None]) -> Job:
+        """Start ``func`` in a worker.  Callbacks run on the control loop thread."""
+        job = Job(next(self._ids), kind, target, uid)
+        parent, child = self._mp.Pipe(duplex=False)
+        job.process = self._mp.Process(target=_worker_main, name=f"llmosd-{kind}-{job.id}",
+                                       args=(child, func, spec, self.store_root, self.threads),
+                                       daemon=True)
+        job.process.start()
+        child.close()
+        self.jobs[job.id] = job
+        threading.Thread(target=self._monitor, args=(job, parent, on_progress, on_done),
+                         name=f"job-{job.id}", daemon=True).start()
+        return job
+
+    def _monitor(self, job: Job, conn, on_progress, on_done) -> None:
+        result, error = None, None
+        try:
+            while True:
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):
+                    break
+                if msg[0] == "progress":
+                    self.post(on_progress, job, msg[1])
+                elif msg[0] == "result":
+                    result = msg[1]
+                elif msg[0] == "error":
+                    error = msg[1]
+                    log.warning("job %d failed: %s", job.id, msg[2])
+        finally:
+            job.process.join()
+            code = job.process.exitcode
+            if result is None and error is None:
+                error = (f"worker process was killed by signal {-code}" if code and code < 0
+                         else f"worker process exited with status {code}")
+            self.post(self._finish, job, result, error, on_done)
+
+    def _finish(self, job: Job, result, error, on_done) -> None:
+        if job.state is JobState.RUNNING:
+            job.transition(JobState.DONE if error is None else JobState.FAILED)
+        job.error = error or ""
+        self.jobs.pop(job.id, None)
+        on_done(job, result, error)
+
+    def cancel(self, job_id: int) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.state is JobState.RUNNING:
+            job.transition(JobState.CANCELLED)
+            if job.process and job.process.is_alive():
+                job.process.kill()
+
+    def cancel_all(self) -> None:
+        for jid in list(self.jobs):
+            self.cancel(jid)
+
+    def idle(self) -> bool:
+        return not self.jobs

@@ -1,0 +1,71 @@
+"""From a stored manifest to a model and tokenizer in memory, on a device.
+
+Used by the daemon's load path and by tests that compare the engine with a direct forward pass.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from llmctl.errors import InvalidArgument, LoadFailed
+from .model import Llama, LlamaConfig, rope_inv_freq
+from .store import Store
+from .tokenizer import SentencePieceTokenizer
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {name} asked for, but no CUDA device is available",
+                              hint="set device = \"cpu\" (or \"auto\") in llmosd.toml")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def build_tokenizer(kind: str, data: bytes):
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(data)
+    raise LoadFailed(f"tokenizer type {kind!r} is not supported by this llmosd")
+
+
+def load_model(store: Store, manifest: dict, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> tuple[Llama, object]:
+    """Build the model of ``manifest`` with its weights, in eval mode, on ``device``."""
+    arch = manifest.get("architecture", "llama")
+    if arch != "llama":
+        raise LoadFailed(f"architecture {arch!r} is not supported by this llmosd")
+    cfg = LlamaConfig.from_dict(json.loads(store.read_blob(manifest["config"]["digest"])))
+    tok = build_tokenizer(manifest["tokenizer"]["type"], store.read_blob(manifest["tokenizer"]["digest"]))
+    sd = load_safetensors(store.read_blob(manifest["weights"]["digest"]))
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq = rope_inv_freq(cfg).to(device)   # to_empty left the buffer uninitialised
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    try:
+        model.load_weights(sd)
+    except ValueError as e:
+        raise LoadFailed(f"weights do not fit the config: {e}") from None
+    return model.eval(), tok
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (tied tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

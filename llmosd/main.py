@@ -1,0 +1,122 @@
+"""``llmosd``: parse flags, build the config, take the lock, bind, serve until SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import llmosd
+from llmctl import paths
+from llmctl.errors import EX_CONFIG, LlmosdError
+from . import config as config_mod
+
+log = logging.getLogger("llmosd")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="llmosd", description="The llmosd daemon: keeps language models in a model table and "
+        "serves llmctl over a ZeroMQ socket.  Runs in the foreground (systemd style).",
+        epilog="Settings come from defaults, then the TOML config file, then LLMOSD_* variables "
+               "(e.g. LLMOSD_SOCKET, LLMOSD_STATE_DIR, LLMOSD_CONFIG, LLMOSD_DEVICE), then flags. "
+               "See llmosd(8).")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default: /etc/llmosd/llmosd.toml, "
+                   "or ~/.config/llmosd/llmosd.toml in user mode)")
+    p.add_argument("--socket", metavar="URL", help="ZeroMQ endpoint, e.g. ipc:///run/llmosd/llmosd.sock")
+    p.add_argument("--state-dir", metavar="DIR", help="model store and state directory")
+    p.add_argument("--user", action="store_true", default=None,
+                   help="user mode: XDG state and runtime directories even as root")
+    p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", metavar="T", help="auto, float32, float16 or bfloat16")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (0 = auto)")
+    p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    p.add_argument("--version", action="version", version=f"llmosd {llmosd.__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    flags = {"socket": a.socket, "state_dir": a.state_dir, "user": a.user, "log_level": a.log_level,
+             "device": a.device, "dtype": a.dtype, "threads": a.threads}
+    try:
+        cfg, sources = config_mod.load(a.config, flags)
+    except LlmosdError as e:
+        print(f"llmosd: {e}" + (f"\n  hint: {e.hint}" if e.hint else ""), file=sys.stderr)
+        return EX_CONFIG
+    if a.print_config:
+        sys.stdout.write(config_mod.render(cfg, sources))
+        return 0
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    try:
+        return serve(cfg)
+    except LlmosdError as e:
+        log.error("%s%s", e, f" (hint: {e.hint})" if e.hint else "")
+        return e.exit_status
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 71   # EX_OSERR
+
+
+def serve(cfg) -> int:
+    # torch is imported here, not at module level, so --help and --print-config stay fast.
+    import torch
+
+    from .instances import InstanceManager
+    from .jobs import JobRunner
+    from .loader import resolve_device, resolve_dtype
+    from .ops import Ops
+    from .server import Server
+    from .store import Store
+    from .system import PidLock, sd_notify
+
+    sock_path = paths.ipc_path(cfg.socket)
+    if sock_path:
+        os.makedirs(os.path.dirname(sock_path), mode=0o750, exist_ok=True)
+        os.chmod(os.path.dirname(sock_path), 0o750)
+    os.makedirs(cfg.state_dir, mode=0o750, exist_ok=True)
+    state_lock = PidLock(os.path.join(cfg.state_dir, "llmosd.lock")).acquire()
+    sock_lock = PidLock(sock_path + ".lock").acquire() if sock_path else None
+    server = None
+    try:
+        threads = cfg.torch_threads()
+        torch.set_num_threads(threads)
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        store = Store(os.path.join(cfg.state_dir, "store"))
+        rec = store.recover()
+        if any(rec.values()):
+            log.info("store recovery: removed %d temp file(s), %d orphan blob(s)",
+                     rec["temp_files"], rec["orphan_blobs"])
+        server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,
+                        heartbeat_ms=cfg.heartbeat_ms, socket_mode=cfg.socket_mode)
+        manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
+                                  stream_buffer=cfg.stream_buffer)
+        jobs = JobRunner(server.post, store.root, threads)
+        ops = Ops(cfg, store, manager, jobs)
+        server.handler = ops.dispatch
+        server.idle_checks += [manager.idle, jobs.idle]
+        server.bind()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: server.request_stop())
+        log.info("llmosd %s listening on %s (state %s, device %s, %s, %d thread(s))",
+                 llmosd.__version__, cfg.socket, cfg.state_dir, device,
+                 str(dtype).replace("torch.", ""), threads)
+        sd_notify(f"READY=1\nSTATUS=listening on {cfg.socket}\nMAINPID={os.getpid()}")
+
+        def on_stop():
+            log.info("stopping: cancelling requests and unloading models")
+            sd_notify("STOPPING=1\nSTATUS=stopping")
+            ops.shutdown()
+        server.run(on_stop, cfg.shutdown_grace_s)
+        log.info("stopped")
+        return 0
+    finally:
+        if server is not None:
+            server.close()
+        if sock_lock:
+            sock_lock.release()
+        state_lock.release(remove=False)

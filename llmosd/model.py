@@ -1,0 +1,255 @@
+"""A Llama-family decoder in PyTorch (nanoGPT / gpt-fast style, one file).
+
+RMSNorm, rotary position embeddings (HF "rotate_half" layout, configurable base and scaling),
+grouped-query attention, SwiGLU MLP, optional tied embeddings.  Parameter names and config keys
+are those of Hugging Face's LlamaForCausalLM, so a HF state dict loads as it is.
+
+Shapes: B batch, T new tokens, S cached+new positions, H query heads, K kv heads, D head dim,
+C model width, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+    pad_token_id: int | None = None
+    architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """Build from a HF-style dict; keys we do not model are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def eos_ids(self) -> set[int]:
+        e = self.eos_token_id
+        return set(e) if isinstance(e, list) else ({e} if e is not None else set())
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    """(D/2,) inverse frequencies, with HF's 'linear' and 'llama3' scaling."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (as HF does) so fp16/bf16 weights give the same statistics.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Per-sequence key/value cache: layers x (B, K, capacity, D), filled left to right."""
+
+    def __init__(self, cfg: LlamaConfig, capacity: int, batch: int = 1,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.capacity = capacity
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.h, self.k, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        c, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(c, self.h * self.d, bias=b)
+        self.k_proj = nn.Linear(c, self.k * self.d, bias=b)
+        self.v_proj = nn.Linear(c, self.k * self.d, bias=b)
+        self.o_proj = nn.Linear(self.h * self.d, c, bias=b)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.h, self.d).transpose(1, 2)   # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.k, self.d).transpose(1, 2)   # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.k, self.d).transpose(1, 2)
+        q = (q * cos + rotate_half(q) * sin).to(v.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
+        if cache is not None:
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k = cache.k[layer][:, :, :start + T]                          # (B, K, S, D)
+            v = cache.v[layer][:, :, :start + T]
+        if T == 1:
+            mask, causal = None, False          # one new token sees every cached position
+        elif start == 0:
+            mask, causal = None, True
+        else:                                   # chunk after a cached prefix: row i sees <= start+i
+            S = start + T
+            mask = torch.arange(S, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.h != self.k)   # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        c, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(c, i, bias=b)
+        self.up_proj = nn.Linear(c, i, bias=b)
+        self.down_proj = nn.Linear(i, c, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Body(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def init_weights(self, seed: int, std: float = 0.02) -> None:
+        """Random init as HF does (normal(0, 0.02), norms at 1), reproducible from ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def rope(self, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * self.inv_freq[None, :]                     # (T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                            # (T, D)
+        return emb.cos(), emb.sin()
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions start..start+T-1 -> logits (B, T or 1, V) in float32."""
+        B, T = tokens.shape
+        if start + T > (cache.capacity if cache is not None else self.config.max_position_embeddings):
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context")
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.rope(start, T, tokens.device)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        """HF-named tensors, contiguous, without the tied lm_head duplicate."""
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load HF-named tensors, checking names and shapes; raises ValueError naming the problem."""
+        own = self.state_dict()
+        if self.config.tie_word_embeddings:
+            own.pop("lm_head.weight", None)
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        missing = sorted(set(own) - set(sd))
+        if missing:
+            raise ValueError(f"weights lack {len(missing)} tensor(s), e.g. {missing[0]}")
+        unexpected = sorted(k for k in set(sd) - set(own) if not k.endswith("rotary_emb.inv_freq"))
+        if unexpected:
+            raise ValueError(f"weights have unexpected tensor(s), e.g. {unexpected[0]}")
+        for k, t in own.items():
+            if tuple(sd[k].shape) != tuple(t.shape):
+                raise ValueError(f"tensor {k} has shape {tuple(sd[k].shape)}, config expects {tuple(t.shape)}")
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(sd[k])
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,306 @@
+"""The control loop: one ROUTER socket, one thread, never blocked by model work.
+
+Everything other threads want done (an engine's chunk, a finished load, a job's progress) is
+handed in through ``post()``, a thread-safe call queue that wakes the loop through a pipe.
+Requests are decoded and checked here, then passed to the handler (``ops.Ops.dispatch``) as a
+``Ctx``; streamed replies go out through ``Stream``.
+
+Flow control: sends never block.  With ROUTER_MANDATORY, a full pipe (the client is slow)
+raises EAGAIN and the message waits in that peer's backlog; a vanished peer raises EHOSTUNREACH
+and all its streams are cancelled.  Idle streams get a ``beat`` every ``heartbeat_ms`` so a
+client that died quietly is noticed within about one beat.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import time
+from typing import Callable
+
+import zmq
+
+from llmctl import protocol
+from llmctl.errors import BadRequest, Internal, LlmosdError, ShuttingDown
+
+log = logging.getLogger("llmosd.server")
+
+
+class Peer:
+    """One connected client (one DEALER socket), keyed by its ROUTER routing id."""
+
+    def __init__(self, ident: bytes, address: str | None):
+        self.ident = ident
+        self.uid = self.gid = self.pid = None
+        if address:   # ipc peers: "...:uid:gid:pid"
+            parts = address.rsplit(":", 3)
+            if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+                self.uid, self.gid, self.pid = (int(p) for p in parts[1:])
+        self.streams: dict[int, Stream] = {}
+        self.backlog: collections.deque = collections.deque()
+        self.last_sent = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"client(pid={self.pid}, uid={self.uid})" if self.pid is not None else f"client({self.ident.hex()})"
+
+
+class Stream:
+    """The daemon side of one streamed request: chunks, then one end or error."""
+
+    def __init__(self, server: "Server", peer: Peer, rid: int, on_cancel: Callable[[str], None]):
+        self.server, self.peer, self.rid = server, peer, rid
+        self.on_cancel = on_cancel
+        self.seq = 0
+        self.closed = False
+
+    def chunk(self, body: dict, on_sent: Callable[[], None] | None = None) -> None:
+        if self.closed:
+            return
+        self.server.send(self.peer, protocol.reply(self.rid, "chunk", body, seq=self.seq), on_sent)
+        self.seq += 1
+
+    def end(self, body: dict) -> None:
+        if not self.closed:
+            self.server.send(self.peer, protocol.reply(self.rid, "end", body, seq=self.seq))
+            self._close()
+
+    def error(self, err: LlmosdError | dict) -> None:
+        if not self.closed:
+            body = err if isinstance(err, dict) else err.to_wire()
+            self.server.send(self.peer, protocol.reply(self.rid, "error", body))
+            self._close()
+
+    def cancel(self, reason: str) -> None:
+        """Ask the producer to stop; it will end or error the stream itself."""
+        if not self.closed:
+            self.on_cancel(reason)
+
+    def _close(self) -> None:
+        self.closed = True
+        self.peer.streams.pop(self.rid, None)
+        self.server.forget_if_idle(self.peer)
+
+
+class Ctx:
+    """One request as seen by a handler."""
+
+    def __init__(self, server: "Server", peer: Peer, msg: dict):
+        self.server, self.peer = server, peer
+        self.rid, self.type, self.body = msg["id"], msg["type"], msg["body"]
+
+    @property
+    def uid(self) -> int | None:
+        return self.peer.uid
+
+    def ok(self, body: dict | None = None) -> None:
+        self.server.send(self.peer, protocol.reply(self.rid, "ok", body))
+
+    def error(self, err: LlmosdError) -> None:
+        self.server.send(self.peer, protocol.reply(self.rid, "error", err.to_wire()))
+
+    def stream(self, on_cancel: Callable[[str], None]) -> Stream:
+        s = Stream(self.server, self.peer, self.rid, on_cancel)
+        self.peer.streams[self.rid] = s
+        return s
+
+
+class Server:
+    def __init__(self, url: str, *, max_message: int, send_hwm: int, heartbeat_ms: int,
+                 socket_mode: int = 0o660):
+        self.url, self.max_message = url, max_message
+        self.heartbeat = heartbeat_ms / 1000.0
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.SNDHWM, send_hwm)
+        self.sock.setsockopt(zmq.RCVHWM, send_hwm)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message + (1 << 20))
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, max(100, heartbeat_ms * 2))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(300, heartbeat_ms * 6))
+        self.socket_mode = socket_mode
+        self.peers: dict[bytes, Peer] = {}
+        self._calls: collections.deque = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.handler: Callable[[Ctx], None] | None = None
+        self.stopping = False
+        self.stop_requested = False
+        self.idle_checks: list[Callable[[], bool]] = []   # shutdown waits until all are True
+
+    # -- setup --------------------------------------------------------------------------------
+    def bind(self) -> None:
+        path = self.url[len("ipc://"):] if self.url.startswith("ipc://") else None
+        if path:
+            old = os.umask(0o777 & ~self.socket_mode)   # the socket is born with socket_mode
+            try:
+                self.sock.bind(self.url)
+            finally:
+                os.umask(old)
+            os.chmod(path, self.socket_mode)
+        else:
+            self.sock.bind(self.url)
+
+    # -- cross-thread ----------------------------------------------------------------------
+    def post(self, fn: Callable, *args) -> None:
+        """Run ``fn(*args)`` on the loop thread soon.  Safe from any thread and signal handlers."""
+        self._calls.append((fn, args))
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass   # the pipe is full, so the loop is already due to wake
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
+
+    # -- sending ------------------------------------------------------------------------------
+    def send(self, peer: Peer, msg: dict, on_sent: Callable[[], None] | None = None) -> None:
+        data = protocol.encode(msg)
+        if peer.backlog or self._try_send(peer, data, on_sent) == "again":
+            peer.backlog.append((data, on_sent))
+
+    def _try_send(self, peer: Peer, data: bytes, on_sent) -> str:
+        """'sent', 'again' (the peer's pipe is full) or 'gone' (the peer disconnected)."""
+        try:
+            self.sock.send_multipart([peer.ident, data], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            if e.errno == errno.EAGAIN:
+                return "again"
+            if e.errno == errno.EHOSTUNREACH:
+                self.peer_gone(peer)
+                return "gone"
+            raise
+        peer.last_sent = time.monotonic()
+        if on_sent:
+            on_sent()
+        return "sent"
+
+    def _pump_backlogs(self) -> None:
+        for peer in list(self.peers.values()):
+            while peer.backlog:
+                data, on_sent = peer.backlog[0]
+                if self._try_send(peer, data, on_sent) != "sent":
+                    break
+                peer.backlog.popleft()
+            self.forget_if_idle(peer)
+
+    def peer_gone(self, peer: Peer) -> None:
+        if self.peers.pop(peer.ident, None) is None:
+            return
+        peer.backlog.clear()
+        if peer.streams:
+            log.info("%r went away; cancelling %d stream(s)", peer, len(peer.streams))
+        for s in list(peer.streams.values()):
+            s.closed = True       # nothing more can be delivered
+            s.on_cancel("client disconnected")
+        peer.streams.clear()
+
+    def forget_if_idle(self, peer: Peer) -> None:
+        if not peer.streams and not peer.backlog:
+            self.peers.pop(peer.ident, None)
+
+    def _beats(self) -> None:
+        now = time.monotonic()
+        for peer in list(self.peers.values()):
+            if peer.streams and not peer.backlog and now - peer.last_sent >= self.heartbeat:
+                self.send(peer, protocol.reply(0, "beat"))
+
+    # -- receiving ----------------------------------------------------------------------------
+    def _receive(self) -> None:
+        for _ in range(256):   # bounded so engine output is never starved by a flood
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ident = frames[0].bytes
+            peer = self.peers.get(ident)
+            if peer is None:
+                try:
+                    address = frames[1].get("Peer-Address") if len(frames) > 1 else None
+                except zmq.ZMQError:
+                    address = None
+                peer = Peer(ident, address)
+                self.peers[ident] = peer
+            self._handle(peer, frames[1:])
+            self.forget_if_idle(peer)
+
+    def _handle(self, peer: Peer, frames) -> None:
+        rid = 0
+        try:
+            if len(frames) != 1:
+                raise BadRequest(f"a message must be exactly one frame, got {len(frames)}")
+            msg = protocol.decode(frames[0].bytes, self.max_message)
+            rid = msg["id"]
+            protocol.check_request(msg)
+            if self.stopping and msg["type"] not in ("cancel", "ping", "hello"):
+                raise ShuttingDown("llmosd is shutting down")
+            if rid in peer.streams:
+                raise BadRequest(f"request id {rid} is already in use by an open stream")
+            self.handler(Ctx(self, peer, msg))
+        except LlmosdError as e:
+            rid = getattr(e, "rid", rid)
+            log.debug("request %s from %r refused: %s", rid, peer, e)
+            self.send(peer, protocol.reply(rid, "error", e.to_wire()))
+        except Exception as e:
+            log.exception("handler failed")
+            self.send(peer, protocol.reply(rid, "error", Internal(f"internal error: {e}").to_wire()))
+
+    def _run_calls(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._calls:
+            fn, args = self._calls.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("posted call %s failed", getattr(fn, "__qualname__", fn))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self, on_stop: Callable[[], None], grace: float) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        deadline = None
+        last_beat = time.monotonic()
+        while True:
+            backlog = any(p.backlog for p in self.peers.values())
+            timeout = 10 if backlog else int(self.heartbeat * 1000 / 2) or 1
+            poller.poll(timeout)
+            self._run_calls()
+            if not self.stopping:
+                self._receive()
+            self._pump_backlogs()
+            if time.monotonic() - last_beat >= self.heartbeat / 2:
+                self._beats()
+                last_beat = time.monotonic()
+            if self.stop_requested and not self.stopping:
+                self.stopping = True
+                deadline = time.monotonic() + grace
+                on_stop()
+            if self.stopping:
+                done = all(check() for check in self.idle_checks)
+                flushed = not any(p.backlog for p in self.peers.values())
+                if (done and flushed) or time.monotonic() > deadline:
+                    if not done:
+                        log.warning("shutdown grace of %.1fs ran out; exiting anyway", grace)
+                    return
+
+    def close(self) -> None:
+        self.sock.close(linger=1000)
+        self.ctx.term()
+        if self.url.startswith("ipc://"):
+            try:
+                os.unlink(self.url[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+        os.close(self._wake_r)
+        os.close(self._wake_w)

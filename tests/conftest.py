@@ -1,0 +1,103 @@
+"""Shared fixtures: a real llmosd subprocess on a temporary socket and state directory."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+TINY = ["--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads", "2", "--vocab-size", "512"]
+
+
+class Daemon:
+    """One llmosd process.  ``cli()`` runs llmctl against it; ``client()`` gives a Client."""
+
+    def __init__(self, base: Path, env: dict | None = None):
+        self.base = base
+        self.rundir = base / "run"
+        self.sock = f"ipc://{self.rundir}/llmosd.sock"
+        self.state = base / "state"
+        self.env = {**os.environ, "LLMOSD_SOCKET": self.sock, "LLMOSD_THREADS": "1",
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env.pop("LLMOSD_CONFIG", None)
+        self.proc: subprocess.Popen | None = None
+        self.log = base / "llmosd.log"
+
+    def start(self, *extra: str, wait: bool = True) -> "Daemon":
+        self.base.mkdir(parents=True, exist_ok=True)
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmosd", "--socket", self.sock, "--state-dir", str(self.state),
+             "--config", "/dev/null", "--log-level", "debug", *extra],
+            stdout=self._logf, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        from llmctl import Client
+        from llmctl.errors import DaemonUnavailable
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llmosd exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with Client(self.sock, connect_timeout=1.0) as c:
+                    c.ping()
+                return
+            except DaemonUnavailable:
+                time.sleep(0.1)
+        raise RuntimeError("llmosd did not become ready:\n" + self.log.read_text())
+
+    def client(self, **kw):
+        from llmctl import Client
+        return Client(self.sock, **kw).connect()
+
+    def cli(self, *args: str, input: str | bytes | None = None, timeout: float = 120,
+            check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run([sys.executable, "-m", "llmctl.cli", *args], input=input,
+                           capture_output=True, env=self.env, timeout=timeout,
+                           text=not isinstance(input, bytes))
+        if check and r.returncode != 0:
+            raise AssertionError(f"llmctl {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+        return r
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            self._logf.close()
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon alone (its workers must die by themselves)."""
+        self.proc.kill()
+        self.proc.wait()
+        self._logf.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path / "d").start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_daemon(tmp_path_factory):
+    """One daemon for tests that only read or add models; holds 'tiny' already created."""
+    d = Daemon(tmp_path_factory.mktemp("shared")).start()
+    d.cli("create", "tiny", *TINY, "--vocab-from", str(SHAKESPEARE))
+    yield d
+    d.stop()
