@@ -64,7 +64,7 @@ class Engine(threading.Thread):
         self.reqs: dict[Hashable, Request] = {}
         self._cv = threading.Condition()
         self._inbox: list[Request] = []
-        self._cancels: list[tuple[Hashable, str]] = []
+        self._cancels: list[tuple] = []
         self._stopping = False
 
     # -- called from other threads -----------------------------------------------------------
@@ -73,9 +73,10 @@ class Engine(threading.Thread):
             self._inbox.append(req)
             self._cv.notify()
 
-    def cancel(self, key: Hashable, reason: str = "cancelled") -> None:
+    def cancel(self, key: Hashable, reason: str = "cancelled", error: LlmosdError | None = None) -> None:
+        """Stop a sequence: it ends with finish_reason ``reason``, or fails with ``error``."""
         with self._cv:
-            self._cancels.append((key, reason))
+            self._cancels.append((key, reason, error))
             self._cv.notify()
 
     def stop(self) -> None:
@@ -140,10 +141,13 @@ class Engine(threading.Thread):
             req.decoder = StreamDecoder(self.tok, req.prompt_ids)
             req.matcher = StopMatcher(req.stops)
             self.reqs[req.key] = req
-        for key, reason in cancels:
+        for key, reason, error in cancels:
             seq = self.sched.finish(key, reason)
             if seq is not None:
-                self._end(key, reason, seq.generated)
+                if error is not None:
+                    self._fail(key, error)
+                else:
+                    self._end(key, reason, seq.generated)
         return not stopping
 
     def _blocked(self, key) -> bool:

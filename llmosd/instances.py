@@ -159,7 +159,8 @@ class InstanceManager:
         self._unload_waiters.setdefault(inst.id, []).append(on_done)
         for key, task in list(self.tasks.items()):
             if task.inst is inst:
-                task.inst.engine.cancel(key, "instance unloaded")
+                task.inst.engine.cancel(key, "unloaded", Cancelled(
+                    f"instance {inst.id} ({inst.model}) was unloaded while this request ran"))
         if inst.engine is not None:
             inst.engine.stop()
         log.info("unloading instance %d (%s)", inst.id, inst.model)

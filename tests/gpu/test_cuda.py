@@ -1,0 +1,36 @@
+"""CUDA checks: run by tests/gpu/run.sh on a machine with a GPU; skipped elsewhere."""
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device on this machine (run tests/gpu/run.sh on a GPU host)")
+
+
+def test_model_on_cuda_matches_cpu():
+    from llmosd.model import KVCache, Llama, LlamaConfig
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = Llama(cfg)
+    m.init_weights(0)
+    x = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        ref = m.eval()(x)
+        g = m.cuda()
+        cache = KVCache(cfg, 16, device="cuda")
+        out = torch.cat([g(x[:, :6].cuda(), cache, 0)] + [g(x[:, i:i + 1].cuda(), cache, i) for i in range(6, 12)], 1)
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_daemon_on_cuda_accounts_memory(tmp_path):
+    from conftest import SHAKESPEARE, TINY, Daemon
+    d = Daemon(tmp_path / "d", env={"LLMOSD_DEVICE": "cuda"}).start()
+    try:
+        d.cli("create", "tiny", *TINY, "--vocab-from", str(SHAKESPEARE))
+        inst = json.loads(d.cli("load", "tiny", "--json").stdout)
+        assert inst["device"].startswith("cuda") and inst["resident_bytes"] > 0
+        assert d.cli("generate", "tiny", "Hi", "--max-tokens", "8", "--temperature", "0").returncode == 0
+        assert json.loads(d.cli("status", "--json").stdout)["dtype"] == "bfloat16"
+    finally:
+        assert d.stop() == 0
