@@ -262,3 +262,57 @@ def test_unload_refused_while_busy_and_forced(tmp_path):
         assert json.loads(d.cli("ls", "--json").stdout) == []
     finally:
         assert d.stop() == 0
+
+
+def test_socket_modes_and_sd_notify(tmp_path):
+    import socket as pysocket
+    import stat
+    ns = tmp_path / "notify.sock"
+    rx = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_DGRAM)
+    rx.bind(str(ns))
+    rx.settimeout(60)
+    d = Daemon(tmp_path / "d", env={"NOTIFY_SOCKET": str(ns)}).start()
+    try:
+        assert "READY=1" in rx.recv(4096).decode()
+        sock_path = d.sock[len("ipc://"):]
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+        assert stat.S_IMODE(os.stat(d.rundir).st_mode) == 0o750
+    finally:
+        assert d.stop() == 0
+    assert "STOPPING=1" in rx.recv(4096).decode()
+    rx.close()
+
+
+def test_slow_reader_does_not_stall_others(shared_daemon):
+    import msgpack
+    import zmq
+    from llmctl import protocol
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.RCVHWM, 1)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(shared_daemon.sock)
+    s.send(protocol.encode(protocol.request(1, "generate", {"model": "tiny", "prompt": "Slow",
+                                                            "max_tokens": 1500, "temperature": 0})))
+    time.sleep(0.5)                               # not reading: the daemon must hold back
+    t0 = time.monotonic()
+    with shared_daemon.client() as c:             # meanwhile another client is served
+        assert c.generate("tiny", "Fast", max_tokens=20, temperature=0).stats is None
+        assert len(c.generate("tiny", "Fast", max_tokens=20, temperature=0).text()) > 0
+    assert time.monotonic() - t0 < 20
+    ids, end = [], None
+    while end is None:                             # now read it all: nothing lost, in order
+        assert s.poll(20000)
+        m = msgpack.unpackb(s.recv())
+        if m["type"] == "chunk":
+            assert m["seq"] == len(ids)
+            ids.append(m["body"]["token_ids"])
+        elif m["type"] == "end":
+            end = m["body"]
+        elif m["type"] == "error":
+            raise AssertionError(m)
+    s.close()
+    assert sum(map(len, ids)) == end["generated_tokens"]
+    with shared_daemon.client() as c:
+        ref = c.generate("tiny", "Slow", max_tokens=1500, temperature=0)
+        ref.text()
+        assert [t for ch in ref.chunks for t in ch["token_ids"]] == [t for x in ids for t in x]
