@@ -165,6 +165,45 @@ def create(ctx, name, vocab_from, as_json, **opts):
                f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
 
 
+@cli.command("import")
+@click.argument("path", type=click.Path(exists=True))
+@click.argument("name", required=False)
+@click.option("--force", is_flag=True, help="Replace a model of the same name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def import_(ctx, path, name, force, as_json):
+    """Import a Hugging Face model directory PATH as NAME[:TAG].
+
+    The directory needs config.json, *.safetensors weights (sharded with their index, or one
+    file) and tokenizer.json or tokenizer.model; tokenizer_config.json and
+    generation_config.json are used when present.  Files are sent to the daemon over its socket
+    (it may not be able to read your files); content it already has is not sent again.
+    """
+    if name is None:
+        base = os.path.basename(os.path.abspath(path)).lower()
+        name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
+    last = {}
+
+    def progress(p):
+        if as_json:
+            return
+        if "file" in p:
+            pct = 100 * p["sent"] // max(1, p["size"])
+            if p.get("skipped"):
+                click.echo(f"upload: {p['file']}: already in the store", err=True)
+            elif last.get(p["file"]) != pct:
+                last[p["file"]] = pct
+                click.echo(f"\rupload: {p['file']}: {pct}% of {fmt.size(p['size'])}", err=True,
+                           nl=pct == 100)
+        else:
+            click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
+    r = _client(ctx).import_path(path, name, force=force, progress=progress)
+    if as_json:
+        return _json(r)
+    click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "
+               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+
+
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.pass_context

@@ -25,6 +25,20 @@ from .paths import client_default_socket, ipc_path
 
 __all__ = ["Client", "Generation"]
 
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json")
+
+
+def _sha256_file(path: str) -> tuple[str, int]:
+    import hashlib
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            n += len(block)
+    return "sha256:" + h.hexdigest(), n
+
+
 
 class Generation:
     """An in-flight ``generate`` stream: iterate for text pieces; ``stats`` once exhausted.
@@ -233,6 +247,52 @@ class Client:
             if progress:
                 progress(chunk)
 
+    # -- imports ----------------------------------------------------------------------------
+    def upload_file(self, path: str, progress: Callable[[dict], None] | None = None) -> str:
+        """Send one file's content to the daemon's store (skipped if it has it); returns its digest."""
+        digest, size = _sha256_file(path)
+        if self._call("upload", {"digest": digest, "size": size})["have"]:
+            if progress:
+                progress({"file": os.path.basename(path), "sent": size, "size": size, "skipped": True})
+            return digest
+        with open(path, "rb") as f:
+            offset = 0
+            while True:
+                data = f.read(protocol.UPLOAD_CHUNK)
+                if not data and offset:
+                    break
+                r = self._call("upload_chunk", {"digest": digest, "offset": offset, "data": data})
+                offset += len(data)
+                if progress:
+                    progress({"file": os.path.basename(path), "sent": offset, "size": size})
+                if r.get("complete") or not data:
+                    break
+        return digest
+
+
+    def import_path(self, path: str, name: str, *, force: bool = False,
+                     progress: Callable[[dict], None] | None = None) -> dict:
+        """Import a Hugging Face model directory as ``name``: uploads its files, then converts."""
+        from .errors import InvalidArgument
+        if not os.path.isdir(path):
+            raise InvalidArgument(f"{path} is not a directory",
+                                  hint="give a Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+        names = sorted(n for n in os.listdir(path)
+                       if (n in HF_FILES or n.endswith(".safetensors")) and os.path.isfile(os.path.join(path, n)))
+        if "config.json" not in names:
+            raise InvalidArgument(f"{path} has no config.json", hint="is this a Hugging Face model directory?")
+        files = {n: self.upload_file( os.path.join(path, n), progress) for n in names}
+        _, stream = self._start_stream("import", {"name": name, "files": files, "format": "hf",
+                                                  "force": force})
+        while True:
+            try:
+                chunk = next(stream)
+            except StopIteration as stop:
+                return stop.value
+            if progress:
+                progress(chunk)
+
+
     def generate(self, model: str, prompt: str, *, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
@@ -243,3 +303,4 @@ class Client:
                 "stop": list(stop) if stop else None, "add_bos": add_bos}
         rid, stream = self._start_stream("generate", {k: v for k, v in body.items() if v is not None})
         return Generation(self, rid, stream)
+

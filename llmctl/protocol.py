@@ -21,7 +21,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 0              # additions that old peers can ignore bump only this
+MINOR = 1              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 REPLY_TYPES = ("ok", "error", "chunk", "end", "beat")
@@ -51,8 +51,13 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "seed": (_I, False), "stop": (_L, False), "add_bos": (_B, False),
     },
     "cancel": {"target": (_I, True)},
+    "upload": {"digest": (_S, True), "size": (_I, True)},
+    "upload_chunk": {"digest": (_S, True), "offset": (_I, True), "data": ((bytes,), True)},
+    "import": {"name": (_S, True), "files": ((dict,), True), "format": (_S, False),
+               "force": (_B, False)},
 }
-STREAMING = frozenset({"create", "generate"})
+STREAMING = frozenset({"create", "generate", "import"})
+UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
 
 def encode(msg: dict) -> bytes:

@@ -77,8 +77,11 @@ def _worker_main(conn, func: str, spec: dict, store_root: str, threads: int) -> 
         fn = getattr(importlib.import_module(mod), name)
         result = fn(spec, store_root, lambda p: conn.send(("progress", p)))
         conn.send(("result", result))
+    except ValueError as e:       # bad input the job found: the message is for the user
+        conn.send(("error", {"message": str(e), "invalid": True}, traceback.format_exc()))
     except BaseException as e:
-        conn.send(("error", f"{e.__class__.__name__}: {e}", traceback.format_exc()))
+        conn.send(("error", {"message": f"{e.__class__.__name__}: {e}", "invalid": False},
+                   traceback.format_exc()))
     finally:
         conn.close()
 
@@ -125,14 +128,14 @@ class JobRunner:
             job.process.join()
             code = job.process.exitcode
             if result is None and error is None:
-                error = (f"worker process was killed by signal {-code}" if code and code < 0
-                         else f"worker process exited with status {code}")
+                error = {"message": f"worker process was killed by signal {-code}" if code and code < 0
+                         else f"worker process exited with status {code}", "invalid": False}
             self.post(self._finish, job, result, error, on_done)
 
     def _finish(self, job: Job, result, error, on_done) -> None:
         if job.state is JobState.RUNNING:
             job.transition(JobState.DONE if error is None else JobState.FAILED)
-        job.error = error or ""
+        job.error = error["message"] if error else ""
         self.jobs.pop(job.id, None)
         on_done(job, result, error)
 

@@ -12,7 +12,7 @@ from safetensors.torch import load as load_safetensors
 from llmctl.errors import InvalidArgument, LoadFailed
 from .model import Llama, LlamaConfig, rope_inv_freq
 from .store import Store
-from .tokenizer import SentencePieceTokenizer
+from .tokenizer import HFTokenizer, SentencePieceTokenizer
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,6 +36,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def build_tokenizer(kind: str, data: bytes):
     if kind == "sentencepiece":
         return SentencePieceTokenizer(data)
+    if kind == "hf-tokenizers":
+        return HFTokenizer(data)
     raise LoadFailed(f"tokenizer type {kind!r} is not supported by this llmosd")
 
 

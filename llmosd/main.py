@@ -72,6 +72,7 @@ def serve(cfg) -> int:
     from .server import Server
     from .store import Store
     from .system import PidLock, sd_notify
+    from .uploads import Uploads
 
     sock_path = paths.ipc_path(cfg.socket)
     if sock_path:
@@ -96,7 +97,7 @@ def serve(cfg) -> int:
         manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
                                   stream_buffer=cfg.stream_buffer)
         jobs = JobRunner(server.post, store.root, threads)
-        ops = Ops(cfg, store, manager, jobs)
+        ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
         server.handler = ops.dispatch
         server.idle_checks += [manager.idle, jobs.idle]
         server.bind()

@@ -10,7 +10,7 @@ import time
 
 import llmosd
 from llmctl import protocol
-from llmctl.errors import (AlreadyExists, Busy, Cancelled, InvalidArgument, JobFailed,
+from llmctl.errors import (AlreadyExists, Busy, Cancelled, Internal, InvalidArgument, JobFailed,
                            LlmosdError, ModelNotFound, ShuttingDown, UnsupportedVersion)
 from .create import check_spec
 from .engine import Request
@@ -19,12 +19,15 @@ from .jobs import JobRunner, JobState
 from .sampling import SamplingParams
 from .server import Ctx
 from .store import Store, parse_ref
+from .uploads import Uploads
 from .table import State
 
 
 class Ops:
-    def __init__(self, cfg, store: Store, manager: InstanceManager, jobs: JobRunner):
+    def __init__(self, cfg, store: Store, manager: InstanceManager, jobs: JobRunner,
+                 uploads: Uploads):
         self.cfg, self.store, self.manager, self.jobs = cfg, store, manager, jobs
+        self.uploads = uploads
         self.started = time.time()
         self.jobs_stopping = False
 
@@ -142,12 +145,31 @@ class Ops:
 
     def op_create(self, ctx: Ctx) -> None:
         spec = dict(ctx.body)
-        name, tag = parse_ref(spec.pop("name"))
-        canon, force = f"{name}:{tag}", spec.pop("force", False)
         try:
             check_spec(spec)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
+        self._job(ctx, "create", "llmosd.create:create", spec)
+
+    def op_import(self, ctx: Ctx) -> None:
+        spec = dict(ctx.body)
+        files = spec["files"]
+        fmt = spec.pop("format", None) or "hf"
+        if fmt != "hf":
+            raise InvalidArgument(f"import format {fmt!r} is not supported by this llmosd",
+                                  hint="import a Hugging Face directory (config.json, *.safetensors, tokenizer)")
+        for rel, digest in files.items():
+            if not isinstance(rel, str) or not isinstance(digest, str) or "/" in rel or rel.startswith("."):
+                raise InvalidArgument(f"files: bad entry {rel!r}")
+            if not self.store.has_blob(digest):
+                raise InvalidArgument(f"files: {rel} ({digest}) has not been uploaded",
+                                      hint="upload each file with 'upload'/'upload_chunk' first")
+        self._job(ctx, "import", "llmosd.importer:import_hf", spec, cleanup=set(files.values()))
+
+    def _job(self, ctx: Ctx, kind: str, func: str, spec: dict, cleanup: set | None = None) -> None:
+        """Run a job that makes model ``spec['name']``; publish its manifest when it returns."""
+        name, tag = parse_ref(spec.pop("name"))
+        canon, force = f"{name}:{tag}", spec.pop("force", False)
         try:
             self.store.get(canon)
             if not force:
@@ -167,12 +189,20 @@ class Ops:
             stream.chunk(p)
 
         def done(job, manifest, error):
+            try:
+                publish(job, manifest, error)
+            finally:
+                if cleanup:                       # raw uploads: no longer needed either way
+                    self.store.discard_unreferenced(cleanup)
+
+        def publish(job, manifest, error):
             if job.state is JobState.CANCELLED:
                 stream.error(ShuttingDown("llmosd is shutting down") if self.jobs_stopping
-                             else Cancelled(f"create of {canon} was cancelled"))
+                             else Cancelled(f"{kind} of {canon} was cancelled"))
                 return
             if error:
-                stream.error(JobFailed(f"create of {canon} failed: {error}"))
+                cls = InvalidArgument if error["invalid"] else JobFailed
+                stream.error(cls(f"{kind} of {canon} failed: {error['message']}"))
                 return
             try:
                 digest = self.store.write_manifest(canon, manifest, replace=force)
@@ -181,8 +211,22 @@ class Ops:
                 return
             stream.end({"model": canon, "digest": digest, "parameters": manifest["parameters"],
                         "size": self.store.size(manifest), "job": job.id})
-        job_ref.append(self.jobs.start("create", canon, "llmosd.create:create", spec, ctx.uid,
-                                       progress, done))
+        job_ref.append(self.jobs.start(kind, canon, func, spec, ctx.uid, progress, done))
+
+    # -- uploads --------------------------------------------------------------------------
+    def op_upload(self, ctx: Ctx) -> None:
+        have = self.uploads.begin(ctx.body["digest"], ctx.body["size"])
+        ctx.ok({"have": have})
+
+    def op_upload_chunk(self, ctx: Ctx) -> None:
+        def done(body, err):
+            if err:
+                ctx.error(Internal(f"storing the upload failed: {err}"))
+            else:
+                ctx.ok(body)
+        body = self.uploads.chunk(ctx.body["digest"], ctx.body["offset"], ctx.body["data"], done)
+        if body is not None:
+            ctx.ok(body)
 
     # -- generation -----------------------------------------------------------------------
     def op_generate(self, ctx: Ctx) -> None:

@@ -230,6 +230,18 @@ class Store:
                     os.unlink(p)
             return {"model": canon, "digest": digest, "freed_bytes": freed}
 
+    def discard_unreferenced(self, digests: set[str]) -> None:
+        """Delete those of ``digests`` that no manifest names (e.g. raw uploads after import)."""
+        with self._lock:
+            still = set()
+            for _, _, man in self._iter_manifests():
+                still.update(self.blob_digests(man))
+            for d in set(digests) - still:
+                try:
+                    os.unlink(self.blob_path(d))
+                except FileNotFoundError:
+                    pass
+
     def size(self, manifest: dict) -> int:
         return sum(v.get("size", 0) for v in manifest.values() if isinstance(v, dict) and "digest" in v)
 

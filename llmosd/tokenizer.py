@@ -7,6 +7,7 @@ no character is lost; newline is a piece of its own so generated text keeps its 
 from __future__ import annotations
 
 import io
+import json
 
 import sentencepiece as spm
 
@@ -54,3 +55,60 @@ def train_sentencepiece(text: str, vocab_size: int, seed: int = 0) -> bytes:
         num_threads=1, minloglevel=2,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     return out.getvalue()
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer (byte-level BPE and friends) plus the special ids
+    and chat template from its ``tokenizer_config.json``, stored together as one JSON bundle."""
+
+    kind = "hf-tokenizers"
+
+    def __init__(self, bundle: bytes):
+        from tokenizers import Tokenizer
+        b = json.loads(bundle)
+        self.tk = Tokenizer.from_str(b["tokenizer_json"])
+        self.bos_id = b.get("bos_token_id")
+        self.eos_id = (b.get("eos_token_ids") or [None])[0]
+        self._eos = set(b.get("eos_token_ids") or [])
+        self.add_bos = bool(b.get("add_bos_token", False))
+        self.chat_template = b.get("chat_template")
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if add_bos and self.add_bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def eos_ids(self) -> set[int]:
+        return set(self._eos)
+
+
+def hf_bundle(tokenizer_json: str, tokenizer_config: dict, model_config: dict) -> bytes:
+    """Build the HFTokenizer bundle from a HF directory's files."""
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_str(tokenizer_json)
+
+    def tid(tok):
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return tk.token_to_id(tok) if isinstance(tok, str) else None
+    bos = tid(tokenizer_config.get("bos_token"))
+    if bos is None:
+        bos = model_config.get("bos_token_id")
+    eos = model_config.get("eos_token_id")
+    eos = list(eos) if isinstance(eos, list) else ([eos] if eos is not None else [])
+    cfg_eos = tid(tokenizer_config.get("eos_token"))
+    if cfg_eos is not None and cfg_eos not in eos:
+        eos.append(cfg_eos)
+    # As transformers does: tokenizer_config's add_bos_token if given, else whatever the
+    # tokenizer's own post-processor does with special tokens.
+    add_bos = tokenizer_config.get("add_bos_token")
+    if add_bos is None:
+        add_bos = bos is not None and tk.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    return json.dumps({"tokenizer_json": tokenizer_json, "bos_token_id": bos, "eos_token_ids": eos,
+                       "add_bos_token": bool(add_bos),
+                       "chat_template": tokenizer_config.get("chat_template")}).encode()

@@ -1,0 +1,121 @@
+"""Hugging Face directory import, checked against transformers on the same weights."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import SHAKESPEARE
+
+transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install transformers)")
+
+
+def make_tokenizer(d):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(SHAKESPEARE.read_text()[:100_000].splitlines(), trainer)
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False,
+         "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"}))
+    return tk.get_vocab_size()
+
+
+def make_hf_model(d, *, kv_heads=2, tied=False, shards=False):
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(d)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=176,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=kv_heads, max_position_embeddings=256,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied,
+                                   bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    m.save_pretrained(d, safe_serialization=True, max_shard_size="100KB" if shards else "10GB")
+    return m
+
+
+@pytest.mark.parametrize("kv_heads,tied,shards", [(2, False, False), (4, True, False), (1, False, True)])
+def test_logits_match_transformers(shared_daemon, tmp_path, kv_heads, tied, shards):
+    hf = make_hf_model(tmp_path / "m", kv_heads=kv_heads, tied=tied, shards=shards)
+    if shards:
+        assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    name = f"hf-{kv_heads}-{int(tied)}-{int(shards)}"
+    r = json.loads(shared_daemon.cli("import", str(tmp_path / "m"), name, "--json").stdout)
+    assert r["model"] == f"{name}:latest"
+    from llmosd.loader import load_model
+    from llmosd.store import Store
+    store = Store(str(shared_daemon.state / "store"))
+    _, man, _ = store.get(name)
+    ours, tok = load_model(store, man, torch.device("cpu"))
+    for n in (1, 7, 33):
+        x = torch.randint(0, hf.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), hf(x).logits.float(), atol=1e-4, rtol=1e-4)
+    # greedy generation through the daemon equals transformers' greedy generate
+    prompt = "ROMEO: What light"
+    ids = tok.encode(prompt)
+    with shared_daemon.client() as c:
+        g = c.generate(name, prompt, max_tokens=16, temperature=0)
+        g.text()
+    got = [t for ch in g.chunks for t in ch["token_ids"]]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+                          eos_token_id=sorted(tok.eos_ids()))[0, len(ids):].tolist()
+    ref = [t for t in ref if t not in tok.eos_ids()]
+    assert got == ref[:len(got)] and len(got) == g.stats["generated_tokens"] - (g.stats["finish_reason"] == "stop")
+    # the raw uploads are gone: only the model's own blobs remain for it
+    shared_daemon.cli("unload", name)
+    shared_daemon.cli("rm", name)
+
+
+def _store_state(d):
+    root = d.state / "store"
+    return sorted(os.listdir(root / "blobs")), sorted(os.listdir(root / "tmp"))
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    ("arch", "architecture 'gpt2'"),
+    ("missing", "model.norm.weight is missing"),
+    ("shape", "has shape"),
+    ("truncated", "not a readable safetensors file"),
+    ("notok", "no tokenizer.json or tokenizer.model"),
+    ("noconfig", "no config.json"),
+])
+def test_malformed_imports_are_refused_and_store_unchanged(shared_daemon, tmp_path, breakage, needle):
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "m"
+    make_hf_model(d)
+    w = d / "model.safetensors"
+    if breakage == "arch":
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["model_type"] = "gpt2"
+        (d / "config.json").write_text(json.dumps(cfg))
+    elif breakage in ("missing", "shape"):
+        sd = load_file(str(w))
+        if breakage == "missing":
+            sd.pop("model.norm.weight")
+        else:
+            sd["model.norm.weight"] = torch.ones(3)
+        save_file(sd, str(w), metadata={"format": "pt"})
+    elif breakage == "truncated":
+        data = w.read_bytes()
+        w.write_bytes(data[: len(data) // 2])
+    elif breakage == "notok":
+        (d / "tokenizer.json").unlink()
+    elif breakage == "noconfig":
+        (d / "config.json").unlink()
+    before_ls = shared_daemon.cli("ls", "--json").stdout
+    before = _store_state(shared_daemon)
+    r = shared_daemon.cli("import", str(d), "broken", check=False)
+    assert r.returncode != 0 and needle in r.stderr, r.stderr
+    assert shared_daemon.cli("ls", "--json").stdout == before_ls
+    assert _store_state(shared_daemon) == before
