@@ -119,6 +119,10 @@ class Client:
         s.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         s.setsockopt(zmq.MAXMSGSIZE, self.max_message + (1 << 20))
+        # Watch the connection itself: a daemon that dies mid-stream is reported at once
+        # instead of after stream_idle_timeout.
+        self._mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+        self._connected_once = False
         s.connect(self.url)
         self._sock = s
         try:
@@ -136,6 +140,8 @@ class Client:
 
     def close(self) -> None:
         if self._sock is not None:
+            self._sock.disable_monitor()
+            self._mon.close(linger=0)
             self._sock.close(linger=0)
             self._sock = None
 
@@ -154,9 +160,15 @@ class Client:
     def _recv(self, rid: int, timeout: float) -> dict:
         """Next reply for request ``rid`` (others, and beats, are dropped) or Timeout."""
         deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+            ready = dict(poller.poll(int(max(left, 0) * 1000) + 1))
+            if self._sock not in ready and self._mon in ready:
+                self._check_monitor()       # only once every delivered reply has been read
+            if self._sock not in ready:
                 if time.monotonic() >= deadline:
                     raise Timeout(f"no reply from llmosd within {timeout:g}s ({self.url})",
                                   hint="the daemon may be overloaded or hung; see its log")
@@ -167,6 +179,16 @@ class Client:
                     deadline = max(deadline, time.monotonic() + timeout)
                 continue
             return msg
+
+    def _check_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        while self._mon.poll(0):
+            ev = recv_monitor_message(self._mon)["event"]
+            if ev == zmq.EVENT_CONNECTED:
+                self._connected_once = True
+            elif ev == zmq.EVENT_DISCONNECTED and self._connected_once:
+                raise DaemonUnavailable(f"llmosd closed the connection ({self.url}); did it stop or crash?",
+                                        hint="check the daemon's log, restart it and retry")
 
     def _call(self, type_: str, body: dict | None = None, timeout: float | None = None) -> dict:
         if self._sock is None and type_ != "hello":
