@@ -223,6 +223,17 @@ class Client:
         self._send(protocol.request(rid, type_, body))
         return rid, self._stream(rid)
 
+    def _run_job(self, type_: str, body: dict, progress: Callable[[dict], None] | None) -> dict:
+        """Run a streamed job request; progress chunks go to ``progress``; returns the end body."""
+        _, stream = self._start_stream(type_, body)
+        while True:
+            try:
+                chunk = next(stream)
+            except StopIteration as stop:
+                return stop.value
+            if progress:
+                progress(chunk)
+
     # -- operations -------------------------------------------------------------------------
     def ping(self) -> dict:
         return self._call("ping")
@@ -260,14 +271,7 @@ class Client:
         """
         body = {"name": name, "layers": layers, "dim": dim, "heads": heads, "text": text}
         body.update({k: v for k, v in opts.items() if v is not None})
-        _, stream = self._start_stream("create", body)
-        while True:
-            try:
-                chunk = next(stream)
-            except StopIteration as stop:
-                return stop.value
-            if progress:
-                progress(chunk)
+        return self._run_job("create", body, progress)
 
     # -- imports ----------------------------------------------------------------------------
     def upload_file(self, path: str, progress: Callable[[dict], None] | None = None) -> str:
@@ -291,7 +295,6 @@ class Client:
                     break
         return digest
 
-
     def import_path(self, path: str, name: str, *, force: bool = False,
                      progress: Callable[[dict], None] | None = None) -> dict:
         """Import a Hugging Face model directory as ``name``: uploads its files, then converts."""
@@ -303,17 +306,9 @@ class Client:
                        if (n in HF_FILES or n.endswith(".safetensors")) and os.path.isfile(os.path.join(path, n)))
         if "config.json" not in names:
             raise InvalidArgument(f"{path} has no config.json", hint="is this a Hugging Face model directory?")
-        files = {n: self.upload_file( os.path.join(path, n), progress) for n in names}
-        _, stream = self._start_stream("import", {"name": name, "files": files, "format": "hf",
-                                                  "force": force})
-        while True:
-            try:
-                chunk = next(stream)
-            except StopIteration as stop:
-                return stop.value
-            if progress:
-                progress(chunk)
-
+        files = {n: self.upload_file(os.path.join(path, n), progress) for n in names}
+        return self._run_job("import", {"name": name, "files": files, "format": "hf", "force": force},
+                             progress)
 
     def generate(self, model: str, prompt: str, *, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None,

@@ -217,7 +217,7 @@ def test_sigterm_during_stream(tmp_path):
 def test_kill9_during_create_leaves_only_complete_models(tmp_path):
     d = Daemon(tmp_path / "d").start()
     d.cli("create", "done", *TINY, "--vocab-from", str(SHAKESPEARE))
-    big = ["--layers", "8", "--dim", "512", "--heads", "8", "--vocab-size", "4000"]
+    big = ["--layers", "12", "--dim", "768", "--heads", "12", "--vocab-size", "4000"]
     p = subprocess.Popen([sys.executable, "-m", "llmctl.cli", "create", "half", *big,
                           "--vocab-from", str(SHAKESPEARE)], env=d.env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
