@@ -148,13 +148,8 @@ class InstanceManager:
             self.table.remove(inst.id)
             on_done()
             return
-        busy = inst.active_requests + len(self._ready_waiters.get(inst.id, []))
-        if inst.state is State.LOADING and not force:
-            raise Busy(f"instance {inst.id} ({inst.model}) is still loading",
-                       hint="wait for it to be ready, or use --force")
-        if busy and not force:
-            raise Busy(f"instance {inst.id} ({inst.model}) has {inst.active_requests} active request(s)",
-                       hint="wait for them to finish, or use --force to cancel them")
+        if not force:
+            self.check_unloadable(inst)
         inst.transition(State.UNLOADING)
         self._unload_waiters.setdefault(inst.id, []).append(on_done)
         for key, task in list(self.tasks.items()):
@@ -164,6 +159,15 @@ class InstanceManager:
         if inst.engine is not None:
             inst.engine.stop()
         log.info("unloading instance %d (%s)", inst.id, inst.model)
+
+    def check_unloadable(self, inst: Instance) -> None:
+        """Raise Busy if ``inst`` cannot be unloaded without --force."""
+        if inst.state is State.LOADING:
+            raise Busy(f"instance {inst.id} ({inst.model}) is still loading",
+                       hint="wait for it to be ready, or use --force")
+        if inst.active_requests:
+            raise Busy(f"instance {inst.id} ({inst.model}) has {inst.active_requests} active request(s)",
+                       hint="wait for them to finish, or use --force to cancel them")
 
     def _stopped(self, inst: Instance) -> None:
         for key, task in list(self.tasks.items()):   # anything the engine never answered

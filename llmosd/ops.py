@@ -5,6 +5,7 @@ the instance manager (loader/engine threads) or the job runner (worker processes
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -85,9 +86,10 @@ class Ops:
             insts = [i for i in self.manager.table if i.model == canon]
             if not insts:
                 raise ModelNotFound(f"{canon} is not loaded", hint="run 'llmctl ps' to see what is loaded")
-        for inst in insts:           # check all first so a refusal unloads nothing
-            if not force and (inst.active_requests or inst.state is State.LOADING):
-                self.manager.unload(inst, False, lambda: None)   # raises Busy with the reason
+        if not force:                 # check all first so a refusal unloads nothing
+            for inst in insts:
+                if inst.state is not State.FAILED:
+                    self.manager.check_unloadable(inst)
         ids = [i.id for i in insts]
         pending = set(ids)
 
@@ -114,7 +116,6 @@ class Ops:
         ctx.ok({"models": models})
 
     def op_show(self, ctx: Ctx) -> None:
-        import json
         canon, man, digest = self.store.get(ctx.body["model"])
         config = json.loads(self.store.read_blob(man["config"]["digest"]))
         ctx.ok({"model": canon, "digest": digest, "manifest": man, "config": config,
