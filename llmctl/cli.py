@@ -172,15 +172,18 @@ def create(ctx, name, vocab_from, as_json, **opts):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def import_(ctx, path, name, force, as_json):
-    """Import a Hugging Face model directory PATH as NAME[:TAG].
+    """Import a GGUF file or a Hugging Face model directory PATH as NAME[:TAG].
 
-    The directory needs config.json, *.safetensors weights (sharded with their index, or one
+    GGUF (llama.cpp, Ollama): architecture llama; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+    Q5_0, Q5_1, Q2_K..Q6_K are dequantized; the tokenizer and chat template come from its
+    metadata.  A Hugging Face directory needs config.json, *.safetensors weights (sharded with their index, or one
     file) and tokenizer.json or tokenizer.model; tokenizer_config.json and
     generation_config.json are used when present.  Files are sent to the daemon over its socket
     (it may not be able to read your files); content it already has is not sent again.
     """
     if name is None:
         base = os.path.basename(os.path.abspath(path)).lower()
+        base = base[:-5] if base.endswith(".gguf") else base
         name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
     last = {}
 

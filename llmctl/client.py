@@ -297,11 +297,20 @@ class Client:
 
     def import_path(self, path: str, name: str, *, force: bool = False,
                      progress: Callable[[dict], None] | None = None) -> dict:
-        """Import a Hugging Face model directory as ``name``: uploads its files, then converts."""
+        """Import a GGUF file or a Hugging Face model directory as ``name``: uploads the
+        content (skipping what the daemon has), then converts it in a daemon job."""
         from .errors import InvalidArgument
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(4) != b"GGUF":
+                    raise InvalidArgument(f"{path} is not a GGUF file",
+                                          hint="give a .gguf file or a Hugging Face model directory")
+            files = {"model.gguf": self.upload_file(path, progress)}
+            return self._run_job("import", {"name": name, "files": files, "format": "gguf",
+                                            "force": force}, progress)
         if not os.path.isdir(path):
-            raise InvalidArgument(f"{path} is not a directory",
-                                  hint="give a Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+            raise InvalidArgument(f"{path} is neither a file nor a directory",
+                                  hint="give a .gguf file or a Hugging Face model directory")
         names = sorted(n for n in os.listdir(path)
                        if (n in HF_FILES or n.endswith(".safetensors")) and os.path.isfile(os.path.join(path, n)))
         if "config.json" not in names:

@@ -5,7 +5,8 @@ Hugging Face directories: ``config.json`` (model_type llama or mistral), one or 
 tokenizers) or ``tokenizer.model`` (SentencePiece), ``tokenizer_config.json`` (special tokens,
 chat template) and ``generation_config.json`` (end-of-sequence ids, sampling defaults).
 The uploaded files arrive as blobs; the result is a native manifest whose weights keep the
-Hugging Face tensor names.  Every check runs before anything is written.
+Hugging Face tensor names.  GGUF files are read by ``gguf_import``.  Every check runs before
+anything is written.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def hf_tensors(store: Store, files: dict, progress) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_weights(cfg: LlamaConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def check_weights(cfg: LlamaConfig, sd: dict[str, torch.Tensor],
+                  source: str = "config.json") -> dict[str, torch.Tensor]:
     """Keep the tensors the model uses; raise naming the first missing or misshapen one."""
     with torch.device("meta"):
         ref = Llama(cfg).state_dict_for_save()
@@ -97,7 +99,7 @@ def check_weights(cfg: LlamaConfig, sd: dict[str, torch.Tensor]) -> dict[str, to
         if k not in sd:
             raise ImportError_(f"tensor {k} is missing from the weights")
         if tuple(sd[k].shape) != tuple(t.shape):
-            raise ImportError_(f"tensor {k} has shape {tuple(sd[k].shape)}, but config.json "
+            raise ImportError_(f"tensor {k} has shape {tuple(sd[k].shape)}, but {source} "
                                f"implies {tuple(t.shape)}")
     extra = sorted(set(sd) - set(ref))
     if extra:
@@ -106,26 +108,46 @@ def check_weights(cfg: LlamaConfig, sd: dict[str, torch.Tensor]) -> dict[str, to
     return {k: sd[k].contiguous() for k in ref}
 
 
-def import_hf(spec: dict, store_root: str, progress: Callable[[dict], None]) -> dict:
-    store = Store(store_root)
-    files = spec["files"]
+def read_hf(store: Store, files: dict, progress) -> tuple[LlamaConfig, dict, dict, dict]:
+    """(config, tensors, tokenizer {type,data,info}, sampling defaults) of a HF directory."""
     cfg_raw = _json(store, files, "config.json", required=True)
     gen = _json(store, files, "generation_config.json") or {}
     cfg = hf_config(cfg_raw, gen)
     tok_cfg = _json(store, files, "tokenizer_config.json") or {}
     if "tokenizer.json" in files:
         bundle = hf_bundle(store.read_blob(files["tokenizer.json"]).decode(), tok_cfg, cfg_raw)
-        tok = {"type": "hf-tokenizers", "data": bundle}
+        tok = {"type": "hf-tokenizers", "data": bundle, "info": json.loads(bundle)}
     elif "tokenizer.model" in files:
         data = store.read_blob(files["tokenizer.model"])
         try:
             SentencePieceTokenizer(data)
         except Exception as e:
             raise ImportError_(f"tokenizer.model is not a SentencePiece model: {e}") from None
-        tok = {"type": "sentencepiece", "data": data}
+        add_bos = tok_cfg.get("add_bos_token")
+        tok = {"type": "sentencepiece", "data": data,
+               "info": {"chat_template": tok_cfg.get("chat_template"),
+                        "add_bos_token": True if add_bos is None else bool(add_bos)}}
     else:
         raise ImportError_("the directory has no tokenizer.json or tokenizer.model")
     sd = check_weights(cfg, hf_tensors(store, files, progress))
+    defaults = {k: gen[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+                if k in gen}
+    if gen.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return cfg, sd, tok, defaults
+
+
+def import_model(spec: dict, store_root: str, progress: Callable[[dict], None]) -> dict:
+    """Job entry point: convert the uploaded files of ``spec`` and return the new manifest."""
+    store = Store(store_root)
+    files, fmt = spec["files"], spec.get("format", "hf")
+    if fmt == "gguf":
+        from .gguf_import import import_gguf
+        (rel, digest), = files.items()
+        cfg, sd, tok, defaults = import_gguf(store, store.blob_path(digest), progress)
+        sd = check_weights(cfg, sd, "the GGUF metadata")
+    else:
+        cfg, sd, tok, defaults = read_hf(store, files, progress)
     progress({"stage": "store", "message": f"writing {len(sd)} tensors"})
     fd, tmp = tempfile.mkstemp(dir=store.tmp, prefix="import-")
     os.close(fd)
@@ -138,14 +160,15 @@ def import_hf(spec: dict, store_root: str, progress: Callable[[dict], None]) -> 
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
     cfg_digest, cfg_size = store.put_blob(json.dumps(cfg.to_dict(), sort_keys=True, indent=1).encode())
     tok_digest, tok_size = store.put_blob(tok["data"])
-    params = {k: gen[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty") if k in gen}
+    info = tok.get("info") or {}
     return {
         "schema": 1, "architecture": "llama", "created": now_iso(),
         "parameters": sum(t.numel() for t in sd.values()),
         "config": {"digest": cfg_digest, "size": cfg_size, "media": "application/json"},
         "tokenizer": {"digest": tok_digest, "size": tok_size, "type": tok["type"],
-                      "vocab_size": cfg.vocab_size},
+                      "vocab_size": cfg.vocab_size, "add_bos": bool(info.get("add_bos_token", True))},
         "weights": {"digest": w_digest, "size": w_size, "format": "safetensors", "dtype": ",".join(dtypes)},
-        "defaults": params,
-        "lineage": {"parent": None, "method": "import", "args": {"format": "hf", "files": sorted(files)}},
+        "chat_template": info.get("chat_template"),
+        "defaults": defaults,
+        "lineage": {"parent": None, "method": "import", "args": {"format": fmt, "files": sorted(files)}},
     }

@@ -33,11 +33,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def build_tokenizer(kind: str, data: bytes):
+def build_tokenizer(kind: str, data: bytes, manifest: dict | None = None):
+    """The tokenizer of a manifest: its stored bytes plus add-BOS and chat template settings."""
+    man = manifest or {}
+    add_bos, template = man.get("tokenizer", {}).get("add_bos"), man.get("chat_template")
     if kind == "sentencepiece":
-        return SentencePieceTokenizer(data)
+        return SentencePieceTokenizer(data, True if add_bos is None else add_bos, template)
     if kind == "hf-tokenizers":
-        return HFTokenizer(data)
+        return HFTokenizer(data, add_bos, template)
     raise LoadFailed(f"tokenizer type {kind!r} is not supported by this llmosd")
 
 
@@ -48,7 +51,8 @@ def load_model(store: Store, manifest: dict, device: torch.device,
     if arch != "llama":
         raise LoadFailed(f"architecture {arch!r} is not supported by this llmosd")
     cfg = LlamaConfig.from_dict(json.loads(store.read_blob(manifest["config"]["digest"])))
-    tok = build_tokenizer(manifest["tokenizer"]["type"], store.read_blob(manifest["tokenizer"]["digest"]))
+    tok = build_tokenizer(manifest["tokenizer"]["type"], store.read_blob(manifest["tokenizer"]["digest"]),
+                          manifest)
     sd = load_safetensors(store.read_blob(manifest["weights"]["digest"]))
     with torch.device("meta"):
         model = Llama(cfg)

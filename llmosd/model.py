@@ -63,7 +63,7 @@ class LlamaConfig:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """(D/2,) inverse frequencies, with HF's 'linear' and 'llama3' scaling."""
+    """(D/2,) inverse frequencies, with HF's 'linear' and 'llama3' scaling, or explicit factors."""
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     sc = cfg.rope_scaling or {}
@@ -78,6 +78,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
         smooth = (old / wavelen - lo) / (hi - lo)
         mid = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    elif kind == "factors":              # per-frequency divisors, as GGUF's rope_freqs.weight
+        inv = inv / torch.tensor(sc["factors"], dtype=torch.float64)
     elif kind not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling type {kind!r}")
     return inv.float()

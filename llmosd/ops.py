@@ -155,17 +155,19 @@ class Ops:
     def op_import(self, ctx: Ctx) -> None:
         spec = dict(ctx.body)
         files = spec["files"]
-        fmt = spec.pop("format", None) or "hf"
-        if fmt != "hf":
+        fmt = spec["format"] = spec.get("format") or "hf"
+        if fmt not in ("hf", "gguf"):
             raise InvalidArgument(f"import format {fmt!r} is not supported by this llmosd",
-                                  hint="import a Hugging Face directory (config.json, *.safetensors, tokenizer)")
+                                  hint="import a Hugging Face directory or a .gguf file")
+        if fmt == "gguf" and len(files) != 1:
+            raise InvalidArgument(f"a gguf import takes exactly one file, got {len(files)}")
         for rel, digest in files.items():
             if not isinstance(rel, str) or not isinstance(digest, str) or "/" in rel or rel.startswith("."):
                 raise InvalidArgument(f"files: bad entry {rel!r}")
             if not self.store.has_blob(digest):
                 raise InvalidArgument(f"files: {rel} ({digest}) has not been uploaded",
                                       hint="upload each file with 'upload'/'upload_chunk' first")
-        self._job(ctx, "import", "llmosd.importer:import_hf", spec, cleanup=set(files.values()))
+        self._job(ctx, "import", "llmosd.importer:import_model", spec, cleanup=set(files.values()))
 
     def _job(self, ctx: Ctx, kind: str, func: str, spec: dict, cleanup: set | None = None) -> None:
         """Run a job that makes model ``spec['name']``; publish its manifest when it returns."""

@@ -8,22 +8,39 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import sentencepiece as spm
 
 
 class SentencePieceTokenizer:
+    """A SentencePiece model.  Control pieces written in the text (``<s>``, ``</s>``, chat
+    markers) encode to their ids, as Hugging Face and llama.cpp do, so chat templates work."""
+
     kind = "sentencepiece"
 
-    def __init__(self, model_bytes: bytes):
+    def __init__(self, model_bytes: bytes, add_bos: bool = True, chat_template: str | None = None):
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.vocab_size = self.sp.get_piece_size()
+        self.add_bos, self.chat_template = add_bos, chat_template
+        self._special = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if self.sp.is_control(i) and self.sp.id_to_piece(i)}
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(self._special, key=len, reverse=True))) + ")")
+                       if self._special else None)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self.sp.encode(text)
-        return ([self.bos_id] + ids) if add_bos and self.bos_id is not None else ids
+        ids = [self.bos_id] if add_bos and self.add_bos and self.bos_id is not None else []
+        for i, part in enumerate(self._split.split(text) if self._split else [text]):
+            if i % 2:
+                ids.append(self._special[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def token(self, i: int | None) -> str | None:
+        return self.sp.id_to_piece(i) if i is not None else None
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
@@ -63,15 +80,15 @@ class HFTokenizer:
 
     kind = "hf-tokenizers"
 
-    def __init__(self, bundle: bytes):
+    def __init__(self, bundle: bytes, add_bos: bool | None = None, chat_template: str | None = None):
         from tokenizers import Tokenizer
         b = json.loads(bundle)
         self.tk = Tokenizer.from_str(b["tokenizer_json"])
         self.bos_id = b.get("bos_token_id")
         self.eos_id = (b.get("eos_token_ids") or [None])[0]
         self._eos = set(b.get("eos_token_ids") or [])
-        self.add_bos = bool(b.get("add_bos_token", False))
-        self.chat_template = b.get("chat_template")
+        self.add_bos = bool(b.get("add_bos_token", False)) if add_bos is None else add_bos
+        self.chat_template = chat_template or b.get("chat_template")
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -82,6 +99,9 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=False)
+
+    def token(self, i: int | None) -> str | None:
+        return self.tk.id_to_token(i) if i is not None else None
 
     def eos_ids(self) -> set[int]:
         return set(self._eos)

@@ -1,0 +1,177 @@
+"""``import`` of GGUF files (llama.cpp / Ollama): metadata -> config, tensors -> HF-named weights.
+
+Runs in a job worker.  Tensors are dequantized with the ``gguf`` package's reference
+dequantizer and kept in float32 (F16/BF16 tensors keep their type), so the imported model
+computes exactly what the quantized file describes.  llama.cpp's converter permutes the rows
+of ``attn_q``/``attn_k`` (interleaved rotary pairs); that permutation is undone here so the
+weights fit the Hugging Face rotary layout our model uses.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .gguf_vocab import VocabError, from_gguf
+from .importer import ImportError_
+from .model import LlamaConfig
+
+# Tensor types this importer dequantizes (all through gguf.quants.dequantize).
+SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+             "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj"}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def read(path: str):
+    """Open a GGUF file; ImportError_ if it is not one or is cut short."""
+    import gguf
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ImportError_("the file is not GGUF (it does not start with the bytes 'GGUF')")
+        return gguf.GGUFReader(path)
+    except ImportError_:
+        raise
+    except Exception as e:  # the reader raises ValueError/IndexError/... on a cut file
+        raise ImportError_(f"the GGUF file is truncated or corrupt: {e.__class__.__name__}: {e}") from None
+
+
+def metadata(reader) -> dict:
+    """Every key/value pair of the header as plain Python values."""
+    out = {}
+    for k, f in reader.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        try:
+            out[k] = f.contents()
+        except Exception as e:
+            raise ImportError_(f"metadata key {k} cannot be read: {e}") from None
+    return out
+
+
+def gguf_config(meta: dict, names: set[str], n_vocab: int) -> LlamaConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ImportError_(f"GGUF architecture {arch!r} (general.architecture) is not supported; supported: llama")
+    p = "llama."
+
+    def need(key):
+        if p + key not in meta:
+            raise ImportError_(f"metadata key {p + key} is missing")
+        return meta[p + key]
+    if meta.get(p + "expert_count", 0):
+        raise ImportError_("mixture-of-experts models (llama.expert_count > 0) are not supported")
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(meta.get(p + "attention.key_length", hidden // heads))
+    rope_dim = int(meta.get(p + "rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ImportError_(f"partial rotary embeddings (rope.dimension_count {rope_dim} < head size "
+                           f"{head_dim}) are not supported")
+    scaling = None
+    kind = meta.get(p + "rope.scaling.type", "none")
+    factor = float(meta.get(p + "rope.scaling.factor", meta.get(p + "rope.scale_linear", 1.0)))
+    if kind == "linear" or (kind == "none" and factor != 1.0):
+        scaling = {"rope_type": "linear", "factor": factor}
+    elif kind not in ("none", None):
+        raise ImportError_(f"rope scaling type {kind!r} is not supported (only linear and llama3 factors)")
+    try:
+        cfg = LlamaConfig(
+            vocab_size=int(meta.get(p + "vocab_size", n_vocab)), hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_hidden_layers=int(need("block_count")), num_attention_heads=heads,
+            num_key_value_heads=int(meta.get(p + "attention.head_count_kv", heads)),
+            head_dim=head_dim, max_position_embeddings=int(meta.get(p + "context_length", 2048)),
+            rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)), rope_scaling=scaling,
+            tie_word_embeddings="output.weight" not in names)
+    except (TypeError, ValueError) as e:
+        raise ImportError_(f"metadata: {e}") from None
+    return cfg
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's ``permute`` of a (H*D, C) q/k weight.
+
+    llama.cpp reorders each head's D rows from HF's halves layout (rows i and i+D/2 rotate
+    together) to interleaved pairs (rows 2i and 2i+1): (H, 2, D/2) -> (H, D/2, 2).  Reverse it.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER:
+        return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _TOP:
+        return f"{_TOP[parts[0]]}.{parts[1]}"
+    return None
+
+
+def tensors(reader, cfg: LlamaConfig, progress) -> tuple[dict[str, torch.Tensor], list[float] | None]:
+    """HF-named float tensors; also llama3-style rope frequency factors when the file has them."""
+    import gguf
+    out, factors = {}, None
+    total = len(reader.tensors)
+    for i, t in enumerate(reader.tensors):
+        qtype = t.tensor_type.name
+        if qtype not in SUPPORTED:
+            raise ImportError_(f"tensor {t.name} has type {qtype}, which llmosd cannot dequantize; "
+                               f"supported: {', '.join(SUPPORTED)}")
+        shape = tuple(int(x) for x in reversed(t.shape))           # GGUF lists ne0 (columns) first
+        try:
+            if qtype in ("F16", "BF16"):
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+                w = torch.from_numpy(np.ascontiguousarray(arr)).to(
+                    torch.float16 if qtype == "F16" else torch.bfloat16)
+            else:
+                w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            w = w.reshape(shape)
+        except (ValueError, RuntimeError, IndexError) as e:
+            raise ImportError_(f"tensor {t.name} cannot be read (truncated file?): {e}") from None
+        if t.name == "rope_freqs.weight":
+            factors = [float(x) for x in w.float().flatten()]
+            continue
+        name = hf_name(t.name)
+        if name is None:
+            raise ImportError_(f"unexpected tensor {t.name}: this is not a plain llama model")
+        if name.endswith("q_proj.weight"):
+            w = unpermute(w, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute(w, cfg.num_key_value_heads)
+        out[name] = w
+        if i % 16 == 15 or i == total - 1:
+            progress({"stage": "weights", "message": f"dequantized {i + 1}/{total} tensors",
+                      "done": i + 1, "total": total})
+    return out, factors
+
+
+def import_gguf(store, path: str, progress) -> tuple[LlamaConfig, dict, dict, dict]:
+    """(config, tensors, tokenizer {type,data,info}, sampling defaults) of the GGUF at ``path``."""
+    reader = read(path)
+    meta = metadata(reader)
+    names = {t.name for t in reader.tensors}
+    try:
+        kind, data, info = from_gguf(meta)
+    except VocabError as e:
+        raise ImportError_(str(e)) from None
+    cfg = gguf_config(meta, names, len(meta.get("tokenizer.ggml.tokens") or []))
+    cfg.bos_token_id = info["bos_token_id"]
+    cfg.eos_token_id = info["eos_token_ids"]
+    cfg.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
+    sd, factors = tensors(reader, cfg, progress)
+    if factors is not None:
+        if len(factors) != cfg.head_dim // 2:
+            raise ImportError_(f"rope_freqs.weight has {len(factors)} values, the head size needs {cfg.head_dim // 2}")
+        cfg.rope_scaling = {"rope_type": "factors", "factors": factors}
+    defaults = {}
+    for key, name in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),
+                      ("min_p", "min_p"), ("penalty_repeat", "repetition_penalty")):
+        if f"general.sampling.{key}" in meta:
+            defaults[name] = meta[f"general.sampling.{key}"]
+    return cfg, sd, {"type": kind, "data": data, "info": info}, defaults
