@@ -12,6 +12,7 @@ import sys
 import click
 
 from . import format as fmt
+from .cli_infer import register as register_inference
 from .client import Client
 from .errors import EX_USAGE, LlmosdError
 
@@ -43,8 +44,12 @@ def cli(ctx, socket, timeout):
     \b
     Examples:
       llmctl create tiny --layers 2 --dim 64 --heads 4 --vocab-from corpus.txt
-      llmctl generate tiny "Once upon a time" --max-tokens 50
+      llmctl import SmolLM2-135M-Instruct.Q4_1.gguf smollm2
+      llmctl chat smollm2
+      llmctl generate smollm2 "What is a kernel?" --chat --max-tokens 100
       echo "Hello" | llmctl generate tiny --temperature 0
+      llmctl score smollm2 "To be, or not to be"
+      llmctl classify smollm2 --labels positive,negative < reviews.txt
       llmctl ps
     """
     ctx.obj = {"socket": socket, "timeout": timeout}
@@ -176,15 +181,23 @@ def import_(ctx, path, name, force, as_json):
 
     GGUF (llama.cpp, Ollama): architecture llama; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1,
     Q5_0, Q5_1, Q2_K..Q6_K are dequantized; the tokenizer and chat template come from its
-    metadata.  A Hugging Face directory needs config.json, *.safetensors weights (sharded with their index, or one
-    file) and tokenizer.json or tokenizer.model; tokenizer_config.json and
-    generation_config.json are used when present.  Files are sent to the daemon over its socket
+    metadata.  A Hugging Face directory needs config.json, *.safetensors weights (sharded
+    with their index, or one file) and tokenizer.json or tokenizer.model;
+    tokenizer_config.json and generation_config.json are used when present.  Files are sent to the daemon over its socket
     (it may not be able to read your files); content it already has is not sent again.
     """
     if name is None:
         base = os.path.basename(os.path.abspath(path)).lower()
         base = base[:-5] if base.endswith(".gguf") else base
         name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
+    r = _client(ctx).import_path(path, name, force=force, progress=_upload_progress(as_json))
+    if as_json:
+        return _json(r)
+    click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "
+               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+
+
+def _upload_progress(as_json: bool):
     last = {}
 
     def progress(p):
@@ -193,18 +206,30 @@ def import_(ctx, path, name, force, as_json):
         if "file" in p:
             pct = 100 * p["sent"] // max(1, p["size"])
             if p.get("skipped"):
-                click.echo(f"upload: {p['file']}: already in the store", err=True)
+                click.echo(f"{p['file']}: already in the store", err=True)
             elif last.get(p["file"]) != pct:
                 last[p["file"]] = pct
-                click.echo(f"\rupload: {p['file']}: {pct}% of {fmt.size(p['size'])}", err=True,
-                           nl=pct == 100)
+                click.echo(f"\r{p['file']}: {pct}% of {fmt.size(p['size'])}", err=True, nl=pct == 100)
+        elif "total" in p and sys.stderr.isatty():
+            click.echo(f"\r{p.get('stage', '')}: {p.get('message', '')}", err=True, nl=p["done"] == p["total"])
         else:
             click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
-    r = _client(ctx).import_path(path, name, force=force, progress=progress)
+    return progress
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Write into a directory that is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export(ctx, model, directory, force, as_json):
+    """Write MODEL to DIRECTORY as a Hugging Face model (config.json, model.safetensors,
+    tokenizer, generation_config.json) that transformers and other tools load."""
+    r = _client(ctx).export(model, directory, force=force, progress=_upload_progress(as_json))
     if as_json:
         return _json(r)
-    click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "
-               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+    click.echo(f"exported {r['model']} to {r['dir']} ({', '.join(r['files'])})")
 
 
 @cli.command()
@@ -250,57 +275,6 @@ def unload(ctx, target, force):
     click.echo("unloaded instance " + ", ".join(map(str, r["unloaded"])))
 
 
-@cli.command()
-@click.argument("model")
-@click.argument("prompt", required=False)
-@click.option("--max-tokens", type=int, help="Most tokens to generate [daemon default: 256].")
-@click.option("--temperature", type=float, help="0 for greedy [default: 0.8].")
-@click.option("--top-k", type=int, help="Sample among the K most likely tokens (0: off).")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold (1: off).")
-@click.option("--seed", type=int, help="Seed for reproducible sampling.")
-@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed.")
-@click.option("--no-bos", is_flag=True, help="Do not prepend the beginning-of-sequence token.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per chunk, then the stats.")
-@click.option("-v", "--verbose", is_flag=True, help="Print timing statistics to stderr.")
-@click.pass_context
-def generate(ctx, model, prompt, as_json, verbose, no_bos, **opts):
-    """Generate text from PROMPT (or stdin when PROMPT is '-' or absent and stdin is a pipe).
-
-    The model is loaded first if it is not; the statistics say so.  Ctrl-C cancels.
-    """
-    if prompt in (None, "-"):
-        if prompt is None and sys.stdin.isatty():
-            raise click.UsageError("give a PROMPT, or pipe one in (e.g. echo hi | llmctl generate MODEL)")
-        prompt = sys.stdin.read()
-    gen = _client(ctx).generate(model, prompt, stop=list(opts.pop("stop")) or None,
-                                add_bos=False if no_bos else None, **opts)
-    out = sys.stdout
-    last = ""
-    try:
-        for text in gen:
-            if as_json:
-                _json(gen.chunks[-1])
-            elif text:
-                out.write(text)
-                out.flush()
-                last = text
-    except KeyboardInterrupt:
-        gen.cancel()
-        if not as_json:
-            out.write("\n")
-        click.echo("cancelled", err=True)
-        sys.exit(130)
-    stats = gen.stats or {}
-    if as_json:
-        _json({"done": True, **stats})
-    else:
-        if out.isatty() and not last.endswith("\n"):
-            out.write("\n")
-        out.flush()
-        if verbose:
-            click.echo(_stats_line(stats), err=True)
-
-
 def _stats_line(s: dict) -> str:
     parts = [f"{s.get('prompt_tokens')} prompt tokens", f"{s.get('generated_tokens')} generated",
              f"finish: {s.get('finish_reason')}"]
@@ -311,6 +285,9 @@ def _stats_line(s: dict) -> str:
     if s.get("loaded"):
         parts.append(f"loaded in {s['load_ms'] / 1000:.2f}s")
     return ", ".join(parts)
+
+
+register_inference(cli, _client, _stats_line)
 
 
 def main(argv=None) -> int:

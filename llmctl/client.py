@@ -319,14 +319,69 @@ class Client:
         return self._run_job("import", {"name": name, "files": files, "format": "hf", "force": force},
                              progress)
 
+    def export(self, model: str, dest: str, *, force: bool = False,
+               progress: Callable[[dict], None] | None = None) -> dict:
+        """Write ``model`` as a Hugging Face directory at ``dest`` (see llmctl.export)."""
+        from .export import export_model
+        return export_model(self, model, dest, force=force, progress=progress)
+
     def generate(self, model: str, prompt: str, *, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None,
-                 stop: list[str] | None = None, add_bos: bool | None = None) -> Generation:
-        """Start generating; returns a ``Generation`` to iterate (loads the model if needed)."""
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-                "stop": list(stop) if stop else None, "add_bos": add_bos}
+                 top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, seed: int | None = None,
+                 stop: list[str] | None = None, add_bos: bool | None = None,
+                 logprobs: int | None = None) -> Generation:
+        """Start generating; returns a ``Generation`` to iterate (loads the model if needed).
+
+        Settings left as None take the model's defaults (from its generation_config or GGUF
+        metadata), else the daemon's.  ``logprobs=k`` adds, to each chunk, every token's
+        log-probability and its k most likely alternatives.
+        """
+        body = {"model": model, "prompt": prompt, "add_bos": add_bos,
+                **_gen_opts(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, logprobs)}
         rid, stream = self._start_stream("generate", {k: v for k, v in body.items() if v is not None})
         return Generation(self, rid, stream)
 
+    def chat(self, model: str, messages: list[dict], **opts) -> Generation:
+        """Generate the assistant's reply to ``messages`` ([{"role", "content"}, ...]), rendered
+        with the model's chat template; stops at its end-of-turn token.  ``opts`` as generate."""
+        body = {"model": model, "messages": list(messages), **_gen_opts(**opts)}
+        rid, stream = self._start_stream("chat", {k: v for k, v in body.items() if v is not None})
+        return Generation(self, rid, stream)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def score(self, model: str, text: str, *, add_bos: bool | None = None) -> dict:
+        """Per-token log-probabilities of ``text`` and its perplexity."""
+        body = {"model": model, "text": text, "add_bos": add_bos}
+        return self._call("score", {k: v for k, v in body.items() if v is not None},
+                          timeout=max(self.timeout, 600))
+
+    def embed(self, model: str, inputs: list[str], *, pooling: str = "mean", normalize: bool = True):
+        """A float32 numpy array (len(inputs), dim): one vector per input (see llmctl-embed)."""
+        import numpy as np
+        rows = []
+        for i in range(0, len(inputs), BATCH):
+            r = self._call("embed", {"model": model, "inputs": inputs[i:i + BATCH], "pooling": pooling,
+                                     "normalize": normalize}, timeout=max(self.timeout, 600))
+            rows.append(np.frombuffer(r["data"], dtype="<f4").reshape(r["count"], r["dim"]))
+        return np.concatenate(rows) if rows else np.zeros((0, 0), dtype="<f4")
+
+    def classify(self, model: str, inputs: list[str], labels: list[str], *,
+                 template: str | None = None) -> list[dict]:
+        """Zero-shot labels for ``inputs``, in input order: [{label, scores, probs}, ...]."""
+        out = []
+        for i in range(0, len(inputs), BATCH):
+            body = {"model": model, "inputs": inputs[i:i + BATCH], "labels": list(labels), "template": template}
+            out += self._call("classify", {k: v for k, v in body.items() if v is not None},
+                              timeout=max(self.timeout, 600))["results"]
+        return out
+
+
+BATCH = 64        # inputs per embed/classify request
+
+
+def _gen_opts(max_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
+              repetition_penalty=None, seed=None, stop=None, logprobs=None) -> dict:
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed,
+            "stop": list(stop) if stop else None, "logprobs": logprobs}

@@ -21,13 +21,16 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 1              # additions that old peers can ignore bump only this
+MINOR = 2              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 
 REPLY_TYPES = ("ok", "error", "chunk", "end", "beat")
 
 # Request body schemas: field -> (accepted python types, required).  int fields accept bool? no.
 _S, _I, _F, _B, _L, _Y = (str,), (int,), (int, float), (bool,), (list,), (bytes, str)
+_GEN = {"max_tokens": (_I, False), "temperature": (_F, False), "top_k": (_I, False),
+        "top_p": (_F, False), "min_p": (_F, False), "repetition_penalty": (_F, False),
+        "seed": (_I, False), "stop": (_L, False), "logprobs": (_I, False)}
 SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "hello": {"client": (_S, False), "version": (_I, True)},
     "ping": {},
@@ -45,18 +48,21 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "tag": {"source": (_S, True), "target": (_S, True)},
     "load": {"model": (_S, True)},
     "unload": {"target": (_S, True), "force": (_B, False)},
-    "generate": {
-        "model": (_S, True), "prompt": (_S, True), "max_tokens": (_I, False),
-        "temperature": (_F, False), "top_k": (_I, False), "top_p": (_F, False),
-        "seed": (_I, False), "stop": (_L, False), "add_bos": (_B, False),
-    },
+    "generate": {"model": (_S, True), "prompt": (_S, True), **_GEN, "add_bos": (_B, False)},
+    "chat": {"model": (_S, True), "messages": (_L, True), **_GEN},
+    "score": {"model": (_S, True), "text": (_S, True), "add_bos": (_B, False)},
+    "embed": {"model": (_S, True), "inputs": (_L, True), "pooling": (_S, False),
+              "normalize": (_B, False)},
+    "classify": {"model": (_S, True), "inputs": (_L, True), "labels": (_L, True),
+                 "template": (_S, False)},
     "cancel": {"target": (_I, True)},
     "upload": {"digest": (_S, True), "size": (_I, True)},
     "upload_chunk": {"digest": (_S, True), "offset": (_I, True), "data": ((bytes,), True)},
+    "download": {"digest": (_S, True), "offset": (_I, True), "size": (_I, True)},
     "import": {"name": (_S, True), "files": ((dict,), True), "format": (_S, False),
                "force": (_B, False)},
 }
-STREAMING = frozenset({"create", "generate", "import"})
+STREAMING = frozenset({"create", "generate", "chat", "import"})
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
 

@@ -6,6 +6,7 @@ never touches the socket and the control loop never runs the model.
 
 Sequences run one at a time inside a step (batch 1 per forward pass), so a request's output is
 bit-identical to a plain forward pass of the same weights however many others share the step.
+One-shot ``Call``s (score, embed, classify: ``evaluate.py``) run between steps.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from typing import Callable, Hashable
 import torch
 
 from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, OutOfMemory
+from . import evaluate
+from .chat import TemplateError, render
 from .detok import StopMatcher, StreamDecoder
 from .model import KVCache, Llama
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, make_generator, sample, top_logprobs
 from .scheduler import Scheduler, Seq
 
 log = logging.getLogger("llmosd.engine")
@@ -37,6 +40,8 @@ class Request:
     sampling: SamplingParams
     stops: list[str] = field(default_factory=list)
     add_bos: bool = True
+    messages: list | None = None   # chat: rendered with the model's template instead of prompt
+    logprobs: int = 0              # report each token's logprob and this many alternatives
     prompt_ids: list[int] = field(default_factory=list)   # set by the engine (tokenizing is work)
     submitted: float = field(default_factory=time.perf_counter)
     emitted: int = 0               # chunks handed to emit (engine thread writes)
@@ -47,9 +52,19 @@ class Request:
     decoder: StreamDecoder | None = None
     matcher: StopMatcher | None = None
     last_token: int = -1
+    history: list = field(default_factory=list)       # prompt + output ids (repetition penalty)
     pending_ids: list = field(default_factory=list)
+    pending_lp: list = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
+
+
+@dataclass
+class Call:
+    """A one-shot evaluation: ``evaluate.FUNCTIONS[name](model, tok, device, **args)``."""
+    key: Hashable
+    name: str
+    args: dict
 
 
 class Engine(threading.Thread):
@@ -68,7 +83,7 @@ class Engine(threading.Thread):
         self._stopping = False
 
     # -- called from other threads -----------------------------------------------------------
-    def submit(self, req: Request) -> None:
+    def submit(self, req: "Request | Call") -> None:
         with self._cv:
             self._inbox.append(req)
             self._cv.notify()
@@ -120,7 +135,15 @@ class Engine(threading.Thread):
             cancels, self._cancels = self._cancels, []
             stopping = self._stopping
         for req in inbox:
-            req.prompt_ids = self.tok.encode(req.prompt, add_bos=req.add_bos)
+            if isinstance(req, Call):
+                self._call(req)
+                continue
+            try:
+                req.prompt_ids = self._encode(req)
+            except TemplateError as e:
+                self._fail(req.key, InvalidArgument(str(e), hint="use generate with a plain prompt "
+                                                    "if the model has no chat template"), req)
+                continue
             n = len(req.prompt_ids)
             if n == 0 or n > self.context:
                 self._fail(req.key, InvalidArgument(
@@ -140,6 +163,7 @@ class Engine(threading.Thread):
             req.generator = make_generator(req.sampling.seed)
             req.decoder = StreamDecoder(self.tok, req.prompt_ids)
             req.matcher = StopMatcher(req.stops)
+            req.history = list(req.prompt_ids)
             self.reqs[req.key] = req
         for key, reason, error in cancels:
             seq = self.sched.finish(key, reason)
@@ -149,6 +173,27 @@ class Engine(threading.Thread):
                 else:
                     self._end(key, reason, seq.generated)
         return not stopping
+
+    def _encode(self, req: Request) -> list[int]:
+        if req.messages is None:
+            return self.tok.encode(req.prompt, add_bos=req.add_bos)
+        text = render(getattr(self.tok, "chat_template", None), req.messages,
+                      bos_token=self.tok.token(self.tok.bos_id), eos_token=self.tok.token(self.tok.eos_id))
+        req.prompt = text
+        return self.tok.encode(text, add_bos=False)      # the template writes any BOS itself
+
+    def _call(self, call: Call) -> None:
+        try:
+            result = evaluate.FUNCTIONS[call.name](self.model, self.tok, self.device, **call.args)
+        except ValueError as e:
+            self.emit(call.key, "error", InvalidArgument(str(e)).to_wire())
+        except torch.OutOfMemoryError:
+            self.emit(call.key, "error", OutOfMemory(f"ran out of memory during {call.name}").to_wire())
+        except Exception as e:
+            log.exception("%s failed", call.name)
+            self.emit(call.key, "error", Internal(f"{call.name} failed: {e}").to_wire())
+        else:
+            self.emit(call.key, "end", result)
 
     def _blocked(self, key) -> bool:
         r = self.reqs[key]
@@ -164,7 +209,11 @@ class Engine(threading.Thread):
                 pos = len(req.prompt_ids) + self.sched.seqs[key].generated - 1
                 ids = torch.tensor([[req.last_token]], device=self.device)
                 logits = self.model(ids, req.cache, pos)
-            token = sample(logits[0, -1], req.sampling, req.generator)
+            seen = (torch.tensor(req.history, device=self.device)
+                    if req.sampling.repetition_penalty != 1.0 else None)
+            token = sample(logits[0, -1], req.sampling, req.generator, seen)
+            if req.logprobs:
+                lp, top = top_logprobs(logits[0, -1], token, req.logprobs)
         except torch.OutOfMemoryError:
             self.sched.finish(key, "error")
             self._fail(key, OutOfMemory("ran out of memory while generating"))
@@ -178,10 +227,15 @@ class Engine(threading.Thread):
         req.first_token_at = req.first_token_at or now
         req.last_token_at = now
         req.last_token = token
+        req.history.append(token)
         eos = token in self.sched.eos_ids
         text = "" if eos else req.decoder.push(token)
         if not eos:
             req.pending_ids.append(token)
+            if req.logprobs:
+                req.pending_lp.append({"id": token, "token": self.tok.decode([token]), "logprob": lp,
+                                       "top": [{"id": i, "token": self.tok.decode([i]), "logprob": v}
+                                               for i, v in top]})
         out, stopped = req.matcher.feed(text)
         seq = self.sched.update(key, token, stop_hit=stopped)
         if seq.finish_reason is not None and not stopped:
@@ -194,7 +248,10 @@ class Engine(threading.Thread):
     def _chunk(self, req: Request, text: str) -> None:
         req.emitted += 1
         ids, req.pending_ids = req.pending_ids, []
-        self.emit(req.key, "chunk", {"text": text, "token_ids": ids})
+        body = {"text": text, "token_ids": ids}
+        if req.logprobs:
+            body["logprobs"], req.pending_lp = req.pending_lp, []
+        self.emit(req.key, "chunk", body)
 
     def _end(self, key, reason: str, generated: int) -> None:
         req = self.reqs.pop(key, None)

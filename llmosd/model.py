@@ -213,9 +213,9 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                            # (T, D)
         return emb.cos(), emb.sin()
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) at positions start..start+T-1 -> logits (B, T or 1, V) in float32."""
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """tokens (B, T) at positions start..start+T-1 -> final hidden states (B, T, C), before
+        the last norm."""
         B, T = tokens.shape
         if start + T > (cache.capacity if cache is not None else self.config.max_position_embeddings):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context")
@@ -223,6 +223,12 @@ class Llama(nn.Module):
         cos, sin = self.rope(start, T, tokens.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, start)
+        return x
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions start..start+T-1 -> logits (B, T or 1, V) in float32."""
+        x = self.hidden(tokens, cache, start)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()

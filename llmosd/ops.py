@@ -14,7 +14,8 @@ from llmctl import protocol
 from llmctl.errors import (AlreadyExists, Busy, Cancelled, Internal, InvalidArgument, JobFailed,
                            LlmosdError, ModelNotFound, ShuttingDown, UnsupportedVersion)
 from .create import check_spec
-from .engine import Request
+from .chat import TemplateError, check_messages
+from .engine import Call, Request
 from .instances import InstanceManager, Task, check_generate
 from .jobs import JobRunner, JobState
 from .sampling import SamplingParams
@@ -22,6 +23,24 @@ from .server import Ctx
 from .store import Store, parse_ref
 from .uploads import Uploads
 from .table import State
+
+
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                     "repetition_penalty": 1.0}
+MAX_BATCH_INPUTS = 256
+
+
+class _Reply:
+    """A task's answer as one ``ok``/``error`` reply (score, embed, classify), not a stream."""
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+
+    def end(self, body: dict) -> None:
+        self.ctx.ok(body)
+
+    def error(self, err) -> None:
+        self.ctx.error(err)
 
 
 class Ops:
@@ -231,22 +250,53 @@ class Ops:
         if body is not None:
             ctx.ok(body)
 
+    def op_download(self, ctx: Ctx) -> None:
+        """A piece of a blob a manifest refers to (export reads models this way)."""
+        b = ctx.body
+        if b["offset"] < 0 or not 0 < b["size"] <= protocol.UPLOAD_CHUNK:
+            raise InvalidArgument(f"download: offset must be >= 0 and size in 1..{protocol.UPLOAD_CHUNK}")
+        if not any(b["digest"] in _blob_digests(man) for _, _, man in self.store.list()):
+            raise ModelNotFound(f"no model in the store refers to blob {b['digest']}")
+        data, total = self.store.read_range(b["digest"], b["offset"], b["size"])
+        ctx.ok({"data": data, "total": total})
+
     # -- generation -----------------------------------------------------------------------
     def op_generate(self, ctx: Ctx) -> None:
+        self._generate(ctx, prompt=ctx.body["prompt"], messages=None)
+
+    def op_chat(self, ctx: Ctx) -> None:
+        try:
+            messages = check_messages(ctx.body["messages"])
+        except TemplateError as e:
+            raise InvalidArgument(str(e)) from None
+        self._generate(ctx, prompt="", messages=messages)
+
+    def _generate(self, ctx: Ctx, prompt: str, messages: list | None) -> None:
         body = ctx.body
         opts = check_generate(body, self.cfg.default_max_tokens)
-        sp = SamplingParams(temperature=float(body.get("temperature", 0.8)),
-                            top_k=body.get("top_k", 0), top_p=float(body.get("top_p", 1.0)),
-                            seed=body.get("seed"))
+        canon, man, digest = self.store.get(body["model"])
+        # request settings > the model's own defaults (generation_config, GGUF) > ours
+        d = {**SAMPLING_DEFAULTS, **{k: v for k, v in (man.get("defaults") or {}).items()
+                                     if k in SAMPLING_DEFAULTS}}
+        d.update({k: body[k] for k in SAMPLING_DEFAULTS if body.get(k) is not None})
+        sp = SamplingParams(temperature=float(d["temperature"]), top_k=int(d["top_k"]),
+                            top_p=float(d["top_p"]), min_p=float(d["min_p"]),
+                            repetition_penalty=float(d["repetition_penalty"]), seed=body.get("seed"))
         try:
             sp.validate()
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        canon, man, digest = self.store.get(body["model"])
+        logprobs = body.get("logprobs", 0)
+        if not 0 <= logprobs <= 20:
+            raise InvalidArgument(f"logprobs must be between 0 and 20, got {logprobs}")
         key = (ctx.peer.ident, ctx.rid)
-        req = Request(key, body["prompt"], opts["max_tokens"], sp, opts["stops"],
-                      add_bos=body.get("add_bos", True))
-        task = Task(req, ctx.stream(lambda reason: self.manager.cancel(key, reason)))
+        req = Request(key, prompt, opts["max_tokens"], sp, opts["stops"],
+                      add_bos=body.get("add_bos", True), messages=messages, logprobs=logprobs)
+        self._run_on_instance(ctx, canon, man, digest, key,
+                              Task(req, ctx.stream(lambda reason: self.manager.cancel(key, reason))))
+
+    def _run_on_instance(self, ctx: Ctx, canon: str, man: dict, digest: str, key, task: Task) -> None:
+        """Load the model if needed, then hand ``task`` to its instance's engine."""
         self.manager.tasks[key] = task
         t0 = time.perf_counter()
 
@@ -264,6 +314,31 @@ class Ops:
         was_loading = existing is None or existing.state is State.LOADING
         self.manager.acquire(canon, man, digest, ctx.uid, ready)
 
+    # -- evaluation -----------------------------------------------------------------------
+    def op_score(self, ctx: Ctx) -> None:
+        self._evaluate(ctx, "score", {"text": ctx.body["text"], "add_bos": ctx.body.get("add_bos", True)})
+
+    def op_embed(self, ctx: Ctx) -> None:
+        b = ctx.body
+        if not all(isinstance(x, str) for x in b["inputs"]) or len(b["inputs"]) > MAX_BATCH_INPUTS:
+            raise InvalidArgument(f"inputs must be a list of at most {MAX_BATCH_INPUTS} strings")
+        self._evaluate(ctx, "embed", {"inputs": b["inputs"], "pooling": b.get("pooling", "mean"),
+                                      "normalize": b.get("normalize", True)})
+
+    def op_classify(self, ctx: Ctx) -> None:
+        b = ctx.body
+        if not all(isinstance(x, str) for x in b["inputs"]) or len(b["inputs"]) > MAX_BATCH_INPUTS:
+            raise InvalidArgument(f"inputs must be a list of at most {MAX_BATCH_INPUTS} strings")
+        if not all(isinstance(x, str) and x.strip() for x in b["labels"]) or len(b["labels"]) > 64:
+            raise InvalidArgument("labels must be a list of at most 64 non-empty strings")
+        self._evaluate(ctx, "classify", {"inputs": b["inputs"], "labels": b["labels"],
+                                         "template": b.get("template")})
+
+    def _evaluate(self, ctx: Ctx, name: str, args: dict) -> None:
+        canon, man, digest = self.store.get(ctx.body["model"])
+        key = (ctx.peer.ident, ctx.rid)
+        self._run_on_instance(ctx, canon, man, digest, key, Task(Call(key, name, args), _Reply(ctx)))
+
     def op_cancel(self, ctx: Ctx) -> None:
         stream = ctx.peer.streams.get(ctx.body["target"])
         if stream is not None:
@@ -278,9 +353,13 @@ class Ops:
         for key, task in list(self.manager.tasks.items()):
             self.manager.tasks.pop(key)
             task.stream.error(ShuttingDown("llmosd is shutting down; the request was cancelled"))
-            if task.running:
+            if task.running and isinstance(task.req, Request):
                 task.inst.engine.cancel(key, "shutdown")
         self.manager.unload_all()
+
+
+def _blob_digests(man: dict) -> set[str]:
+    return {man[k]["digest"] for k in ("config", "tokenizer", "weights") if isinstance(man.get(k), dict)}
 
 
 def _rss() -> int:

@@ -1,7 +1,8 @@
 """Next-token choice from logits: small pure functions (gpt-fast style).
 
-All take ``logits`` of shape (V,) in float32 and return a token id.  ``temperature == 0`` is
-greedy (argmax, ties to the lowest id, like torch.argmax).  Sampling draws from a per-request
+All take ``logits`` of shape (V,) in float32.  Order, as in Hugging Face: repetition penalty,
+then temperature, top-k, top-p, min-p.  ``temperature == 0`` is greedy (argmax, ties to the
+lowest id, like torch.argmax) after the repetition penalty.  Sampling draws from a per-request
 ``torch.Generator`` so a seed reproduces the output exactly.
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ class SamplingParams:
     temperature: float = 0.8
     top_k: int = 0          # 0 = off
     top_p: float = 1.0      # 1 = off
+    min_p: float = 0.0      # 0 = off
+    repetition_penalty: float = 1.0   # 1 = off
     seed: int | None = None
 
     def validate(self) -> None:
@@ -25,6 +28,27 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0.0 <= self.min_p < 1.0):
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if not (0.0 < self.repetition_penalty <= 10.0):
+            raise ValueError(f"repetition_penalty must be in (0, 10] (1 turns it off), got {self.repetition_penalty}")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL/HF penalty: every token id in ``seen`` (prompt and output so far) is made less
+    likely: positive logits divided by ``penalty``, negative ones multiplied."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    got = logits.gather(0, seen)
+    return logits.scatter(0, seen, torch.where(got > 0, got / penalty, got * penalty))
+
+
+def apply_min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Drop tokens less likely than ``p`` times the most likely one."""
+    if p <= 0.0:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < p * probs.max(), float("-inf"))
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,10 +69,15 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(0, idx, sorted_logits)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           seen: torch.Tensor | None = None) -> int:
+    """One token id.  ``seen``: (N,) int64 ids on logits' device, for the repetition penalty."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
+    logits = apply_min_p(logits, params.min_p)
     probs = logits.softmax(-1)
     # The generator lives on the CPU so a seed gives the same draw on any device.
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -58,3 +87,12 @@ def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
     return g
+
+
+def top_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under the model's own distribution (before any
+    sampling setting) and the ``k`` most likely (id, logprob) pairs."""
+    lp = logits.float().log_softmax(-1)
+    top = torch.topk(lp, k) if k > 0 else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return float(lp[token]), pairs

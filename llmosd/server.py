@@ -96,8 +96,9 @@ class Ctx:
     def ok(self, body: dict | None = None) -> None:
         self.server.send(self.peer, protocol.reply(self.rid, "ok", body))
 
-    def error(self, err: LlmosdError) -> None:
-        self.server.send(self.peer, protocol.reply(self.rid, "error", err.to_wire()))
+    def error(self, err: LlmosdError | dict) -> None:
+        body = err if isinstance(err, dict) else err.to_wire()
+        self.server.send(self.peer, protocol.reply(self.rid, "error", body))
 
     def stream(self, on_cancel: Callable[[str], None]) -> Stream:
         s = Stream(self.server, self.peer, self.rid, on_cancel)

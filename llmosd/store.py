@@ -121,6 +121,16 @@ class Store:
                 os.unlink(tmp)
             raise
 
+    def read_range(self, digest: str, offset: int, size: int) -> tuple[bytes, int]:
+        """Up to ``size`` bytes of a blob from ``offset``, and the blob's total size."""
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                total = os.fstat(f.fileno()).st_size
+                f.seek(offset)
+                return f.read(size), total
+        except FileNotFoundError:
+            raise ModelNotFound(f"blob {digest} is not in the store") from None
+
     def read_blob(self, digest: str) -> bytes:
         path = self.blob_path(digest)
         try:

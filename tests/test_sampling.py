@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from llmosd.sampling import SamplingParams, apply_top_k, apply_top_p, make_generator, sample
+from llmosd.sampling import (SamplingParams, apply_min_p, apply_repetition_penalty, apply_top_k,
+                             apply_top_p, make_generator, sample, top_logprobs)
 
 
 def test_greedy_is_argmax():
@@ -33,5 +34,35 @@ def test_seed_reproduces_and_distribution_is_right():
 
 @pytest.mark.parametrize("kw", [{"temperature": -1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}])
 def test_validate(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw).validate()
+
+
+def test_repetition_penalty_matches_hf_rule():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1, 1]), 2.0)
+    assert out.tolist() == [1.0, -2.0, 0.5, 3.0]
+    # greedy follows the penalised logits: token 3 stays best, then with it seen token 0 wins
+    p = SamplingParams(temperature=0, repetition_penalty=4.0)
+    assert sample(torch.tensor([2.0, 0.1, 0.5, 3.0]), p, None, torch.tensor([3])) == 0
+
+
+def test_min_p_keeps_tokens_near_the_best():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = ~torch.isinf(apply_min_p(logits, 0.4))
+    assert kept.tolist() == [True, True, False, False]
+    g = make_generator(1)
+    assert {sample(logits, SamplingParams(temperature=1.0, min_p=0.4), g) for _ in range(200)} == {0, 1}
+
+
+def test_top_logprobs_are_the_model_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    lp, top = top_logprobs(logits, 1, 2)
+    assert lp == pytest.approx(torch.log(torch.tensor(0.3)).item(), abs=1e-6)
+    assert [i for i, _ in top] == [0, 1]
+
+
+@pytest.mark.parametrize("kw", [{"min_p": 1.0}, {"min_p": -0.1}, {"repetition_penalty": 0}])
+def test_validate_new_settings(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw).validate()

@@ -1,0 +1,220 @@
+"""llmctl's inference commands: generate, chat, score, classify, embed.
+
+They reach the daemon only through ``llmctl.Client`` (``_client`` from cli.py).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+def sampling_options(f):
+    """The generation settings shared by generate and chat."""
+    opts = [
+        click.option("--max-tokens", type=int, help="Most tokens to generate [daemon default: 256]."),
+        click.option("--temperature", type=float, help="0 for greedy [default: the model's, else 0.8]."),
+        click.option("--top-k", type=int, help="Sample among the K most likely tokens (0: off)."),
+        click.option("--top-p", type=float, help="Nucleus sampling threshold (1: off)."),
+        click.option("--min-p", type=float, help="Drop tokens less likely than this fraction of the best (0: off)."),
+        click.option("--repetition-penalty", type=float, help="Penalise tokens already seen (1: off; 1.1 is mild)."),
+        click.option("--seed", type=int, help="Seed for reproducible sampling."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _opts(opts: dict) -> dict:
+    opts = dict(opts)
+    opts["stop"] = list(opts.get("stop") or []) or None
+    return opts
+
+
+def _echo_json(obj) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+def stream_out(gen, as_json: bool, verbose: bool, stats_line) -> dict:
+    """Print a Generation as it arrives; Ctrl-C cancels it (exit 130). Returns its stats."""
+    out = sys.stdout
+    last = ""
+    try:
+        for text in gen:
+            if as_json:
+                _echo_json(gen.chunks[-1])
+            elif text:
+                out.write(text)
+                out.flush()
+                last = text
+    except KeyboardInterrupt:
+        gen.cancel()
+        if not as_json:
+            out.write("\n")
+        click.echo("cancelled", err=True)
+        sys.exit(130)
+    stats = gen.stats or {}
+    if as_json:
+        _echo_json({"done": True, **stats})
+    else:
+        if out.isatty() and not last.endswith("\n"):     # pipes get the exact text
+            out.write("\n")
+        out.flush()
+        if verbose:
+            click.echo(stats_line(stats), err=True)
+    return stats
+
+
+def register(cli, _client, stats_line):
+    """Add the inference commands to the ``cli`` group."""
+
+    @cli.command()
+    @click.argument("model")
+    @click.argument("prompt", required=False)
+    @sampling_options
+    @click.option("--chat", "as_chat", is_flag=True,
+                  help="Send PROMPT as a user message through the model's chat template.")
+    @click.option("--system", help="System message (implies --chat).")
+    @click.option("--no-bos", is_flag=True, help="Do not prepend the beginning-of-sequence token.")
+    @click.option("--logprobs", type=click.IntRange(0, 20), default=0,
+                  help="With --json: each token's log-probability and its N best alternatives.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per chunk, then the stats.")
+    @click.option("-v", "--verbose", is_flag=True, help="Print timing statistics to stderr.")
+    @click.pass_context
+    def generate(ctx, model, prompt, as_chat, system, no_bos, logprobs, as_json, verbose, **opts):
+        """Generate text from PROMPT (or stdin when PROMPT is '-' or absent and stdin is a pipe).
+
+        With --chat/--system the prompt is rendered with the model's chat template and output
+        stops at its end-of-turn token.  The model is loaded first if it is not.  Ctrl-C cancels.
+        """
+        if prompt in (None, "-"):
+            if prompt is None and sys.stdin.isatty():
+                raise click.UsageError("give a PROMPT, or pipe one in (e.g. echo hi | llmctl generate MODEL)")
+            prompt = sys.stdin.read()
+        c = _client(ctx)
+        opts = _opts(opts)
+        if logprobs:
+            opts["logprobs"] = logprobs
+        if as_chat or system is not None:
+            msgs = ([{"role": "system", "content": system}] if system is not None else [])
+            gen = c.chat(model, msgs + [{"role": "user", "content": prompt}], **opts)
+        else:
+            gen = c.generate(model, prompt, add_bos=False if no_bos else None, **opts)
+        stream_out(gen, as_json, verbose, stats_line)
+
+    @cli.command()
+    @click.argument("model")
+    @sampling_options
+    @click.option("--system", help="System message for the conversation.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per reply.")
+    @click.option("-v", "--verbose", is_flag=True, help="Print timing statistics after each reply.")
+    @click.pass_context
+    def chat(ctx, model, system, as_json, verbose, **opts):
+        """Talk with MODEL, keeping the conversation's history.
+
+        \b
+        Each line is a message; in a terminal, end a line with \\ to continue it.
+        Commands: /reset (forget the history), /system TEXT (set the system message),
+        /history, /help, /bye.  Ctrl-D leaves; Ctrl-C stops the reply being written.
+        Reading a script from a pipe works the same way: one message per line.
+        """
+        from .chat import ChatSession
+        ChatSession(_client(ctx), model, _opts(opts), system=system, as_json=as_json,
+                    verbose=verbose, stats_line=stats_line).run(sys.stdin, sys.stdout)
+
+    @cli.command()
+    @click.argument("model")
+    @click.argument("text", required=False)
+    @click.option("--no-bos", is_flag=True, help="Do not prepend the beginning-of-sequence token.")
+    @click.option("--json", "as_json", is_flag=True, help="Print every token's log-probability as JSON.")
+    @click.pass_context
+    def score(ctx, model, text, no_bos, as_json):
+        """Score TEXT (or stdin): per-token log-probabilities and perplexity.
+
+        Perplexity is exp of the mean negative log-likelihood of every token after the first.
+        """
+        if text in (None, "-"):
+            if text is None and sys.stdin.isatty():
+                raise click.UsageError("give TEXT, or pipe it in")
+            text = sys.stdin.read()
+        r = _client(ctx).score(model, text, add_bos=False if no_bos else None)
+        if as_json:
+            return _echo_json(r)
+        for t in r["tokens"]:
+            lp = "" if t["logprob"] is None else f"{t['logprob']:10.4f}"
+            click.echo(f"{lp:>10}  {json.dumps(t['text'], ensure_ascii=False)}")
+        click.echo(f"tokens: {r['scored_tokens']} scored, logprob {r['logprob']:.4f}, "
+                   f"perplexity {r['perplexity']:.4f}")
+
+    @cli.command()
+    @click.argument("model")
+    @click.argument("texts", nargs=-1)
+    @click.option("--labels", required=True, help="Comma-separated candidate labels, e.g. positive,negative.")
+    @click.option("--template", help="Prompt with {text} (and optionally {labels}) [default: a plain "
+                                     "'Classify the text into one of these labels' prompt].")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per input, with every label's score.")
+    @click.pass_context
+    def classify(ctx, model, texts, labels, template, as_json):
+        """Classify each of TEXTS (or each stdin line) as one of --labels, zero-shot.
+
+        Works with any causal LM: the label whose tokens the model finds most likely after the
+        prompt wins.  Output is one line per input, in input order: LABEL<TAB>PROBABILITY<TAB>TEXT.
+        """
+        labs = [x.strip() for x in labels.split(",") if x.strip()]
+        if len(labs) < 2:
+            raise click.UsageError("--labels needs at least two comma-separated labels")
+        c = _client(ctx)
+        if texts:
+            _classify_batch(c, model, list(texts), labs, template, as_json)
+            return
+        if sys.stdin.isatty():
+            raise click.UsageError("give TEXTS, or pipe lines in")
+        batch = []
+        for line in sys.stdin:                 # streams: results appear batch by batch
+            line = line.rstrip("\n")
+            if line.strip():
+                batch.append(line)
+            if len(batch) >= 16:
+                _classify_batch(c, model, batch, labs, template, as_json)
+                batch = []
+        if batch:
+            _classify_batch(c, model, batch, labs, template, as_json)
+
+    def _classify_batch(c, model, batch, labs, template, as_json):
+        for text, r in zip(batch, c.classify(model, batch, labs, template=template)):
+            if as_json:
+                _echo_json({"text": text, **r})
+            else:
+                click.echo(f"{r['label']}\t{r['probs'][r['label']]:.3f}\t{text}")
+        sys.stdout.flush()
+
+    @cli.command()
+    @click.argument("model")
+    @click.argument("texts", nargs=-1)
+    @click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
+                  help="Average the final hidden states over the tokens, or take the last token's.")
+    @click.option("--no-normalize", is_flag=True, help="Do not scale vectors to unit length.")
+    @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+                  help="Write a .npy file (float32, one row per input) instead of JSON lines.")
+    @click.pass_context
+    def embed(ctx, model, texts, pooling, no_normalize, output):
+        """Embed each of TEXTS (or each stdin line): one vector per input, in input order.
+
+        A vector is the model's final (normalized) hidden states pooled over the input's tokens,
+        L2-normalized unless --no-normalize.  Prints one JSON array per line, or writes --output.
+        """
+        if not texts:
+            if sys.stdin.isatty():
+                raise click.UsageError("give TEXTS, or pipe lines in")
+            texts = [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+        vecs = _client(ctx).embed(model, list(texts), pooling=pooling, normalize=not no_normalize)
+        if output:
+            import numpy as np
+            np.save(output, vecs)
+            click.echo(f"wrote {vecs.shape[0]} x {vecs.shape[1]} float32 to {output}", err=True)
+            return
+        for v in vecs:
+            click.echo(json.dumps([round(float(x), 7) for x in v]))
+

@@ -1,0 +1,109 @@
+"""One-shot model evaluations the engine runs between generation steps: score, embed, classify.
+
+Each is a plain function ``(model, tokenizer, device, **args) -> result dict`` raising
+``ValueError`` for input the model cannot take (the engine turns it into InvalidArgument).
+Shapes: T tokens, C model width, V vocabulary, L labels.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+CHUNK = 512        # positions per lm_head call: bounds the (T, V) logits held at once
+
+DEFAULT_CLASSIFY_TEMPLATE = ("Classify the text into one of these labels: {labels}.\n"
+                             "Text: {text}\nLabel:")
+
+
+def _ids(model, tok, text: str, add_bos: bool) -> list[int]:
+    ids = tok.encode(text, add_bos=add_bos)
+    ctx = model.config.max_position_embeddings
+    if len(ids) > ctx:
+        raise ValueError(f"the text is {len(ids)} tokens, more than the model's context of {ctx}")
+    return ids
+
+
+def _logprobs_of(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """h (T, C) hidden states, targets (T,) ids -> (T,) log p(target | position) in float32."""
+    out = []
+    for s in range(0, h.shape[0], CHUNK):
+        logits = model.lm_head(model.model.norm(h[s:s + CHUNK])).float()      # (t, V)
+        out.append(logits.log_softmax(-1).gather(1, targets[s:s + CHUNK, None])[:, 0])
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def score(model, tok, device, *, text: str, add_bos: bool = True) -> dict:
+    """Per-token log-probabilities of ``text`` and its perplexity (exp of the mean negative
+    log-likelihood of every token after the first, as Hugging Face computes it)."""
+    ids = _ids(model, tok, text, add_bos)
+    if len(ids) < 2:
+        raise ValueError("the text must be at least two tokens long to be scored")
+    x = torch.tensor([ids], device=device)
+    h = model.hidden(x)[0, :-1]                                   # (T-1, C): predicts ids[1:]
+    lp = _logprobs_of(model, h, x[0, 1:]).cpu().tolist()
+    nll = -sum(lp) / len(lp)
+    tokens = [{"id": ids[0], "text": tok.decode([ids[0]]), "logprob": None}]
+    tokens += [{"id": i, "text": tok.decode([i]), "logprob": v} for i, v in zip(ids[1:], lp)]
+    return {"tokens": tokens, "scored_tokens": len(lp), "logprob": sum(lp), "mean_nll": nll,
+            "perplexity": math.exp(nll)}
+
+
+def embed(model, tok, device, *, inputs: list[str], pooling: str = "mean",
+          normalize: bool = True) -> dict:
+    """One vector per input: the final normalized hidden states pooled over the input's tokens
+    (``mean``: average over every token; ``last``: the last token's state), L2-normalized
+    unless ``normalize`` is false.  Returned as float32 little-endian rows."""
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+    rows, counts = [], []
+    for text in inputs:
+        ids = _ids(model, tok, text, True)
+        if not ids:
+            raise ValueError("an input is empty; every line needs at least one token")
+        h = model.model.norm(model.hidden(torch.tensor([ids], device=device)))[0].float()   # (T, C)
+        v = h.mean(0) if pooling == "mean" else h[-1]
+        if normalize:
+            v = v / v.norm().clamp_min(1e-12)
+        rows.append(v.cpu())
+        counts.append(len(ids))
+    arr = torch.stack(rows).numpy().astype("<f4") if rows else np.zeros((0, model.config.hidden_size), "<f4")
+    return {"count": len(rows), "dim": int(arr.shape[1]), "dtype": "float32", "data": arr.tobytes(),
+            "tokens": counts, "pooling": pooling, "normalized": normalize}
+
+
+def classify(model, tok, device, *, inputs: list[str], labels: list[str],
+             template: str | None = None) -> dict:
+    """Zero-shot: each input gets the label whose tokens are most likely after the prompt
+    ``template`` (with {text} and {labels}); ``scores`` are the labels' summed log-probs,
+    ``probs`` their softmax over the labels."""
+    template = template or DEFAULT_CLASSIFY_TEMPLATE
+    if "{text}" not in template:
+        raise ValueError("the classification template must contain {text}")
+    if len(set(labels)) != len(labels) or len(labels) < 2:
+        raise ValueError("give at least two distinct labels")
+    label_ids = [tok.encode(" " + lab.strip(), add_bos=False) for lab in labels]
+    results = []
+    for text in inputs:
+        prompt = template.replace("{labels}", ", ".join(labels)).replace("{text}", text)
+        prefix = _ids(model, tok, prompt, True)
+        longest = max(map(len, label_ids))
+        if len(prefix) + longest > model.config.max_position_embeddings:
+            raise ValueError("an input is too long for the model's context")
+        # (L, P + longest), right-padded: causal attention keeps padding out of real positions
+        rows = [prefix + ids + [0] * (longest - len(ids)) for ids in label_ids]
+        x = torch.tensor(rows, device=device)
+        logits = model(x)[:, len(prefix) - 1:-1].log_softmax(-1)               # (L, longest, V)
+        scores = []
+        for j, ids in enumerate(label_ids):
+            t = torch.tensor(ids, device=device)
+            scores.append(float(logits[j, torch.arange(len(ids), device=device), t].sum()))
+        probs = torch.tensor(scores).softmax(0).tolist()
+        best = max(range(len(labels)), key=lambda j: scores[j])
+        results.append({"label": labels[best], "scores": dict(zip(labels, scores)),
+                        "probs": dict(zip(labels, probs))})
+    return {"results": results}
+
+
+FUNCTIONS = {"score": score, "embed": embed, "classify": classify}
