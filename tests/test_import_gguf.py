@@ -51,8 +51,8 @@ def spm_vocab():
     return [p.piece for p in m.pieces], [int(p.type) for p in m.pieces], [p.score for p in m.pieces], data
 
 
-def hf_model(vocab: int, kv_heads=2, tied=False):
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=192,
+def hf_model(vocab: int, kv_heads=2, tied=False, hidden=64):
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
                                    max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0,
                                    tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
@@ -64,6 +64,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:     # llama.cpp convert_
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}    # byte offsets of f16 scales in a block
 GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -83,6 +84,7 @@ def write_gguf(path, hf, qtype: str, vocab: str = "bpe", arch: str = "llama", dr
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    rng = np.random.default_rng(0)
     w.add_vocab_size(c.vocab_size)
     if vocab == "bpe":
         tokens, types, merges, _ = bpe_vocab()
@@ -131,6 +133,14 @@ def write_gguf(path, hf, qtype: str, vocab: str = "bpe", arch: str = "llama", dr
             w.add_tensor(g, np.ascontiguousarray(a))
         elif qtype == "F16":
             w.add_tensor(g, a.astype(np.float16))
+        elif qtype in K_SCALES:    # no K-quant quantizer in gguf-py: random blocks, sane scales
+            qt = gguf.GGMLQuantizationType[qtype]
+            nb = gguf.quants.quant_shape_to_byte_shape(a.shape, qt)
+            q = rng.integers(0, 256, nb, dtype=np.uint8)
+            blocks = q.reshape(-1, gguf.GGML_QUANT_SIZES[qt][1])
+            for off in K_SCALES[qtype]:
+                blocks[:, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+            w.add_tensor(g, q, raw_dtype=qt)
         else:
             qt = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(g, gguf.quants.quantize(a, qt), raw_dtype=qt)
@@ -147,12 +157,13 @@ def _import(daemon, path, name):
     return man, store
 
 
-@pytest.mark.parametrize("qtype,kv_heads,tied", [("F32", 2, False), ("F16", 4, True),
-                                                 ("Q8_0", 2, True), ("Q4_0", 1, False)])
+@pytest.mark.parametrize("qtype,kv_heads,tied", [("F32", 2, False), ("F16", 4, True), ("BF16", 2, False),
+                                                 ("Q8_0", 2, True), ("Q4_0", 1, False), ("Q4_1", 2, False),
+                                                 ("Q4_K", 2, True), ("Q5_K", 4, False), ("Q6_K", 2, False)])
 def test_dequantized_tensors_and_logits_match_transformers(shared_daemon, tmp_path, qtype, kv_heads, tied):
     from safetensors.torch import load as load_st
     tokens = bpe_vocab()[0]
-    hf = hf_model(len(tokens), kv_heads, tied)
+    hf = hf_model(len(tokens), kv_heads, tied, hidden=256 if qtype in K_SCALES else 64)
     path = tmp_path / f"m-{qtype}.gguf"
     write_gguf(path, hf, qtype)
     name = f"gguf-{qtype.lower()}"

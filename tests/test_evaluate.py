@@ -1,0 +1,82 @@
+"""score / embed / classify (llmosd.evaluate) on a tiny random model, checked against plain
+full forward passes."""
+import math
+
+import pytest
+import torch
+
+from conftest import SHAKESPEARE
+from llmosd import evaluate
+from llmosd.model import Llama, LlamaConfig
+from llmosd.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def mt():
+    tok = SentencePieceTokenizer(train_sentencepiece(SHAKESPEARE.read_text()[:100_000], 400))
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    m = Llama(cfg)
+    m.init_weights(seed=0)
+    return m.eval(), tok
+
+
+def test_score_equals_full_forward_and_chunking_does_not_matter(mt, monkeypatch):
+    m, tok = mt
+    text = "ROMEO: But soft, what light through yonder window breaks?"
+    with torch.no_grad():
+        r = evaluate.score(m, tok, "cpu", text=text)
+        ids = tok.encode(text)
+        lp = m(torch.tensor([ids]))[0, :-1].log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        monkeypatch.setattr(evaluate, "CHUNK", 3)
+        r3 = evaluate.score(m, tok, "cpu", text=text)
+    assert [t["id"] for t in r["tokens"]] == ids and r["tokens"][0]["logprob"] is None
+    assert r["logprob"] == pytest.approx(lp.sum().item(), rel=1e-5)
+    assert r["perplexity"] == pytest.approx(math.exp(-lp.mean().item()), rel=1e-5)
+    assert r3["perplexity"] == pytest.approx(r["perplexity"], rel=1e-6)
+
+
+def test_score_refuses_too_short_and_too_long(mt):
+    m, tok = mt
+    with pytest.raises(ValueError, match="at least two tokens"):
+        evaluate.score(m, tok, "cpu", text="", add_bos=False)
+    with pytest.raises(ValueError, match="more than the model's context"):
+        evaluate.score(m, tok, "cpu", text="word " * 400)
+
+
+def test_embed_pooling_and_normalisation(mt):
+    m, tok = mt
+    with torch.no_grad():
+        r = evaluate.embed(m, tok, "cpu", inputs=["hello there", "good night"], pooling="mean")
+        raw = evaluate.embed(m, tok, "cpu", inputs=["hello there"], pooling="last", normalize=False)
+        h = m.model.norm(m.hidden(torch.tensor([tok.encode("hello there")])))[0]
+    import numpy as np
+    v = np.frombuffer(r["data"], "<f4").reshape(r["count"], r["dim"])
+    assert v.shape == (2, 64) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    want = (h.mean(0) / h.mean(0).norm()).numpy()
+    assert np.allclose(v[0], want, atol=1e-5)
+    assert np.allclose(np.frombuffer(raw["data"], "<f4"), h[-1].numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        evaluate.embed(m, tok, "cpu", inputs=["x"], pooling="max")
+
+
+def test_classify_batched_labels_equal_separate_passes(mt):
+    m, tok = mt
+    labels = ["comedy", "tragedy and woe", "history"]
+    with torch.no_grad():
+        r = evaluate.classify(m, tok, "cpu", inputs=["To be or not to be", "A merry jest"], labels=labels)
+        prompt = evaluate.DEFAULT_CLASSIFY_TEMPLATE.replace("{labels}", ", ".join(labels)).replace("{text}", "To be or not to be")
+        prefix = tok.encode(prompt)
+        for lab in labels:
+            ids = tok.encode(" " + lab, add_bos=False)
+            x = torch.tensor([prefix + ids])
+            lp = m(x)[0, len(prefix) - 1:-1].log_softmax(-1).gather(1, torch.tensor(ids)[:, None]).sum()
+            assert r["results"][0]["scores"][lab] == pytest.approx(lp.item(), rel=1e-4, abs=1e-4)
+    assert len(r["results"]) == 2
+    res = r["results"][0]
+    assert res["label"] == max(res["scores"], key=res["scores"].get)
+    assert sum(res["probs"].values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="{text}"):
+        evaluate.classify(m, tok, "cpu", inputs=["x"], labels=["a", "b"], template="no slot")
+    with pytest.raises(ValueError, match="two distinct"):
+        evaluate.classify(m, tok, "cpu", inputs=["x"], labels=["a", "a"])
