@@ -210,8 +210,13 @@ def _upload_progress(as_json: bool):
             elif last.get(p["file"]) != pct:
                 last[p["file"]] = pct
                 click.echo(f"\r{p['file']}: {pct}% of {fmt.size(p['size'])}", err=True, nl=pct == 100)
-        elif "total" in p and sys.stderr.isatty():
-            click.echo(f"\r{p.get('stage', '')}: {p.get('message', '')}", err=True, nl=p["done"] == p["total"])
+        elif "total" in p:                     # a counter: redraw in a terminal, quarters in a log
+            if sys.stderr.isatty():
+                click.echo(f"\r{p.get('stage', '')}: {p.get('message', '')}", err=True,
+                           nl=p["done"] == p["total"])
+            elif last.setdefault("stage-" + str(p.get("stage")), -1) < 4 * p["done"] // max(1, p["total"]):
+                last["stage-" + str(p.get("stage"))] = 4 * p["done"] // max(1, p["total"])
+                click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
         else:
             click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
     return progress

@@ -37,8 +37,9 @@ def _echo_json(obj) -> None:
     click.echo(json.dumps(obj, ensure_ascii=False))
 
 
-def stream_out(gen, as_json: bool, verbose: bool, stats_line) -> dict:
-    """Print a Generation as it arrives; Ctrl-C cancels it (exit 130). Returns its stats."""
+def stream_out(gen, as_json: bool, verbose: bool, stats_line, newline: bool = False) -> dict:
+    """Print a Generation as it arrives; Ctrl-C cancels it (exit 130). Returns its stats.
+    A final newline is added in a terminal, or always with ``newline`` (chat answers)."""
     out = sys.stdout
     last = ""
     try:
@@ -59,7 +60,7 @@ def stream_out(gen, as_json: bool, verbose: bool, stats_line) -> dict:
     if as_json:
         _echo_json({"done": True, **stats})
     else:
-        if out.isatty() and not last.endswith("\n"):     # pipes get the exact text
+        if (newline or out.isatty()) and not last.endswith("\n"):   # pipes get the exact text
             out.write("\n")
         out.flush()
         if verbose:
@@ -102,7 +103,7 @@ def register(cli, _client, stats_line):
             gen = c.chat(model, msgs + [{"role": "user", "content": prompt}], **opts)
         else:
             gen = c.generate(model, prompt, add_bos=False if no_bos else None, **opts)
-        stream_out(gen, as_json, verbose, stats_line)
+        stream_out(gen, as_json, verbose, stats_line, newline=as_chat or system is not None)
 
     @cli.command()
     @click.argument("model")
