@@ -125,13 +125,11 @@ def tensors(reader, cfg: LlamaConfig, progress) -> tuple[dict[str, torch.Tensor]
                                f"supported: {', '.join(SUPPORTED)}")
         shape = tuple(int(x) for x in reversed(t.shape))           # GGUF lists ne0 (columns) first
         try:
-            if qtype in ("F16", "BF16"):
-                arr = gguf.quants.dequantize(t.data, t.tensor_type)
-                w = torch.from_numpy(np.ascontiguousarray(arr)).to(
-                    torch.float16 if qtype == "F16" else torch.bfloat16)
-            else:
-                w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-            w = w.reshape(shape)
+            # np.array copies: the reader's arrays are read-only views of the mapped file
+            arr = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = torch.from_numpy(arr).reshape(shape)
+            if qtype in ("F16", "BF16"):          # exact in float32; keep the file's precision
+                w = w.to(torch.float16 if qtype == "F16" else torch.bfloat16)
         except (ValueError, RuntimeError, IndexError) as e:
             raise ImportError_(f"tensor {t.name} cannot be read (truncated file?): {e}") from None
         if t.name == "rope_freqs.weight":
