@@ -174,9 +174,12 @@ def create(ctx, name, vocab_from, as_json, **opts):
 @click.argument("path", type=click.Path(exists=True))
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Replace a model of the same name.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Store weights as this type (auto: GGUF quantized tensors become "
+                                      "float32, or float16 past 4 GiB; HF weights keep theirs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def import_(ctx, path, name, force, as_json):
+def import_(ctx, path, name, force, dtype, as_json):
     """Import a GGUF file or a Hugging Face model directory PATH as NAME[:TAG].
 
     GGUF (llama.cpp, Ollama): architecture llama; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1,
@@ -190,7 +193,8 @@ def import_(ctx, path, name, force, as_json):
         base = os.path.basename(os.path.abspath(path)).lower()
         base = base[:-5] if base.endswith(".gguf") else base
         name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
-    r = _client(ctx).import_path(path, name, force=force, progress=_upload_progress(as_json))
+    r = _client(ctx).import_path(path, name, force=force, dtype=None if dtype == "auto" else dtype,
+                                 progress=_upload_progress(as_json))
     if as_json:
         return _json(r)
     click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "

@@ -295,8 +295,8 @@ class Client:
                     break
         return digest
 
-    def import_path(self, path: str, name: str, *, force: bool = False,
-                     progress: Callable[[dict], None] | None = None) -> dict:
+    def import_path(self, path: str, name: str, *, force: bool = False, dtype: str | None = None,
+                    progress: Callable[[dict], None] | None = None) -> dict:
         """Import a GGUF file or a Hugging Face model directory as ``name``: uploads the
         content (skipping what the daemon has), then converts it in a daemon job."""
         from .errors import InvalidArgument
@@ -306,8 +306,8 @@ class Client:
                     raise InvalidArgument(f"{path} is not a GGUF file",
                                           hint="give a .gguf file or a Hugging Face model directory")
             files = {"model.gguf": self.upload_file(path, progress)}
-            return self._run_job("import", {"name": name, "files": files, "format": "gguf",
-                                            "force": force}, progress)
+            return self._run_job("import", _clean({"name": name, "files": files, "format": "gguf",
+                                                   "force": force, "dtype": dtype}), progress)
         if not os.path.isdir(path):
             raise InvalidArgument(f"{path} is neither a file nor a directory",
                                   hint="give a .gguf file or a Hugging Face model directory")
@@ -316,8 +316,8 @@ class Client:
         if "config.json" not in names:
             raise InvalidArgument(f"{path} has no config.json", hint="is this a Hugging Face model directory?")
         files = {n: self.upload_file(os.path.join(path, n), progress) for n in names}
-        return self._run_job("import", {"name": name, "files": files, "format": "hf", "force": force},
-                             progress)
+        return self._run_job("import", _clean({"name": name, "files": files, "format": "hf",
+                                               "force": force, "dtype": dtype}), progress)
 
     def export(self, model: str, dest: str, *, force: bool = False,
                progress: Callable[[dict], None] | None = None) -> dict:
@@ -378,6 +378,10 @@ class Client:
 
 
 BATCH = 64        # inputs per embed/classify request
+
+
+def _clean(body: dict) -> dict:
+    return {k: v for k, v in body.items() if v is not None}
 
 
 def _gen_opts(max_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,

@@ -60,7 +60,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "upload_chunk": {"digest": (_S, True), "offset": (_I, True), "data": ((bytes,), True)},
     "download": {"digest": (_S, True), "offset": (_I, True), "size": (_I, True)},
     "import": {"name": (_S, True), "files": ((dict,), True), "format": (_S, False),
-               "force": (_B, False)},
+               "force": (_B, False), "dtype": (_S, False)},
 }
 STREAMING = frozenset({"create", "generate", "chat", "import"})
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends

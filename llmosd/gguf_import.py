@@ -113,8 +113,22 @@ def hf_name(name: str) -> str | None:
     return None
 
 
-def tensors(reader, cfg: LlamaConfig, progress) -> tuple[dict[str, torch.Tensor], list[float] | None]:
-    """HF-named float tensors; also llama3-style rope frequency factors when the file has them."""
+AUTO_FLOAT32_LIMIT = 4 << 30     # "auto": quantized tensors become float32 up to this many bytes
+
+
+def store_dtype(reader, dtype: str) -> torch.dtype | None:
+    """The dtype dequantized tensors are kept in: float32 (exact) unless the model would exceed
+    AUTO_FLOAT32_LIMIT that way, then float16; or what the caller asked for."""
+    if dtype == "auto":
+        n = sum(int(t.n_elements) for t in reader.tensors)
+        return torch.float32 if 4 * n <= AUTO_FLOAT32_LIMIT else torch.float16
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def tensors(reader, cfg: LlamaConfig, progress, dtype: torch.dtype = torch.float32
+            ) -> tuple[dict[str, torch.Tensor], list[float] | None]:
+    """HF-named tensors (quantized ones dequantized into ``dtype``; F16/BF16 ones keep their type
+    unless ``dtype`` is narrower than float32); also llama3-style rope frequency factors."""
     import gguf
     out, factors = {}, None
     total = len(reader.tensors)
@@ -128,8 +142,10 @@ def tensors(reader, cfg: LlamaConfig, progress) -> tuple[dict[str, torch.Tensor]
             # np.array copies: the reader's arrays are read-only views of the mapped file
             arr = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
             w = torch.from_numpy(arr).reshape(shape)
-            if qtype in ("F16", "BF16"):          # exact in float32; keep the file's precision
+            if qtype in ("F16", "BF16") and dtype == torch.float32:   # keep the file's precision
                 w = w.to(torch.float16 if qtype == "F16" else torch.bfloat16)
+            elif dtype != torch.float32 and w.ndim > 1:               # norms stay float32
+                w = w.to(dtype)
         except (ValueError, RuntimeError, IndexError) as e:
             raise ImportError_(f"tensor {t.name} cannot be read (truncated file?): {e}") from None
         if t.name == "rope_freqs.weight":
@@ -149,8 +165,9 @@ def tensors(reader, cfg: LlamaConfig, progress) -> tuple[dict[str, torch.Tensor]
     return out, factors
 
 
-def import_gguf(store, path: str, progress) -> tuple[LlamaConfig, dict, dict, dict]:
-    """(config, tensors, tokenizer {type,data,info}, sampling defaults) of the GGUF at ``path``."""
+def import_gguf(store, path: str, progress, dtype: str = "auto") -> tuple[LlamaConfig, dict, dict, dict]:
+    """(config, tensors, tokenizer {type,data,info}, sampling defaults) of the GGUF at ``path``.
+    ``dtype``: auto|float32|float16|bfloat16, what dequantized tensors are stored as."""
     reader = read(path)
     meta = metadata(reader)
     names = {t.name for t in reader.tensors}
@@ -162,7 +179,10 @@ def import_gguf(store, path: str, progress) -> tuple[LlamaConfig, dict, dict, di
     cfg.bos_token_id = info["bos_token_id"]
     cfg.eos_token_id = info["eos_token_ids"]
     cfg.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
-    sd, factors = tensors(reader, cfg, progress)
+    target = store_dtype(reader, dtype)
+    if dtype == "auto" and target != torch.float32:
+        progress({"stage": "weights", "message": "large model: storing dequantized tensors as float16"})
+    sd, factors = tensors(reader, cfg, progress, target)
     if factors is not None:
         if len(factors) != cfg.head_dim // 2:
             raise ImportError_(f"rope_freqs.weight has {len(factors)} values, the head size needs {cfg.head_dim // 2}")

@@ -144,10 +144,14 @@ def import_model(spec: dict, store_root: str, progress: Callable[[dict], None]) 
     if fmt == "gguf":
         from .gguf_import import import_gguf
         (rel, digest), = files.items()
-        cfg, sd, tok, defaults = import_gguf(store, store.blob_path(digest), progress)
+        cfg, sd, tok, defaults = import_gguf(store, store.blob_path(digest), progress,
+                                             spec.get("dtype") or "auto")
         sd = check_weights(cfg, sd, "the GGUF metadata")
     else:
         cfg, sd, tok, defaults = read_hf(store, files, progress)
+        if spec.get("dtype") not in (None, "auto"):
+            want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec["dtype"]]
+            sd = {k: v.to(want) if v.is_floating_point() else v for k, v in sd.items()}
     progress({"stage": "store", "message": f"writing {len(sd)} tensors"})
     fd, tmp = tempfile.mkstemp(dir=store.tmp, prefix="import-")
     os.close(fd)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors import safe_open
 
 from llmctl.errors import InvalidArgument, LoadFailed
 from .model import Llama, LlamaConfig, rope_inv_freq
@@ -53,7 +53,8 @@ def load_model(store: Store, manifest: dict, device: torch.device,
     cfg = LlamaConfig.from_dict(json.loads(store.read_blob(manifest["config"]["digest"])))
     tok = build_tokenizer(manifest["tokenizer"]["type"], store.read_blob(manifest["tokenizer"]["digest"]),
                           manifest)
-    sd = load_safetensors(store.read_blob(manifest["weights"]["digest"]))
+    w_digest = manifest["weights"]["digest"]
+    store.verify_blob(w_digest)                   # hashed in blocks: weights can be large
     with torch.device("meta"):
         model = Llama(cfg)
     model = model.to_empty(device=device).to(dtype)
@@ -61,10 +62,22 @@ def load_model(store: Store, manifest: dict, device: torch.device,
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     try:
-        model.load_weights(sd)
+        with safe_open(store.blob_path(w_digest), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            model.load_weights(_Lazy(f), shapes)
     except ValueError as e:
         raise LoadFailed(f"weights do not fit the config: {e}") from None
     return model.eval(), tok
+
+
+class _Lazy:
+    """name -> tensor, read from the open safetensors file only when asked for."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.f.get_tensor(name)
 
 
 def resident_bytes(model: torch.nn.Module) -> int:

@@ -240,21 +240,24 @@ class Llama(nn.Module):
             sd.pop("lm_head.weight", None)
         return sd
 
-    def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
-        """Load HF-named tensors, checking names and shapes; raises ValueError naming the problem."""
+    def load_weights(self, sd, shapes: dict[str, tuple] | None = None) -> None:
+        """Load HF-named tensors, checking names and shapes first; raises ValueError naming the
+        problem.  ``sd`` maps names to tensors; with ``shapes`` given it may be lazy (a
+        safetensors file read one tensor at a time, so peak memory stays near the model's)."""
         own = self.state_dict()
+        shapes = shapes or {k: tuple(v.shape) for k, v in sd.items()}
         if self.config.tie_word_embeddings:
             own.pop("lm_head.weight", None)
-            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-        missing = sorted(set(own) - set(sd))
+            shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+        missing = sorted(set(own) - set(shapes))
         if missing:
             raise ValueError(f"weights lack {len(missing)} tensor(s), e.g. {missing[0]}")
-        unexpected = sorted(k for k in set(sd) - set(own) if not k.endswith("rotary_emb.inv_freq"))
+        unexpected = sorted(k for k in set(shapes) - set(own) if not k.endswith("rotary_emb.inv_freq"))
         if unexpected:
             raise ValueError(f"weights have unexpected tensor(s), e.g. {unexpected[0]}")
         for k, t in own.items():
-            if tuple(sd[k].shape) != tuple(t.shape):
-                raise ValueError(f"tensor {k} has shape {tuple(sd[k].shape)}, config expects {tuple(t.shape)}")
+            if tuple(shapes[k]) != tuple(t.shape):
+                raise ValueError(f"tensor {k} has shape {tuple(shapes[k])}, config expects {tuple(t.shape)}")
         with torch.no_grad():
             for k, t in own.items():
                 t.copy_(sd[k])

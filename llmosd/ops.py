@@ -178,6 +178,8 @@ class Ops:
         if fmt not in ("hf", "gguf"):
             raise InvalidArgument(f"import format {fmt!r} is not supported by this llmosd",
                                   hint="import a Hugging Face directory or a .gguf file")
+        if spec.get("dtype") not in (None, "auto", "float32", "float16", "bfloat16"):
+            raise InvalidArgument(f"dtype {spec['dtype']!r} is not one of auto, float32, float16, bfloat16")
         if fmt == "gguf" and len(files) != 1:
             raise InvalidArgument(f"a gguf import takes exactly one file, got {len(files)}")
         for rel, digest in files.items():

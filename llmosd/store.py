@@ -131,6 +131,20 @@ class Store:
         except FileNotFoundError:
             raise ModelNotFound(f"blob {digest} is not in the store") from None
 
+    def verify_blob(self, digest: str) -> None:
+        """Raise StoreCorrupt unless the blob exists and its content matches its digest."""
+        h = hashlib.sha256()
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        except FileNotFoundError:
+            raise StoreCorrupt(f"blob {digest} is missing from the store",
+                               hint="remove the model with 'llmctl rm' and create or import it again") from None
+        if "sha256:" + h.hexdigest() != digest:
+            raise StoreCorrupt(f"blob {digest} is corrupt (its content does not match its digest)",
+                               hint="remove the model with 'llmctl rm' and create or import it again")
+
     def read_blob(self, digest: str) -> bytes:
         path = self.blob_path(digest)
         try:

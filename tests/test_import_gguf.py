@@ -256,3 +256,28 @@ def test_malformed_gguf_refused_and_store_unchanged(shared_daemon, tmp_path, bre
     assert r.returncode == 65 and needle in r.stderr, r.stderr
     assert shared_daemon.cli("ls", "--json").stdout == before_ls
     assert _store_state(shared_daemon) == before
+
+
+def test_import_dtype_option_and_auto_choice(shared_daemon, tmp_path, monkeypatch):
+    from safetensors.torch import load as load_st
+    from llmosd import gguf_import
+    tokens = bpe_vocab()[0]
+    hf = hf_model(len(tokens))
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, hf, "Q8_0")
+    reader = gguf_import.read(str(path))
+    assert gguf_import.store_dtype(reader, "auto") == torch.float32
+    monkeypatch.setattr(gguf_import, "AUTO_FLOAT32_LIMIT", 1)          # a "huge" model
+    assert gguf_import.store_dtype(reader, "auto") == torch.float16
+    r = json.loads(shared_daemon.cli("import", str(path), "q8-half", "--dtype", "float16", "--json").stdout)
+    man, store = _import(shared_daemon, path, "q8-full")
+    half = load_st(store.read_blob(json.loads(shared_daemon.cli("show", "q8-half", "--json").stdout)
+                                   ["manifest"]["weights"]["digest"]))
+    full = load_st(store.read_blob(man["weights"]["digest"]))
+    assert half["model.layers.0.mlp.up_proj.weight"].dtype == torch.float16
+    assert half["model.norm.weight"].dtype == torch.float32
+    for k in full:
+        torch.testing.assert_close(half[k].float(), full[k], atol=1e-3, rtol=1e-2)
+    bad = shared_daemon.cli("import", str(path), "q8-bad", "--dtype", "int8", check=False)
+    assert bad.returncode == 64
+    shared_daemon.cli("rm", "q8-half", "q8-full")
