@@ -152,3 +152,16 @@ def test_export_loads_in_transformers_and_reimports_identically(smol, ref, tmp_p
     smol.cli("rm", r2["model"])
     r = smol.cli("export", "smollm2", str(d), check=False)
     assert r.returncode == 73 and "not empty" in r.stderr
+
+
+def test_byte_level_tokenizer_round_trips_and_streams_whole_characters(our_tok, ref):
+    from llmosd.detok import StreamDecoder
+    _, tok = ref
+    for text in ["naïve café 🤖 — 日本語のテキスト", "  indented\n\tcode()\n", "<|im_start|>user\nhi<|im_end|>"]:
+        ids = our_tok.encode(text)
+        assert our_tok.decode(ids) == text
+        if "<|" not in text:
+            assert ids == tok(text, add_special_tokens=False).input_ids
+        d = StreamDecoder(our_tok, [])
+        pieces = [d.push(i) for i in ids] + [d.flush()]
+        assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)

