@@ -87,6 +87,20 @@ class Daemon:
         self._logf.close()
 
 
+def assert_refused_store_unchanged(daemon: Daemon, args: tuple, needle: str, code: int = 65) -> None:
+    """Run llmctl ARGS: it must fail with exit ``code`` and ``needle`` in its message, and leave
+    the store (manifests, blobs, temp files) exactly as it was."""
+    root = daemon.state / "store"
+
+    def files():
+        return sorted(os.listdir(root / "blobs")), sorted(os.listdir(root / "tmp"))
+    before_ls, before = daemon.cli("ls", "--json").stdout, files()
+    r = daemon.cli(*args, check=False)
+    assert r.returncode == code and needle in r.stderr, (r.returncode, r.stderr)
+    assert daemon.cli("ls", "--json").stdout == before_ls
+    assert files() == before
+
+
 @pytest.fixture
 def daemon(tmp_path):
     d = Daemon(tmp_path / "d").start()

@@ -5,13 +5,12 @@ from GGUF metadata checked against the tokenizers they were written from."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHAKESPEARE
+from conftest import SHAKESPEARE, assert_refused_store_unchanged
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install transformers)")
 gguf = pytest.importorskip("gguf")
@@ -224,11 +223,6 @@ def test_sentencepiece_tokenizer_rebuilt_from_metadata(shared_daemon, tmp_path):
     shared_daemon.cli("rm", "gguf-spm")
 
 
-def _store_state(d):
-    root = d.state / "store"
-    return sorted(os.listdir(root / "blobs")), sorted(os.listdir(root / "tmp"))
-
-
 @pytest.mark.parametrize("breakage,needle", [
     ("arch", "GGUF architecture 'gpt2'"),
     ("missing", "tensor model.norm.weight is missing"),
@@ -250,12 +244,7 @@ def test_malformed_gguf_refused_and_store_unchanged(shared_daemon, tmp_path, bre
         path.write_bytes(data[: len(data) * 2 // 3])
     if breakage == "notgguf":
         path.write_bytes(b"PK\x03\x04 not a model")
-    before_ls = shared_daemon.cli("ls", "--json").stdout
-    before = _store_state(shared_daemon)
-    r = shared_daemon.cli("import", str(path), "broken", check=False)
-    assert r.returncode == 65 and needle in r.stderr, r.stderr
-    assert shared_daemon.cli("ls", "--json").stdout == before_ls
-    assert _store_state(shared_daemon) == before
+    assert_refused_store_unchanged(shared_daemon, ("import", str(path), "broken"), needle)
 
 
 def test_import_dtype_option_and_auto_choice(shared_daemon, tmp_path, monkeypatch):

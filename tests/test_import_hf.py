@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import SHAKESPEARE
+from conftest import SHAKESPEARE, assert_refused_store_unchanged
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install transformers)")
 
@@ -77,11 +76,6 @@ def test_logits_match_transformers(shared_daemon, tmp_path, kv_heads, tied, shar
     shared_daemon.cli("rm", name)
 
 
-def _store_state(d):
-    root = d.state / "store"
-    return sorted(os.listdir(root / "blobs")), sorted(os.listdir(root / "tmp"))
-
-
 @pytest.mark.parametrize("breakage,needle", [
     ("arch", "architecture 'gpt2'"),
     ("missing", "model.norm.weight is missing"),
@@ -113,9 +107,4 @@ def test_malformed_imports_are_refused_and_store_unchanged(shared_daemon, tmp_pa
         (d / "tokenizer.json").unlink()
     elif breakage == "noconfig":
         (d / "config.json").unlink()
-    before_ls = shared_daemon.cli("ls", "--json").stdout
-    before = _store_state(shared_daemon)
-    r = shared_daemon.cli("import", str(d), "broken", check=False)
-    assert r.returncode != 0 and needle in r.stderr, r.stderr
-    assert shared_daemon.cli("ls", "--json").stdout == before_ls
-    assert _store_state(shared_daemon) == before
+    assert_refused_store_unchanged(shared_daemon, ("import", str(d), "broken"), needle)
