@@ -15,6 +15,19 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 TINY = ["--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads", "2", "--vocab-size", "512"]
 
 
+def train_bpe(vocab_size: int = 400):
+    """A byte-level BPE tokenizer (``tokenizers``) trained on Shakespeare, with three ChatML
+    special tokens at ids 0..2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(SHAKESPEARE.read_text()[:100_000].splitlines(), trainer)
+    return tk
+
+
 class Daemon:
     """One llmosd process.  ``cli()`` runs llmctl against it; ``client()`` gives a Client."""
 

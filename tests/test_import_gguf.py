@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, assert_refused_store_unchanged
+from conftest import SHAKESPEARE, assert_refused_store_unchanged, train_bpe
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install transformers)")
 gguf = pytest.importorskip("gguf")
@@ -25,13 +25,7 @@ CHAT = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|
 
 def bpe_vocab():
     """A byte-level BPE trained here: (tokens, types, merges, hf tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(SHAKESPEARE.read_text()[:100_000].splitlines(), trainer)
+    tk = train_bpe()
     model = json.loads(tk.to_str())["model"]
     tokens = [None] * tk.get_vocab_size()
     for t, i in model["vocab"].items():

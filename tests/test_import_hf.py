@@ -7,19 +7,14 @@ import shutil
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, assert_refused_store_unchanged
+from conftest import assert_refused_store_unchanged, train_bpe
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install transformers)")
 
 
 def make_tokenizer(d):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(SHAKESPEARE.read_text()[:100_000].splitlines(), trainer)
+    from tokenizers import processors
+    tk = train_bpe()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     tk.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps(
