@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from .errors import DaemonUnavailable, LlmosdError
+
 HELP = """commands:
   /reset          forget the conversation (the system message stays)
   /system TEXT    set the system message (/system alone clears it)
@@ -72,7 +74,10 @@ class ChatSession:
     def _note(self, msg: str) -> None:
         print(msg, file=sys.stderr)
 
-    def reply(self, text: str, out) -> None:
+    def reply(self, text: str, out, tty: bool = False) -> None:
+        """Send ``text`` with the history; stream the answer.  In a terminal a daemon error
+        (say, a conversation grown past the context) is shown and the turn dropped; in a
+        script it ends the session with that error."""
         self.history.append({"role": "user", "content": text})
         gen = self.client.chat(self.model, self.messages(), **self.opts)
         parts = []
@@ -85,6 +90,13 @@ class ChatSession:
         except KeyboardInterrupt:
             gen.cancel()
             self._note("\n(reply stopped)")
+        except LlmosdError as e:
+            if not tty or isinstance(e, DaemonUnavailable):
+                raise
+            self.history.pop()
+            self._note(f"error: {e}" + (f" ({e.hint})" if e.hint else "")
+                       + "; try /reset if the conversation is too long")
+            return
         answer = "".join(parts)
         self.history.append({"role": "assistant", "content": answer})
         if self.as_json:
@@ -122,4 +134,4 @@ class ChatSession:
                 if not self.command(line.strip(), out):
                     return
                 continue
-            self.reply(line, out)
+            self.reply(line, out, tty)

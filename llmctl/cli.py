@@ -126,7 +126,12 @@ def show(ctx, model, as_json):
     click.echo(f"architecture:  {man.get('architecture')}  ({fmt.count(man.get('parameters'))} parameters, {fmt.size(s['size'])})")
     click.echo(f"created:       {man.get('created')}  by {lin.get('method')}"
                + (f" from {lin['parent']}" if lin.get("parent") else ""))
-    click.echo(f"tokenizer:     {man['tokenizer']['type']}, {man['tokenizer'].get('vocab_size')} pieces")
+    click.echo(f"tokenizer:     {man['tokenizer']['type']}, {man['tokenizer'].get('vocab_size')} pieces"
+               + (", chat template" if man.get("chat_template") else ""))
+    if man.get("defaults"):
+        click.echo("defaults:      " + ", ".join(f"{k}={v}" for k, v in sorted(man["defaults"].items())))
+    if lin.get("method") == "import":
+        click.echo(f"imported from: {lin.get('args', {}).get('format')} ({', '.join(lin.get('args', {}).get('files', []))})")
     click.echo("config:")
     for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta",

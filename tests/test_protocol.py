@@ -39,6 +39,17 @@ def test_oversize_names_limit_and_keeps_id():
     ({"v": 1, "id": 1, "type": "show", "body": {"model": 3}}, errors.InvalidArgument, "str"),
     ({"v": 1, "id": 1, "type": "unload", "body": {"target": "x", "force": 1}}, errors.InvalidArgument, "force"),
     ({"v": 1, "id": 1, "type": "ping", "body": {"extra": 1}}, errors.InvalidArgument, "extra"),
+    ({"v": 1, "id": 1, "type": "chat", "body": {"model": "m"}}, errors.InvalidArgument, "messages"),
+    ({"v": 1, "id": 1, "type": "chat", "body": {"model": "m", "messages": "hi"}}, errors.InvalidArgument, "list"),
+    ({"v": 1, "id": 1, "type": "generate", "body": {"model": "m", "prompt": "p", "min_p": "0.1"}},
+     errors.InvalidArgument, "min_p"),
+    ({"v": 1, "id": 1, "type": "score", "body": {"model": "m"}}, errors.InvalidArgument, "text"),
+    ({"v": 1, "id": 1, "type": "embed", "body": {"model": "m", "inputs": ["a"], "pooling": 1}},
+     errors.InvalidArgument, "pooling"),
+    ({"v": 1, "id": 1, "type": "classify", "body": {"model": "m", "inputs": ["a"]}}, errors.InvalidArgument, "labels"),
+    ({"v": 1, "id": 1, "type": "download", "body": {"digest": "d", "offset": 0}}, errors.InvalidArgument, "size"),
+    ({"v": 1, "id": 1, "type": "import", "body": {"name": "n", "files": {}, "dtype": 16}},
+     errors.InvalidArgument, "dtype"),
 ])
 def test_check_request(msg, cls, needle):
     with pytest.raises(cls) as e:
