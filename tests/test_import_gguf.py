@@ -65,7 +65,7 @@ GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
 
 
 def write_gguf(path, hf, qtype: str, vocab: str = "bpe", arch: str = "llama", drop: str | None = None,
-               reshape: str | None = None, raw: tuple[str, str] | None = None):
+               reshape: str | None = None, raw: tuple[str, str] | None = None, rope_freqs=None):
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
@@ -137,6 +137,8 @@ def write_gguf(path, hf, qtype: str, vocab: str = "bpe", arch: str = "llama", dr
         else:
             qt = gguf.GGMLQuantizationType[qtype]
             w.add_tensor(g, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -264,3 +266,18 @@ def test_import_dtype_option_and_auto_choice(shared_daemon, tmp_path, monkeypatc
     bad = shared_daemon.cli("import", str(path), "q8-bad", "--dtype", "int8", check=False)
     assert bad.returncode == 64
     shared_daemon.cli("rm", "q8-half", "q8-full")
+
+
+def test_rope_freqs_tensor_becomes_rope_factors(shared_daemon, tmp_path):
+    tokens = bpe_vocab()[0]
+    hf = hf_model(len(tokens))
+    factors = [1.0] * 4 + [2.0] * 4            # head size 16: 8 frequencies
+    write_gguf(tmp_path / "r.gguf", hf, "F32", rope_freqs=factors)
+    man, store = _import(shared_daemon, tmp_path / "r.gguf", "ropeq")
+    cfg = json.loads(store.read_blob(man["config"]["digest"]))
+    assert cfg["rope_scaling"] == {"rope_type": "factors", "factors": factors}
+    model, _ = load_model(store, man, torch.device("cpu"))
+    from llmosd.model import LlamaConfig, rope_inv_freq
+    plain = rope_inv_freq(LlamaConfig(hidden_size=64, num_attention_heads=4))
+    torch.testing.assert_close(model.inv_freq, plain / torch.tensor(factors))
+    shared_daemon.cli("rm", "ropeq")

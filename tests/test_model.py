@@ -74,3 +74,17 @@ def test_hf_config_names_roundtrip():
     cfg = tiny().config
     again = LlamaConfig.from_dict({**cfg.to_dict(), "unknown_key": 1})
     assert again == cfg and cfg.head_dim == 16
+
+
+def test_rope_factors_reproduce_llama3_scaling():
+    """GGUF stores Llama 3.1 rope scaling as per-frequency divisors (rope_freqs.weight)."""
+    from llmosd.model import rope_inv_freq
+    l3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+    base = LlamaConfig(hidden_size=512, num_attention_heads=4, rope_theta=500000.0)
+    scaled = LlamaConfig(hidden_size=512, num_attention_heads=4, rope_theta=500000.0, rope_scaling=l3)
+    factors = (rope_inv_freq(base).double() / rope_inv_freq(scaled).double()).tolist()
+    as_gguf = LlamaConfig(hidden_size=512, num_attention_heads=4, rope_theta=500000.0,
+                          rope_scaling={"rope_type": "factors", "factors": factors})
+    torch.testing.assert_close(rope_inv_freq(as_gguf), rope_inv_freq(scaled))
+    assert not torch.allclose(rope_inv_freq(base), rope_inv_freq(scaled))
