@@ -305,7 +305,8 @@ class Client:
                 if f.read(4) != b"GGUF":
                     raise InvalidArgument(f"{path} is not a GGUF file",
                                           hint="give a .gguf file or a Hugging Face model directory")
-            files = {"model.gguf": self.upload_file(path, progress)}
+            base = os.path.basename(path)
+            files = {base if base and not base.startswith(".") else "model.gguf": self.upload_file(path, progress)}
             return self._run_job("import", _clean({"name": name, "files": files, "format": "gguf",
                                                    "force": force, "dtype": dtype}), progress)
         if not os.path.isdir(path):
