@@ -135,6 +135,7 @@ def register(cli, _client, stats_line):
         """Score TEXT (or stdin): per-token log-probabilities and perplexity.
 
         Perplexity is exp of the mean negative log-likelihood of every token after the first.
+        Text longer than the model's context is scored in windows overlapping by half.
         """
         if text in (None, "-"):
             if text is None and sys.stdin.isatty():

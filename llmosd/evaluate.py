@@ -36,18 +36,27 @@ def _logprobs_of(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def score(model, tok, device, *, text: str, add_bos: bool = True) -> dict:
     """Per-token log-probabilities of ``text`` and its perplexity (exp of the mean negative
-    log-likelihood of every token after the first, as Hugging Face computes it)."""
-    ids = _ids(model, tok, text, add_bos)
-    if len(ids) < 2:
+    log-likelihood of every token after the first, as Hugging Face computes it).
+
+    Text longer than the context is scored in windows of the context's length that overlap
+    by half (Hugging Face's strided perplexity): each token is scored once, with at least
+    half a context of the text before it in view."""
+    ids = tok.encode(text, add_bos=add_bos)
+    n, ctx = len(ids), model.config.max_position_embeddings
+    if n < 2:
         raise ValueError("the text must be at least two tokens long to be scored")
-    x = torch.tensor([ids], device=device)
-    h = model.hidden(x)[0, :-1]                                   # (T-1, C): predicts ids[1:]
-    lp = _logprobs_of(model, h, x[0, 1:]).cpu().tolist()
+    lp, start, done, windows = [], 0, 1, 0         # done: index of the next token to score
+    while done < n:
+        end = min(n, start + ctx)
+        x = torch.tensor([ids[start:end]], device=device)
+        h = model.hidden(x)[0, done - start - 1:-1]                # predicts ids[done:end]
+        lp += _logprobs_of(model, h, x[0, done - start:]).cpu().tolist()
+        done, start, windows = end, max(0, end - ctx // 2), windows + 1
     nll = -sum(lp) / len(lp)
     tokens = [{"id": ids[0], "text": tok.decode([ids[0]]), "logprob": None}]
     tokens += [{"id": i, "text": tok.decode([i]), "logprob": v} for i, v in zip(ids[1:], lp)]
     return {"tokens": tokens, "scored_tokens": len(lp), "logprob": sum(lp), "mean_nll": nll,
-            "perplexity": math.exp(nll)}
+            "perplexity": math.exp(nll), "windows": windows}
 
 
 def embed(model, tok, device, *, inputs: list[str], pooling: str = "mean",

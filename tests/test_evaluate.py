@@ -36,12 +36,26 @@ def test_score_equals_full_forward_and_chunking_does_not_matter(mt, monkeypatch)
     assert r3["perplexity"] == pytest.approx(r["perplexity"], rel=1e-6)
 
 
-def test_score_refuses_too_short_and_too_long(mt):
+def test_score_refuses_too_short_text(mt):
     m, tok = mt
     with pytest.raises(ValueError, match="at least two tokens"):
         evaluate.score(m, tok, "cpu", text="", add_bos=False)
-    with pytest.raises(ValueError, match="more than the model's context"):
-        evaluate.score(m, tok, "cpu", text="word " * 400)
+
+
+def test_score_of_text_past_the_context_uses_half_overlapping_windows(mt):
+    m, tok = mt                                       # context 256
+    text = SHAKESPEARE.read_text()[:3000]
+    ids = tok.encode(text)
+    assert len(ids) > 600
+    with torch.no_grad():
+        r = evaluate.score(m, tok, "cpu", text=text)
+        first = m(torch.tensor([ids[:256]]))[0, :-1].log_softmax(-1)
+        second = m(torch.tensor([ids[128:384]]))[0, :-1].log_softmax(-1)
+    lps = [t["logprob"] for t in r["tokens"]]
+    assert r["scored_tokens"] == len(ids) - 1 and r["windows"] == math.ceil((len(ids) - 256) / 128) + 1
+    assert lps[1:256] == pytest.approx(first.gather(1, torch.tensor(ids[1:256])[:, None])[:, 0].tolist(), abs=1e-4)
+    # tokens 256..383 are scored in the second window, with tokens 128.. in view
+    assert lps[256:384] == pytest.approx(second[127:].gather(1, torch.tensor(ids[256:384])[:, None])[:, 0].tolist(), abs=1e-4)
 
 
 def test_embed_pooling_and_normalisation(mt):
