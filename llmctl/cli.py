@@ -296,6 +296,8 @@ def _stats_line(s: dict) -> str:
         parts.append(f"first token {s['ttft_ms']:.0f} ms")
     if s.get("tokens_per_s"):
         parts.append(f"{s['tokens_per_s']:.1f} tokens/s")
+    if s.get("dropped_messages"):
+        parts.append(f"{s['dropped_messages']} oldest message(s) left out to fit the context")
     if s.get("loaded"):
         parts.append(f"loaded in {s['load_ms'] / 1000:.2f}s")
     return ", ".join(parts)

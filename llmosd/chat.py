@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime
+from typing import Callable
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -68,3 +69,23 @@ def render(template: str | None, messages: list[dict], *, bos_token: str | None 
         raise
     except (JinjaError, TypeError, ValueError, KeyError, IndexError) as e:
         raise TemplateError(f"the chat template failed on these messages: {e}") from None
+
+
+def fit(messages: list[dict], length: Callable[[list[dict]], int], budget: int) -> tuple[list[dict], int]:
+    """Drop the oldest turns until ``length(messages)`` (rendered prompt tokens) is at most
+    ``budget``, as Ollama does for long chats: system messages and the last message always
+    stay, and what remains starts with a user turn.  Returns (messages, how many dropped)."""
+    msgs, dropped = list(messages), 0
+    while length(msgs) > budget:
+        turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
+        if len(turns) <= 1:
+            break                                   # the last message alone is too long
+        del msgs[turns[0]]
+        dropped += 1
+        while True:                                 # start again at a user turn
+            turns = [i for i, m in enumerate(msgs) if m["role"] != "system"]
+            if len(turns) <= 1 or msgs[turns[0]]["role"] == "user":
+                break
+            del msgs[turns[0]]
+            dropped += 1
+    return msgs, dropped

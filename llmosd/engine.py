@@ -20,7 +20,7 @@ import torch
 
 from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, OutOfMemory
 from . import evaluate
-from .chat import TemplateError, render
+from .chat import TemplateError, fit, render
 from .detok import StopMatcher, StreamDecoder
 from .model import KVCache, Llama
 from .sampling import SamplingParams, make_generator, sample, top_logprobs
@@ -42,6 +42,7 @@ class Request:
     add_bos: bool = True
     messages: list | None = None   # chat: rendered with the model's template instead of prompt
     logprobs: int = 0              # report each token's logprob and this many alternatives
+    dropped_messages: int = 0      # chat: oldest turns left out to fit the context
     prompt_ids: list[int] = field(default_factory=list)   # set by the engine (tokenizing is work)
     submitted: float = field(default_factory=time.perf_counter)
     emitted: int = 0               # chunks handed to emit (engine thread writes)
@@ -177,10 +178,18 @@ class Engine(threading.Thread):
     def _encode(self, req: Request) -> list[int]:
         if req.messages is None:
             return self.tok.encode(req.prompt, add_bos=req.add_bos)
-        text = render(getattr(self.tok, "chat_template", None), req.messages,
-                      bos_token=self.tok.token(self.tok.bos_id), eos_token=self.tok.token(self.tok.eos_id))
-        req.prompt = text
-        return self.tok.encode(text, add_bos=False)      # the template writes any BOS itself
+        template = getattr(self.tok, "chat_template", None)
+        specials = {"bos_token": self.tok.token(self.tok.bos_id), "eos_token": self.tok.token(self.tok.eos_id)}
+        encoded = {}
+
+        def length(msgs):
+            text = render(template, msgs, **specials)
+            encoded[len(msgs)] = (text, self.tok.encode(text, add_bos=False))   # the template writes any BOS
+            return len(encoded[len(msgs)][1])
+        # a long conversation loses its oldest turns, leaving room to answer
+        msgs, req.dropped_messages = fit(req.messages, length, self.context - min(req.max_tokens, self.context // 4))
+        req.prompt, ids = encoded[len(msgs)]
+        return ids
 
     def _call(self, call: Call) -> None:
         try:
@@ -266,6 +275,8 @@ class Engine(threading.Thread):
             "total_ms": round((time.perf_counter() - t0) * 1000, 3),
             "tokens_per_s": round((generated - 1) / (tl - t1), 3) if t1 and tl > t1 and generated > 1 else None,
         }
+        if req.messages is not None:
+            stats["dropped_messages"] = req.dropped_messages
         req.cache = None
         self.emit(key, "end", stats)
 

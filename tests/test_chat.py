@@ -48,3 +48,21 @@ def test_template_errors_are_clear():
 def test_check_messages_refuses_bad_lists(bad):
     with pytest.raises(TemplateError):
         check_messages(bad)
+
+
+def test_fit_drops_oldest_turns_keeping_system_and_last():
+    from llmosd.chat import fit
+    msgs = [{"role": "system", "content": "s"}] + [
+        {"role": r, "content": f"{r[0]}{i}"} for i in range(3) for r in ("user", "assistant")] + [
+        {"role": "user", "content": "last"}]
+
+    def length(m):                       # a message costs 10 "tokens"
+        return 10 * len(m)
+    out, dropped = fit(msgs, length, 45)
+    assert out[0]["role"] == "system" and out[-1]["content"] == "last" and out[1]["role"] == "user"
+    assert length(out) <= 45 and dropped == len(msgs) - len(out)
+    assert [m["content"] for m in out] == ["s", "u2", "a2", "last"]
+    same, none = fit(msgs, length, 1000)
+    assert same == msgs and none == 0
+    alone, _ = fit(msgs, length, 5)      # cannot fit: system and the last message remain
+    assert [m["content"] for m in alone] == ["s", "last"]

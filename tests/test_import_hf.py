@@ -103,3 +103,26 @@ def test_malformed_imports_are_refused_and_store_unchanged(shared_daemon, tmp_pa
     elif breakage == "noconfig":
         (d / "config.json").unlink()
     assert_refused_store_unchanged(shared_daemon, ("import", str(d), "broken"), needle)
+
+
+def test_chat_template_from_tokenizer_config_and_long_history_trimmed(shared_daemon, tmp_path):
+    make_hf_model(tmp_path / "m")                  # context 256, ChatML template, eos <|im_end|>
+    shared_daemon.cli("import", str(tmp_path / "m"), "hf-chat")
+    long = [{"role": r, "content": "ROMEO: But soft, what light through yonder window breaks? " * 2}
+            for _ in range(20) for r in ("user", "assistant")] + [{"role": "user", "content": "hello"}]
+    with shared_daemon.client() as c:
+        g = c.chat("hf-chat", long, max_tokens=8, temperature=0)
+        g.text()
+        assert g.stats["dropped_messages"] > 0 and g.stats["prompt_tokens"] <= 256 - 8
+        g = c.chat("hf-chat", [{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+        g.text()
+        assert g.stats["dropped_messages"] == 0
+    # the rendered prompt is the template's, token for token
+    from llmosd.loader import build_tokenizer
+    from llmosd.store import Store
+    store = Store(str(shared_daemon.state / "store"))
+    _, man, _ = store.get("hf-chat")
+    tok = build_tokenizer(man["tokenizer"]["type"], store.read_blob(man["tokenizer"]["digest"]), man)
+    assert g.stats["prompt_tokens"] == len(tok.encode("<|im_start|>user\nhi<|im_end|>\n", add_bos=False))
+    shared_daemon.cli("unload", "hf-chat")
+    shared_daemon.cli("rm", "hf-chat")
