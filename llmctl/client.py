@@ -299,7 +299,14 @@ class Client:
                     progress: Callable[[dict], None] | None = None) -> dict:
         """Import a GGUF file or a Hugging Face model directory as ``name``: uploads the
         content (skipping what the daemon has), then converts it in a daemon job."""
-        from .errors import InvalidArgument
+        from .errors import AlreadyExists, InvalidArgument, ModelNotFound
+        if not force:                          # say so before uploading gigabytes
+            try:
+                self.show(name)
+                raise AlreadyExists(f"model {name} already exists",
+                                    hint="choose another name, or pass --force to replace it")
+            except ModelNotFound:
+                pass
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 if f.read(4) != b"GGUF":

@@ -185,10 +185,16 @@ class Ops:
         for rel, digest in files.items():
             if not isinstance(rel, str) or not isinstance(digest, str) or "/" in rel or rel.startswith("."):
                 raise InvalidArgument(f"files: bad entry {rel!r}")
-            if not self.store.has_blob(digest):
-                raise InvalidArgument(f"files: {rel} ({digest}) has not been uploaded",
-                                      hint="upload each file with 'upload'/'upload_chunk' first")
-        self._job(ctx, "import", "llmosd.importer:import_model", spec, cleanup=set(files.values()))
+            self.store.blob_path(digest)                  # a well-formed digest, or StoreCorrupt
+        try:
+            for rel, digest in files.items():
+                if not self.store.has_blob(digest):
+                    raise InvalidArgument(f"files: {rel} ({digest}) has not been uploaded",
+                                          hint="upload each file with 'upload'/'upload_chunk' first")
+            self._job(ctx, "import", "llmosd.importer:import_model", spec, cleanup=set(files.values()))
+        except LlmosdError:                               # refused (name taken, busy...): no orphans
+            self.store.discard_unreferenced(set(files.values()))
+            raise
 
     def _job(self, ctx: Ctx, kind: str, func: str, spec: dict, cleanup: set | None = None) -> None:
         """Run a job that makes model ``spec['name']``; publish its manifest when it returns."""

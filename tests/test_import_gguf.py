@@ -281,3 +281,24 @@ def test_rope_freqs_tensor_becomes_rope_factors(shared_daemon, tmp_path):
     plain = rope_inv_freq(LlamaConfig(hidden_size=64, num_attention_heads=4))
     torch.testing.assert_close(model.inv_freq, plain / torch.tensor(factors))
     shared_daemon.cli("rm", "ropeq")
+
+
+def test_import_onto_a_taken_name_is_refused_before_upload_and_leaves_no_orphans(shared_daemon, tmp_path):
+    from llmctl import errors
+    tokens = bpe_vocab()[0]
+    write_gguf(tmp_path / "a.gguf", hf_model(len(tokens)), "Q8_0")
+    # the CLI asks first: nothing is uploaded for a name that is taken
+    assert_refused_store_unchanged(shared_daemon, ("import", str(tmp_path / "a.gguf"), "tiny"),
+                                   "already exists", code=73)
+    # a client that uploads anyway: the daemon refuses and drops the upload
+    root = shared_daemon.state / "store" / "blobs"
+    before = sorted(p.name for p in root.iterdir())
+    with shared_daemon.client() as c:
+        digest = c.upload_file(str(tmp_path / "a.gguf"))
+        assert (root / digest.replace(":", "-")).exists()
+        try:
+            c._run_job("import", {"name": "tiny", "files": {"a.gguf": digest}, "format": "gguf"}, None)
+            raise AssertionError("replaced a model without force")
+        except errors.AlreadyExists:
+            pass
+    assert sorted(p.name for p in root.iterdir()) == before
