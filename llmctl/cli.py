@@ -5,7 +5,6 @@ unavailable, 70 internal error, 73 already exists, 75 busy/try again, 76 protoco
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -24,10 +23,6 @@ def _client(ctx: click.Context) -> Client:
     if "client" not in obj:
         obj["client"] = Client(obj["socket"], timeout=obj["timeout"]).connect()
     return obj["client"]
-
-
-def _json(obj) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=False))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -62,7 +57,7 @@ def status(ctx, as_json):
     """Show the daemon's status."""
     s = _client(ctx).status()
     if as_json:
-        return _json(s)
+        return fmt.echo_json(s)
     rows = [("daemon", f"llmosd {s['version']} (pid {s['pid']}, protocol {'.'.join(map(str, s['protocol']))})"),
             ("socket", s["socket"]), ("state", s["state_dir"]),
             ("device", f"{s['device']} ({s['dtype']}, {s['threads']} thread(s))"),
@@ -82,7 +77,7 @@ def ps(ctx, as_json):
     c = _client(ctx)
     body = c._call("ps")
     if as_json:
-        return _json(body)
+        return fmt.echo_json(body)
     rows = [[i["id"], i["model"], i["state"] + (f" ({i['reason']})" if i["reason"] else ""),
              i["device"], fmt.size(i["resident_bytes"]), i["active_requests"], i["tokens_served"],
              fmt.ago(i["loaded_at"]), fmt.ago(i["last_used"]), "-" if i["uid"] is None else i["uid"]]
@@ -103,7 +98,7 @@ def ls(ctx, as_json):
     """List the models in the store."""
     models = _client(ctx).ls()
     if as_json:
-        return _json(models)
+        return fmt.echo_json(models)
     rows = [[m["model"], fmt.short_digest(m["digest"]), fmt.size(m["size"]), fmt.count(m["parameters"]),
              m["method"] or "-", fmt.ago(m["created"]), ",".join(map(str, m["instances"])) or "-"]
             for m in models]
@@ -118,7 +113,7 @@ def show(ctx, model, as_json):
     """Show a model's manifest, config and lineage."""
     s = _client(ctx).show(model)
     if as_json:
-        return _json(s)
+        return fmt.echo_json(s)
     man, cfg = s["manifest"], s["config"]
     lin = man.get("lineage") or {}
     click.echo(f"model:         {s['model']}")
@@ -170,7 +165,7 @@ def create(ctx, name, vocab_from, as_json, **opts):
             click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
     r = _client(ctx).create(name, text=text, progress=progress, **opts)
     if as_json:
-        return _json(r)
+        return fmt.echo_json(r)
     click.echo(f"created {r['model']} ({fmt.count(r['parameters'])} parameters, "
                f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
 
@@ -201,7 +196,7 @@ def import_(ctx, path, name, force, dtype, as_json):
     r = _client(ctx).import_path(path, name, force=force, dtype=None if dtype == "auto" else dtype,
                                  progress=_upload_progress(as_json))
     if as_json:
-        return _json(r)
+        return fmt.echo_json(r)
     click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "
                f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
 
@@ -242,7 +237,7 @@ def export(ctx, model, directory, force, as_json):
     tokenizer, generation_config.json) that transformers and other tools load."""
     r = _client(ctx).export(model, directory, force=force, progress=_upload_progress(as_json))
     if as_json:
-        return _json(r)
+        return fmt.echo_json(r)
     click.echo(f"exported {r['model']} to {r['dir']} ({', '.join(r['files'])})")
 
 
@@ -274,7 +269,7 @@ def load(ctx, model, as_json):
     """Load MODEL into the model table (no-op if it is already loaded)."""
     r = _client(ctx).load(model)
     if as_json:
-        return _json(r)
+        return fmt.echo_json(r)
     click.echo(f"instance {r['id']}: {r['model']} {r['state']} on {r['device']} "
                f"({fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s)")
 

@@ -9,6 +9,8 @@ import sys
 
 import click
 
+from .format import echo_json
+
 
 def sampling_options(f):
     """The generation settings shared by generate and chat."""
@@ -33,10 +35,6 @@ def _opts(opts: dict) -> dict:
     return opts
 
 
-def _echo_json(obj) -> None:
-    click.echo(json.dumps(obj, ensure_ascii=False))
-
-
 def stream_out(gen, as_json: bool, verbose: bool, stats_line, newline: bool = False) -> dict:
     """Print a Generation as it arrives; Ctrl-C cancels it (exit 130). Returns its stats.
     A final newline is added in a terminal, or always with ``newline`` (chat answers)."""
@@ -45,7 +43,7 @@ def stream_out(gen, as_json: bool, verbose: bool, stats_line, newline: bool = Fa
     try:
         for text in gen:
             if as_json:
-                _echo_json(gen.chunks[-1])
+                echo_json(gen.chunks[-1])
             elif text:
                 out.write(text)
                 out.flush()
@@ -58,7 +56,7 @@ def stream_out(gen, as_json: bool, verbose: bool, stats_line, newline: bool = Fa
         sys.exit(130)
     stats = gen.stats or {}
     if as_json:
-        _echo_json({"done": True, **stats})
+        echo_json({"done": True, **stats})
     else:
         if (newline or out.isatty()) and not last.endswith("\n"):   # pipes get the exact text
             out.write("\n")
@@ -143,7 +141,7 @@ def register(cli, _client, stats_line):
             text = sys.stdin.read()
         r = _client(ctx).score(model, text, add_bos=False if no_bos else None)
         if as_json:
-            return _echo_json(r)
+            return echo_json(r)
         for t in r["tokens"]:
             lp = "" if t["logprob"] is None else f"{t['logprob']:10.4f}"
             click.echo(f"{lp:>10}  {json.dumps(t['text'], ensure_ascii=False)}")
@@ -187,7 +185,7 @@ def register(cli, _client, stats_line):
     def _classify_batch(c, model, batch, labs, template, as_json):
         for text, r in zip(batch, c.classify(model, batch, labs, template=template)):
             if as_json:
-                _echo_json({"text": text, **r})
+                echo_json({"text": text, **r})
             else:
                 click.echo(f"{r['label']}\t{r['probs'][r['label']]:.3f}\t{text}")
         sys.stdout.flush()

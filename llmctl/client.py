@@ -270,7 +270,7 @@ class Client:
         force (replace an existing name).  ``progress`` receives each progress chunk.
         """
         body = {"name": name, "layers": layers, "dim": dim, "heads": heads, "text": text}
-        body.update({k: v for k, v in opts.items() if v is not None})
+        body.update(_clean(opts))
         return self._run_job("create", body, progress)
 
     # -- imports ----------------------------------------------------------------------------
@@ -347,21 +347,21 @@ class Client:
         """
         body = {"model": model, "prompt": prompt, "add_bos": add_bos,
                 **_gen_opts(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, logprobs)}
-        rid, stream = self._start_stream("generate", {k: v for k, v in body.items() if v is not None})
+        rid, stream = self._start_stream("generate", _clean(body))
         return Generation(self, rid, stream)
 
     def chat(self, model: str, messages: list[dict], **opts) -> Generation:
         """Generate the assistant's reply to ``messages`` ([{"role", "content"}, ...]), rendered
         with the model's chat template; stops at its end-of-turn token.  ``opts`` as generate."""
         body = {"model": model, "messages": list(messages), **_gen_opts(**opts)}
-        rid, stream = self._start_stream("chat", {k: v for k, v in body.items() if v is not None})
+        rid, stream = self._start_stream("chat", _clean(body))
         return Generation(self, rid, stream)
 
     # -- evaluation -------------------------------------------------------------------------
     def score(self, model: str, text: str, *, add_bos: bool | None = None) -> dict:
         """Per-token log-probabilities of ``text`` and its perplexity."""
         body = {"model": model, "text": text, "add_bos": add_bos}
-        return self._call("score", {k: v for k, v in body.items() if v is not None},
+        return self._call("score", _clean(body),
                           timeout=max(self.timeout, 600))
 
     def embed(self, model: str, inputs: list[str], *, pooling: str = "mean", normalize: bool = True):
@@ -380,7 +380,7 @@ class Client:
         out = []
         for i in range(0, len(inputs), BATCH):
             body = {"model": model, "inputs": inputs[i:i + BATCH], "labels": list(labels), "template": template}
-            out += self._call("classify", {k: v for k, v in body.items() if v is not None},
+            out += self._call("classify", _clean(body),
                               timeout=max(self.timeout, 600))["results"]
         return out
 
@@ -389,6 +389,7 @@ BATCH = 64        # inputs per embed/classify request
 
 
 def _clean(body: dict) -> dict:
+    """The body without its unset (None) fields: the daemon applies its defaults to those."""
     return {k: v for k, v in body.items() if v is not None}
 
 

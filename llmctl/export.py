@@ -53,7 +53,9 @@ def _download(client, digest: str, progress, label: str):
         raise StoreCorrupt(f"{label}: the downloaded content does not match its digest {digest}")
 
 
-def _json_bytes(obj) -> bytes:
+def _json_bytes(obj: dict) -> bytes:
+    """A JSON file's bytes, without the fields that are None (HF files omit what is unset)."""
+    obj = {k: v for k, v in obj.items() if v is not None}
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
 
 
@@ -62,7 +64,7 @@ def hf_config(cfg: dict, dtype: str) -> dict:
     if sc.get("rope_type") == "factors":
         raise InvalidArgument("this model's rotary frequencies come from a GGUF rope_freqs tensor, "
                               "which a Hugging Face config.json cannot express")
-    out = {k: v for k, v in cfg.items() if v is not None}
+    out = dict(cfg)
     out.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                 "torch_dtype": dtype.split(",")[0], "hidden_act": "silu"})
     return out
@@ -115,7 +117,7 @@ def export_model(client, model: str, dest: str, *, force: bool = False,
     else:
         raise InvalidArgument(f"tokenizer type {tok['type']!r} cannot be exported")
     tcfg["model_max_length"] = cfg.get("max_position_embeddings")
-    put("tokenizer_config.json", _json_bytes({k: v for k, v in tcfg.items() if v is not None}))
+    put("tokenizer_config.json", _json_bytes(tcfg))
     gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"),
            "pad_token_id": cfg.get("pad_token_id")}
     d = man.get("defaults") or {}
@@ -123,5 +125,5 @@ def export_model(client, model: str, dest: str, *, force: bool = False,
     if gen.get("temperature") == 0:          # HF spells greedy as do_sample=False
         gen.pop("temperature")
         gen["do_sample"] = False
-    put("generation_config.json", _json_bytes({k: v for k, v in gen.items() if v is not None}))
+    put("generation_config.json", _json_bytes(gen))
     return {"model": info["model"], "digest": info["digest"], "dir": os.path.abspath(dest), "files": files}

@@ -1,7 +1,15 @@
-"""Human-readable tables and values for llmctl (ps / docker ps style)."""
+"""What llmctl prints: human-readable tables and values (ps / docker ps style), and JSON lines."""
 from __future__ import annotations
 
+import json
 import time
+
+import click
+
+
+def echo_json(obj) -> None:
+    """One JSON document on one line (for --json output and scripts)."""
+    click.echo(json.dumps(obj, ensure_ascii=False))
 
 
 def size(n: int | None) -> str:

@@ -204,4 +204,7 @@ def check_generate(body: dict, default_max: int) -> dict:
     stops = body.get("stop") or []
     if len(stops) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops):
         raise InvalidArgument("stop must be a list of at most 16 non-empty strings of at most 256 characters")
-    return {"max_tokens": mt, "stops": stops}
+    logprobs = body.get("logprobs", 0)
+    if not 0 <= logprobs <= 20:
+        raise InvalidArgument(f"logprobs must be between 0 and 20, got {logprobs}")
+    return {"max_tokens": mt, "stops": stops, "logprobs": logprobs}

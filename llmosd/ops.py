@@ -263,7 +263,7 @@ class Ops:
         b = ctx.body
         if b["offset"] < 0 or not 0 < b["size"] <= protocol.UPLOAD_CHUNK:
             raise InvalidArgument(f"download: offset must be >= 0 and size in 1..{protocol.UPLOAD_CHUNK}")
-        if not any(b["digest"] in _blob_digests(man) for _, _, man in self.store.list()):
+        if not any(b["digest"] in self.store.blob_digests(man) for _, _, man in self.store.list()):
             raise ModelNotFound(f"no model in the store refers to blob {b['digest']}")
         data, total = self.store.read_range(b["digest"], b["offset"], b["size"])
         ctx.ok({"data": data, "total": total})
@@ -294,12 +294,9 @@ class Ops:
             sp.validate()
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        logprobs = body.get("logprobs", 0)
-        if not 0 <= logprobs <= 20:
-            raise InvalidArgument(f"logprobs must be between 0 and 20, got {logprobs}")
         key = (ctx.peer.ident, ctx.rid)
         req = Request(key, prompt, opts["max_tokens"], sp, opts["stops"],
-                      add_bos=body.get("add_bos", True), messages=messages, logprobs=logprobs)
+                      add_bos=body.get("add_bos", True), messages=messages, logprobs=opts["logprobs"])
         self._run_on_instance(ctx, canon, man, digest, key,
                               Task(req, ctx.stream(lambda reason: self.manager.cancel(key, reason))))
 
@@ -364,10 +361,6 @@ class Ops:
             if task.running and isinstance(task.req, Request):
                 task.inst.engine.cancel(key, "shutdown")
         self.manager.unload_all()
-
-
-def _blob_digests(man: dict) -> set[str]:
-    return {man[k]["digest"] for k in ("config", "tokenizer", "weights") if isinstance(man.get(k), dict)}
 
 
 def _rss() -> int:
