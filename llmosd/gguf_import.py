@@ -13,6 +13,7 @@ import torch
 
 from .gguf_vocab import VocabError, from_gguf
 from .importer import ImportError_
+from .loader import DTYPES
 from .model import LlamaConfig
 
 # Tensor types this importer dequantizes (all through gguf.quants.dequantize).
@@ -122,7 +123,7 @@ def store_dtype(reader, dtype: str) -> torch.dtype | None:
     if dtype == "auto":
         n = sum(int(t.n_elements) for t in reader.tensors)
         return torch.float32 if 4 * n <= AUTO_FLOAT32_LIMIT else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return DTYPES[dtype]
 
 
 def tensors(reader, cfg: LlamaConfig, progress, dtype: torch.dtype = torch.float32

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .loader import DTYPES
 from .model import Llama, LlamaConfig
 from .store import Store, now_iso
 from .tokenizer import SentencePieceTokenizer, hf_bundle
@@ -150,7 +151,7 @@ def import_model(spec: dict, store_root: str, progress: Callable[[dict], None]) 
     else:
         cfg, sd, tok, defaults = read_hf(store, files, progress)
         if spec.get("dtype") not in (None, "auto"):
-            want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[spec["dtype"]]
+            want = DTYPES[spec["dtype"]]
             sd = {k: v.to(want) if v.is_floating_point() else v for k, v in sd.items()}
     progress({"stage": "store", "message": f"writing {len(sd)} tensors"})
     fd, tmp = tempfile.mkstemp(dir=store.tmp, prefix="import-")

@@ -14,7 +14,7 @@ from .model import Llama, LlamaConfig, rope_inv_freq
 from .store import Store
 from .tokenizer import HFTokenizer, SentencePieceTokenizer
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def build_tokenizer(kind: str, data: bytes, manifest: dict | None = None):
