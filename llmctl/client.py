@@ -257,7 +257,7 @@ class Client:
         return self._call("tag", {"source": source, "target": target})
 
     def load(self, model: str, timeout: float | None = None) -> dict:
-        return self._call("load", {"model": model}, timeout=timeout or max(self.timeout, 600))
+        return self._call("load", {"model": model}, timeout=timeout or self._work_timeout)
 
     def unload(self, target: str | int, force: bool = False) -> dict:
         return self._call("unload", {"target": str(target), "force": force})
@@ -361,28 +361,35 @@ class Client:
     def score(self, model: str, text: str, *, add_bos: bool | None = None) -> dict:
         """Per-token log-probabilities of ``text`` and its perplexity."""
         body = {"model": model, "text": text, "add_bos": add_bos}
-        return self._call("score", _clean(body),
-                          timeout=max(self.timeout, 600))
+        return self._call("score", _clean(body), timeout=self._work_timeout)
 
     def embed(self, model: str, inputs: list[str], *, pooling: str = "mean", normalize: bool = True):
         """A float32 numpy array (len(inputs), dim): one vector per input (see llmctl-embed)."""
         import numpy as np
-        rows = []
-        for i in range(0, len(inputs), BATCH):
-            r = self._call("embed", {"model": model, "inputs": inputs[i:i + BATCH], "pooling": pooling,
-                                     "normalize": normalize}, timeout=max(self.timeout, 600))
-            rows.append(np.frombuffer(r["data"], dtype="<f4").reshape(r["count"], r["dim"]))
+        rows = [np.frombuffer(r["data"], dtype="<f4").reshape(r["count"], r["dim"])
+                for r in self._batches("embed", inputs, {"model": model, "pooling": pooling,
+                                                         "normalize": normalize})]
         return np.concatenate(rows) if rows else np.zeros((0, 0), dtype="<f4")
 
     def classify(self, model: str, inputs: list[str], labels: list[str], *,
                  template: str | None = None) -> list[dict]:
         """Zero-shot labels for ``inputs``, in input order: [{label, scores, probs}, ...]."""
-        out = []
+        body = _clean({"model": model, "labels": list(labels), "template": template})
+        return [res for r in self._batches("classify", inputs, body) for res in r["results"]]
+
+    def download(self, digest: str, offset: int, size: int = protocol.UPLOAD_CHUNK) -> dict:
+        """Up to ``size`` bytes of a stored model's blob from ``offset``: {data, total}."""
+        return self._call("download", {"digest": digest, "offset": offset, "size": size})
+
+    def _batches(self, type_: str, inputs: list[str], body: dict):
+        """One reply per BATCH inputs, in order (requests stay well under the message limit)."""
         for i in range(0, len(inputs), BATCH):
-            body = {"model": model, "inputs": inputs[i:i + BATCH], "labels": list(labels), "template": template}
-            out += self._call("classify", _clean(body),
-                              timeout=max(self.timeout, 600))["results"]
-        return out
+            yield self._call(type_, {**body, "inputs": inputs[i:i + BATCH]}, timeout=self._work_timeout)
+
+    @property
+    def _work_timeout(self) -> float:
+        """Replies that wait for model work (loading, scoring) may take minutes."""
+        return max(self.timeout, 600)
 
 
 BATCH = 64        # inputs per embed/classify request

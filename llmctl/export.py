@@ -14,7 +14,6 @@ import os
 import tempfile
 from typing import Callable
 
-from . import protocol
 from .errors import AlreadyExists, InvalidArgument, StoreCorrupt
 
 
@@ -40,7 +39,7 @@ def _download(client, digest: str, progress, label: str):
     """Yield a blob's bytes in pieces, checking its sha256 at the end."""
     h, offset, total = hashlib.sha256(), 0, None
     while total is None or offset < total:
-        r = client._call("download", {"digest": digest, "offset": offset, "size": protocol.UPLOAD_CHUNK})
+        r = client.download(digest, offset)
         total, data = r["total"], r["data"]
         if not data and offset < total:
             raise StoreCorrupt(f"the daemon sent no data for {digest} at offset {offset}")

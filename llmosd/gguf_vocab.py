@@ -138,18 +138,18 @@ def _sentencepiece(meta: dict) -> bytes:
         unk = next((i for i, ty in enumerate(types) if ty == UNKNOWN), None)
     if unk is None:
         raise VocabError("a SentencePiece vocabulary needs an unknown token; the file has none")
-    special = {unk: UNKNOWN}
-    for key in ("bos", "eos", "padding"):
-        i = _ids(meta, f"{key}_token_id")
-        if i is not None and i != unk:
-            special.setdefault(i, CONTROL)
     ts.unk_id, ts.unk_piece = unk, tokens[unk]
-    ts.bos_id, ts.eos_id, ts.pad_id = (_ids(meta, k) if _ids(meta, k) is not None else -1
-                                       for k in ("bos_token_id", "eos_token_id", "padding_token_id"))
-    for k, attr in (("bos_token_id", "bos_piece"), ("eos_token_id", "eos_piece"),
-                    ("padding_token_id", "pad_piece")):
-        if _ids(meta, k) is not None:
-            setattr(ts, attr, tokens[_ids(meta, k)])
+    special = {unk: UNKNOWN}
+    for key, field in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
+        i = _ids(meta, f"{key}_token_id")
+        setattr(ts, f"{field}_id", -1 if i is None else i)
+        if i is None:
+            continue
+        if not 0 <= i < len(tokens):
+            raise VocabError(f"tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {len(tokens)}")
+        setattr(ts, f"{field}_piece", tokens[i])
+        if i != unk:
+            special.setdefault(i, CONTROL)
     ns = m.normalizer_spec
     ns.name = "identity"
     ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))

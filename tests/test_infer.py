@@ -84,7 +84,7 @@ def test_score_through_the_daemon_equals_forward(shared_daemon):
 def test_download_only_serves_blobs_of_models(shared_daemon):
     with shared_daemon.client() as c:
         try:
-            c._call("download", {"digest": "sha256:" + "0" * 64, "offset": 0, "size": 10})
+            c.download("sha256:" + "0" * 64, 0, 10)
             raise AssertionError("served an unknown blob")
         except errors.ModelNotFound as e:
             assert "no model in the store refers to" in str(e)
