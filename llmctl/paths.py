@@ -31,6 +31,17 @@ def user_config() -> str:
     return os.path.join(base, "llmosd", "llmosd.toml")
 
 
+def normalize_socket(url: str) -> str:
+    """An endpoint as users write it -> a ZeroMQ URL: ``ipc://``/``tcp://`` URLs stay as they
+    are; ``unix:///path`` and a plain filesystem path (absolute or relative) become ``ipc://``."""
+    url = url.strip()
+    if url.startswith("unix://"):
+        url = url[len("unix://"):]
+    elif "://" in url:
+        return url
+    return "ipc://" + os.path.abspath(url)
+
+
 def ipc_path(url: str) -> str | None:
     """The filesystem path of an ``ipc://`` URL, or None for other transports."""
     return url[len("ipc://"):] if url.startswith("ipc://") else None
@@ -40,7 +51,7 @@ def client_default_socket() -> str:
     """LLMOSD_SOCKET, else the user-mode socket if it exists (or we are not root), else system."""
     env = os.environ.get("LLMOSD_SOCKET")
     if env:
-        return env
+        return normalize_socket(env)
     user = user_socket()
     if os.path.exists(ipc_path(user)):
         return user

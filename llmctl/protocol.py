@@ -45,7 +45,7 @@ SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "rope_theta": (_F, False), "tie_embeddings": (_B, False), "force": (_B, False),
     },
     "rm": {"model": (_S, True)},
-    "tag": {"source": (_S, True), "target": (_S, True)},
+    "tag": {"source": (_S, True), "target": (_S, True), "force": (_B, False)},
     "load": {"model": (_S, True)},
     "unload": {"target": (_S, True), "force": (_B, False)},
     "generate": {"model": (_S, True), "prompt": (_S, True), **_GEN, "add_bos": (_B, False)},

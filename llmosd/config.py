@@ -31,7 +31,10 @@ class Config:
     default_max_tokens: int = 256
     max_batch: int = 16              # requests stepped together on one instance
     shutdown_grace_s: float = 3.0    # SIGTERM: how long in-flight work may finish
-    socket_mode: int = 0o660
+    socket_mode: int = 0o660         # octal: 660, 0660 and 0o660 all mean rw-rw----
+    max_uploads: int = 64            # open uploads in the whole daemon (each holds a descriptor)
+    max_uploads_per_client: int = 8  # open uploads per client connection
+    max_kv_bytes: int = 0            # KV-cache bytes all admitted requests may reserve; 0 = auto (RAM/4)
     config_file: str = field(default="", metadata={"internal": True})
 
     def resolved(self) -> "Config":
@@ -40,6 +43,8 @@ class Config:
         system = os.getuid() == 0 and not c.user
         if not c.socket:
             c.socket = paths.SYSTEM_SOCKET if system else paths.user_socket()
+        else:
+            c.socket = paths.normalize_socket(c.socket)
         if not c.state_dir:
             c.state_dir = paths.SYSTEM_STATE_DIR if system else paths.user_state_dir()
         return c
@@ -73,12 +78,42 @@ def _coerce(key: str, value, source: str):
         if typ == "int":
             if isinstance(value, bool):
                 raise ValueError(value)
+            if key == "socket_mode":
+                return parse_mode(value)
+            if key.endswith("_bytes") and isinstance(value, str):
+                return parse_size(value)
             return int(value, 0) if isinstance(value, str) else int(value)
         if typ == "float":
             return float(value)
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: '{key}' must be {typ}, got {value!r}") from None
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
+          "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_mode(value) -> int:
+    """A file mode is octal however it is written: '660', '0660', '0o660', TOML 0o660 (and a
+    TOML integer 660, whose digits are read as octal).  ValueError past 0o777."""
+    if isinstance(value, int):
+        mode = int(str(value), 8) if value > 0o777 else value
+    else:
+        mode = int(str(value).strip().lower().removeprefix("0o") or "x", 8)
+    if not 0 <= mode <= 0o777:
+        raise ValueError(value)
+    return mode
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512 MB', '1048576' -> bytes.  ValueError on anything else."""
+    import re
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(text)
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def default_config_file(user: bool) -> str:
