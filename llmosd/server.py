@@ -38,6 +38,9 @@ class Peer:
             if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
                 self.uid, self.gid, self.pid = (int(p) for p in parts[1:])
         self.streams: dict[int, Stream] = {}
+        # Things held for this client outside streams (e.g. open uploads): while non-empty the
+        # peer stays known and gets beats, so its disconnection is noticed and they are freed.
+        self.holds: set = set()
         self.backlog: collections.deque = collections.deque()
         self.last_sent = time.monotonic()
 
@@ -130,6 +133,7 @@ class Server:
         self.stopping = False
         self.stop_requested = False
         self.idle_checks: list[Callable[[], bool]] = []   # shutdown waits until all are True
+        self.on_peer_gone: list[Callable[[Peer], None]] = []   # run when a client disconnects
 
     # -- setup --------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -201,15 +205,21 @@ class Server:
             s.closed = True       # nothing more can be delivered
             s.on_cancel("client disconnected")
         peer.streams.clear()
+        for hook in self.on_peer_gone:
+            try:
+                hook(peer)
+            except Exception:
+                log.exception("peer-gone hook failed")
+        peer.holds.clear()
 
     def forget_if_idle(self, peer: Peer) -> None:
-        if not peer.streams and not peer.backlog:
+        if not peer.streams and not peer.backlog and not peer.holds:
             self.peers.pop(peer.ident, None)
 
     def _beats(self) -> None:
         now = time.monotonic()
         for peer in list(self.peers.values()):
-            if peer.streams and not peer.backlog and now - peer.last_sent >= self.heartbeat:
+            if (peer.streams or peer.holds) and not peer.backlog and now - peer.last_sent >= self.heartbeat:
                 self.send(peer, protocol.reply(0, "beat"))
 
     # -- receiving ----------------------------------------------------------------------------
