@@ -29,16 +29,23 @@ class LlmosdError(Exception):
     exit_status = EX_SOFTWARE
     default_hint = ""
 
+    MAX_TEXT = 2000     # an error never echoes more of the user's input than this
+
     def __init__(self, message: str, hint: str | None = None):
+        message = _cap(str(message), self.MAX_TEXT)
         super().__init__(message)
         self.message = message
-        self.hint = self.default_hint if hint is None else hint
+        self.hint = _cap(self.default_hint if hint is None else str(hint), self.MAX_TEXT)
 
     def to_wire(self) -> dict:
         return {"code": self.code, "name": self.name, "message": self.message, "hint": self.hint}
 
     def __str__(self) -> str:
         return self.message
+
+
+def _cap(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n] + f"... ({len(text) - n} more characters)"
 
 
 class BadRequest(LlmosdError):

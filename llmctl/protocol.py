@@ -16,6 +16,8 @@ This module imports neither torch nor zmq: it is pure data handling shared by bo
 """
 from __future__ import annotations
 
+import math
+
 import msgpack
 
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
@@ -23,47 +25,114 @@ from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, Unsuppor
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
 MINOR = 2              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
 REPLY_TYPES = ("ok", "error", "chunk", "end", "beat")
 
-# Request body schemas: field -> (accepted python types, required).  int fields accept bool? no.
+U64 = (1 << 64) - 1
+NAME_MAX = 300            # 'namespace/name:tag' is at most 256 characters; a little slack
+
+
+class Field:
+    """One body field: accepted types, whether required, and its range.  ``lo``/``hi`` bound
+    numbers, ``max_len`` bounds str/bytes/list/dict lengths, ``choices`` lists legal strings,
+    ``items`` is the type every list element (or dict key and value) must have."""
+
+    __slots__ = ("types", "required", "lo", "hi", "max_len", "choices", "items")
+
+    def __init__(self, types, required=False, *, lo=None, hi=None, max_len=None, choices=None,
+                 items=None):
+        self.types, self.required = types, required
+        self.lo, self.hi, self.max_len, self.choices, self.items = lo, hi, max_len, choices, items
+
+    def check(self, mtype: str, name: str, val) -> None:
+        """Raise InvalidArgument naming the field, the message type and what is legal."""
+        where = f"field '{name}' of '{mtype}'"
+        if not isinstance(val, self.types) or (isinstance(val, bool) and bool not in self.types):
+            want = " or ".join(t.__name__ for t in self.types)
+            raise InvalidArgument(f"{where} must be {want}, got {type(val).__name__}")
+        if isinstance(val, float) and not math.isfinite(val):
+            raise InvalidArgument(f"{where} must be a finite number, got {val}")
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            if (self.lo is not None and val < self.lo) or (self.hi is not None and val > self.hi):
+                raise InvalidArgument(f"{where} must be between {self.lo} and {self.hi}, got {_short(val)}")
+        if self.max_len is not None and isinstance(val, (str, bytes, list, dict)) and len(val) > self.max_len:
+            raise InvalidArgument(f"{where} is too long ({len(val)} > {self.max_len})")
+        if self.choices is not None and val not in self.choices:
+            raise InvalidArgument(f"{where} must be one of {', '.join(self.choices)}, got {_short(val)}")
+        if self.items is not None and isinstance(val, list):
+            for i, x in enumerate(val):
+                if not isinstance(x, self.items) or isinstance(x, bool):
+                    raise InvalidArgument(f"{where}: item {i} must be {self.items[0].__name__}, "
+                                          f"got {type(x).__name__}")
+        if self.items is not None and isinstance(val, dict):
+            for k, v in val.items():
+                if not isinstance(k, str) or not isinstance(v, self.items):
+                    raise InvalidArgument(f"{where}: every key and value must be "
+                                          f"{self.items[0].__name__}")
+
+
+def _short(val, n: int = 80) -> str:
+    """repr of a value for an error message, cut so that echoed input stays small."""
+    r = repr(val)
+    return r if len(r) <= n else r[:n] + f"... ({len(r) - n} more characters)"
+
+
 _S, _I, _F, _B, _L, _Y = (str,), (int,), (int, float), (bool,), (list,), (bytes, str)
-_GEN = {"max_tokens": (_I, False), "temperature": (_F, False), "top_k": (_I, False),
-        "top_p": (_F, False), "min_p": (_F, False), "repetition_penalty": (_F, False),
-        "seed": (_I, False), "stop": (_L, False), "logprobs": (_I, False)}
-SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
-    "hello": {"client": (_S, False), "version": (_I, True)},
+
+
+def _name(required=True):
+    return Field(_S, required, max_len=NAME_MAX)
+
+
+_GEN = {"max_tokens": Field(_I, lo=1, hi=1_000_000), "temperature": Field(_F, lo=0, hi=100),
+        "top_k": Field(_I, lo=0, hi=1_000_000), "top_p": Field(_F, lo=0, hi=1),
+        "min_p": Field(_F, lo=0, hi=1), "repetition_penalty": Field(_F, lo=0.01, hi=100),
+        "seed": Field(_I, lo=0, hi=U64), "stop": Field(_L, max_len=16, items=(str,)),
+        "logprobs": Field(_I, lo=0, hi=20)}
+_DIGEST = Field(_S, True, max_len=80)
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+# Request body schemas: one per message type, every field typed and ranged (see Field).
+SCHEMAS: dict[str, dict[str, Field]] = {
+    "hello": {"client": Field(_S, max_len=256), "version": Field(_I, True, lo=0, hi=1 << 31)},
     "ping": {},
     "status": {},
     "ps": {},
     "ls": {},
-    "show": {"model": (_S, True)},
+    "show": {"model": _name()},
     "create": {
-        "name": (_S, True), "layers": (_I, True), "dim": (_I, True), "heads": (_I, True),
-        "kv_heads": (_I, False), "vocab_size": (_I, False), "text": (_Y, True),
-        "seed": (_I, False), "hidden_dim": (_I, False), "context": (_I, False),
-        "rope_theta": (_F, False), "tie_embeddings": (_B, False), "force": (_B, False),
+        "name": _name(), "layers": Field(_I, True, lo=1, hi=1024),
+        "dim": Field(_I, True, lo=1, hi=65536), "heads": Field(_I, True, lo=1, hi=1024),
+        "kv_heads": Field(_I, lo=1, hi=1024), "vocab_size": Field(_I, lo=1, hi=4_000_000),
+        "text": Field(_Y, True), "seed": Field(_I, lo=0, hi=U64),
+        "hidden_dim": Field(_I, lo=1, hi=1 << 20), "context": Field(_I, lo=1, hi=1 << 20),
+        "rope_theta": Field(_F, lo=1e-6, hi=1e12), "tie_embeddings": Field(_B),
+        "force": Field(_B),
     },
-    "rm": {"model": (_S, True)},
-    "tag": {"source": (_S, True), "target": (_S, True), "force": (_B, False)},
-    "load": {"model": (_S, True)},
-    "unload": {"target": (_S, True), "force": (_B, False)},
-    "generate": {"model": (_S, True), "prompt": (_S, True), **_GEN, "add_bos": (_B, False)},
-    "chat": {"model": (_S, True), "messages": (_L, True), **_GEN},
-    "score": {"model": (_S, True), "text": (_S, True), "add_bos": (_B, False)},
-    "embed": {"model": (_S, True), "inputs": (_L, True), "pooling": (_S, False),
-              "normalize": (_B, False)},
-    "classify": {"model": (_S, True), "inputs": (_L, True), "labels": (_L, True),
-                 "template": (_S, False)},
-    "cancel": {"target": (_I, True)},
-    "upload": {"digest": (_S, True), "size": (_I, True)},
-    "upload_chunk": {"digest": (_S, True), "offset": (_I, True), "data": ((bytes,), True)},
-    "download": {"digest": (_S, True), "offset": (_I, True), "size": (_I, True)},
-    "import": {"name": (_S, True), "files": ((dict,), True), "format": (_S, False),
-               "force": (_B, False), "dtype": (_S, False)},
+    "rm": {"model": _name()},
+    "tag": {"source": _name(), "target": _name(), "force": Field(_B)},
+    "load": {"model": _name()},
+    "unload": {"target": _name(), "force": Field(_B)},
+    "generate": {"model": _name(), "prompt": Field(_S, True), **_GEN, "add_bos": Field(_B)},
+    "chat": {"model": _name(), "messages": Field(_L, True, max_len=100_000, items=(dict,)), **_GEN},
+    "score": {"model": _name(), "text": Field(_S, True), "add_bos": Field(_B)},
+    "embed": {"model": _name(), "inputs": Field(_L, True, max_len=256, items=(str,)),
+              "pooling": Field(_S, choices=("mean", "last")), "normalize": Field(_B)},
+    "classify": {"model": _name(), "inputs": Field(_L, True, max_len=256, items=(str,)),
+                 "labels": Field(_L, True, max_len=64, items=(str,)),
+                 "template": Field(_S, max_len=65536)},
+    "cancel": {"target": Field(_I, True, lo=0, hi=U64)},
+    "upload": {"digest": _DIGEST, "size": Field(_I, True, lo=0, hi=1 << 40)},
+    "upload_chunk": {"digest": _DIGEST, "offset": Field(_I, True, lo=0, hi=1 << 40),
+                     "data": Field((bytes,), True, max_len=UPLOAD_CHUNK)},
+    "download": {"digest": _DIGEST, "offset": Field(_I, True, lo=0, hi=1 << 40),
+                 "size": Field(_I, True, lo=1, hi=UPLOAD_CHUNK)},
+    "import": {"name": _name(), "files": Field((dict,), True, max_len=1000, items=(str,)),
+               "format": Field(_S, choices=("hf", "gguf")), "force": Field(_B),
+               "dtype": Field(_S, choices=DTYPES)},
 }
 STREAMING = frozenset({"create", "generate", "chat", "import"})
-UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
 
 def encode(msg: dict) -> bytes:
@@ -95,15 +164,22 @@ def decode(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> dict:
                          hint="each frame must be one msgpack map; see llmosd-protocol(7)") from None
     if not isinstance(msg, dict):
         raise BadRequest(f"message must be a msgpack map, got {type(msg).__name__}")
-    for key, types in (("v", (int,)), ("id", (int,)), ("type", (str,))):
-        if key not in msg:
-            raise BadRequest(f"message lacks the '{key}' field")
-        if not isinstance(msg[key], types) or isinstance(msg[key], bool):
-            raise BadRequest(f"field '{key}' must be {types[0].__name__}, got {type(msg[key]).__name__}")
-    if "body" not in msg:
-        msg["body"] = {}
-    if not isinstance(msg["body"], dict):
-        raise BadRequest(f"field 'body' must be a map, got {type(msg['body']).__name__}")
+    rid = msg.get("id")
+    try:
+        for key, types in (("v", (int,)), ("id", (int,)), ("type", (str,))):
+            if key not in msg:
+                raise BadRequest(f"message lacks the '{key}' field")
+            if not isinstance(msg[key], types) or isinstance(msg[key], bool):
+                raise BadRequest(f"field '{key}' must be {types[0].__name__}, got {type(msg[key]).__name__}")
+        if not 0 <= msg["id"] <= U64:
+            raise BadRequest(f"field 'id' must be between 0 and {U64}")
+        if "body" not in msg:
+            msg["body"] = {}
+        if not isinstance(msg["body"], dict):
+            raise BadRequest(f"field 'body' must be a map, got {type(msg['body']).__name__}")
+    except BadRequest as e:      # echo the id when there is one, so the client can match it
+        e.rid = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= U64 else 0
+        raise
     return msg
 
 
@@ -125,24 +201,23 @@ def _peek_id(data: bytes) -> int:
 
 
 def check_request(msg: dict) -> None:
-    """Validate a decoded request envelope and its body against SCHEMAS."""
+    """Validate a decoded request envelope and its body against SCHEMAS (types, ranges,
+    lengths, choices) so that handlers only ever see well-formed values."""
     if msg["v"] != VERSION:
-        raise UnsupportedVersion(f"protocol version {msg['v']} is not supported (daemon speaks {VERSION})")
+        raise UnsupportedVersion(f"protocol version {_short(msg['v'])} is not supported (daemon speaks {VERSION})")
     schema = SCHEMAS.get(msg["type"])
     if schema is None:
-        raise UnknownType(f"unknown message type {msg['type']!r}",
+        raise UnknownType(f"unknown message type {_short(msg['type'])}",
                           hint="known types: " + ", ".join(sorted(SCHEMAS)))
-    body = msg["body"]
-    for field, (types, required) in schema.items():
-        if field not in body or body[field] is None:
-            if required:
-                raise InvalidArgument(f"'{msg['type']}' needs the field '{field}'")
+    # nil means "not given" for every optional field: handlers never see None
+    body = msg["body"] = {k: v for k, v in msg["body"].items() if v is not None}
+    for name, f in schema.items():
+        if name not in body or body[name] is None:
+            if f.required:
+                raise InvalidArgument(f"'{msg['type']}' needs the field '{name}'")
             continue
-        val = body[field]
-        if not isinstance(val, types) or (isinstance(val, bool) and bool not in types):
-            want = " or ".join(t.__name__ for t in types)
-            raise InvalidArgument(f"field '{field}' of '{msg['type']}' must be {want}, "
-                                  f"got {type(val).__name__}")
+        f.check(msg["type"], name, body[name])
     extra = set(body) - set(schema)
     if extra:
-        raise InvalidArgument(f"unknown field(s) for '{msg['type']}': {', '.join(sorted(map(str, extra)))}")
+        raise InvalidArgument(f"unknown field(s) for '{msg['type']}': "
+                              + _short(", ".join(sorted(map(str, extra)))))

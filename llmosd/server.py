@@ -7,8 +7,9 @@ Requests are decoded and checked here, then passed to the handler (``ops.Ops.dis
 
 Flow control: sends never block.  With ROUTER_MANDATORY, a full pipe (the client is slow)
 raises EAGAIN and the message waits in that peer's backlog; a vanished peer raises EHOSTUNREACH
-and all its streams are cancelled.  Idle streams get a ``beat`` every ``heartbeat_ms`` so a
-client that died quietly is noticed within about one beat.
+and all its streams are cancelled.  A client with anything open (streams, unanswered requests,
+uploads) gets a ``beat`` every ``heartbeat_ms`` when idle, so one that died quietly is noticed
+within about one beat.  A request id is unique among a client's unanswered requests.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable
 import zmq
 
 from llmctl import protocol
-from llmctl.errors import BadRequest, Internal, LlmosdError, ShuttingDown
+from llmctl.errors import BadRequest, Internal, LlmosdError, ShuttingDown, TooLarge
 
 log = logging.getLogger("llmosd.server")
 
@@ -41,6 +42,7 @@ class Peer:
         # Things held for this client outside streams (e.g. open uploads): while non-empty the
         # peer stays known and gets beats, so its disconnection is noticed and they are freed.
         self.holds: set = set()
+        self.open_ids: set[int] = set()     # request ids not answered yet (any request type)
         self.backlog: collections.deque = collections.deque()
         self.last_sent = time.monotonic()
 
@@ -82,6 +84,7 @@ class Stream:
     def _close(self) -> None:
         self.closed = True
         self.peer.streams.pop(self.rid, None)
+        self.peer.open_ids.discard(self.rid)
         self.server.forget_if_idle(self.peer)
 
 
@@ -97,11 +100,18 @@ class Ctx:
         return self.peer.uid
 
     def ok(self, body: dict | None = None) -> None:
+        self._answered()
         self.server.send(self.peer, protocol.reply(self.rid, "ok", body))
 
     def error(self, err: LlmosdError | dict) -> None:
+        self._answered()
         body = err if isinstance(err, dict) else err.to_wire()
         self.server.send(self.peer, protocol.reply(self.rid, "error", body))
+
+    def _answered(self) -> None:
+        if self.rid not in self.peer.streams:
+            self.peer.open_ids.discard(self.rid)
+            self.server.forget_if_idle(self.peer)
 
     def stream(self, on_cancel: Callable[[str], None]) -> Stream:
         s = Stream(self.server, self.peer, self.rid, on_cancel)
@@ -121,8 +131,13 @@ class Server:
         self.sock.setsockopt(zmq.RCVHWM, send_hwm)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_message + (1 << 20))
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, max(100, heartbeat_ms * 2))
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(300, heartbeat_ms * 6))
+        # No ZMTP heartbeats: a client whose reader pauses would be dropped on a heartbeat
+        # timeout, and that path trips a libzmq assertion in the client (libzmq #3596/#3937).
+        # Liveness is ours instead: `beat` replies, whose failed delivery (EHOSTUNREACH) says
+        # the client is gone.  TCP peers get keepalives so a dead host is noticed too.
+        self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        self.sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
+        self.sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
         self.socket_mode = socket_mode
         self.peers: dict[bytes, Peer] = {}
         self._calls: collections.deque = collections.deque()
@@ -167,6 +182,11 @@ class Server:
     # -- sending ------------------------------------------------------------------------------
     def send(self, peer: Peer, msg: dict, on_sent: Callable[[], None] | None = None) -> None:
         data = protocol.encode(msg)
+        if len(data) > self.max_message:     # the client would drop it as too large
+            err = TooLarge(f"the reply to request {msg['id']} would be {len(data)} bytes, more "
+                           f"than the {self.max_message}-byte message limit",
+                           hint="ask for less at once (shorter text, fewer inputs)")
+            data = protocol.encode(protocol.reply(msg["id"], "error", err.to_wire()))
         if peer.backlog or self._try_send(peer, data, on_sent) == "again":
             peer.backlog.append((data, on_sent))
 
@@ -213,13 +233,14 @@ class Server:
         peer.holds.clear()
 
     def forget_if_idle(self, peer: Peer) -> None:
-        if not peer.streams and not peer.backlog and not peer.holds:
+        if not peer.streams and not peer.backlog and not peer.holds and not peer.open_ids:
             self.peers.pop(peer.ident, None)
 
     def _beats(self) -> None:
         now = time.monotonic()
         for peer in list(self.peers.values()):
-            if (peer.streams or peer.holds) and not peer.backlog and now - peer.last_sent >= self.heartbeat:
+            if ((peer.streams or peer.holds or peer.open_ids) and not peer.backlog
+                    and now - peer.last_sent >= self.heartbeat):
                 self.send(peer, protocol.reply(0, "beat"))
 
     # -- receiving ----------------------------------------------------------------------------
@@ -251,9 +272,16 @@ class Server:
             protocol.check_request(msg)
             if self.stopping and msg["type"] not in ("cancel", "ping", "hello"):
                 raise ShuttingDown("llmosd is shutting down")
-            if rid in peer.streams:
-                raise BadRequest(f"request id {rid} is already in use by an open stream")
-            self.handler(Ctx(self, peer, msg))
+            if rid in peer.open_ids:
+                raise BadRequest(f"request id {rid} is already in use by an unanswered request",
+                                 hint="use a new id for every request on a connection")
+            peer.open_ids.add(rid)
+            try:
+                self.handler(Ctx(self, peer, msg))
+            except BaseException:
+                if rid not in peer.streams:
+                    peer.open_ids.discard(rid)
+                raise
         except LlmosdError as e:
             rid = getattr(e, "rid", rid)
             log.debug("request %s from %r refused: %s", rid, peer, e)
