@@ -47,6 +47,8 @@ class Job:
     progress: dict = field(default_factory=dict)
     error: str = ""
     process: mp.Process | None = None
+    blobs: set = field(default_factory=set)   # blobs the worker added to the store
+
 
     def transition(self, new: JobState) -> None:
         if new not in LEGAL.get(self.state, set()):
@@ -67,10 +69,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _report_new_blobs(conn) -> None:
+    """In the worker: tell the daemon of each blob the job adds, so that a job that fails (or
+    whose manifest cannot be published) leaves no orphan blobs behind."""
+    from .store import Store
+    put = Store.put_blob
+
+    def put_blob(self, data):
+        digest, size = put(self, data)
+        conn.send(("blob", digest))
+        return digest, size
+    Store.put_blob = put_blob
+
+
 def _worker_main(conn, func: str, spec: dict, store_root: str, threads: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the daemon decides when we stop
     try:
+        _report_new_blobs(conn)
         import torch
         torch.set_num_threads(threads)
         mod, name = func.split(":")
@@ -119,6 +135,8 @@ class JobRunner:
                     break
                 if msg[0] == "progress":
                     self.post(on_progress, job, msg[1])
+                elif msg[0] == "blob":
+                    job.blobs.add(msg[1])
                 elif msg[0] == "result":
                     result = msg[1]
                 elif msg[0] == "error":
