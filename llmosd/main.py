@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
+import threading
+import time
 
 import llmosd
 from llmctl import paths
-from llmctl.errors import EX_CONFIG, LlmosdError
+from llmctl.errors import EX_CONFIG, ConfigError, LlmosdError
 from . import config as config_mod
 
 log = logging.getLogger("llmosd")
@@ -62,36 +65,39 @@ def main(argv=None) -> int:
 
 
 def serve(cfg) -> int:
-    # torch is imported here, not at module level, so --help and --print-config stay fast.
-    import torch
-
-    from .instances import InstanceManager
-    from .jobs import JobRunner
-    from .loader import resolve_device, resolve_dtype
-    from .ops import Ops
-    from .server import Server
     from .store import Store
     from .system import PidLock, sd_notify
-    from .uploads import Uploads
 
+    raise_fd_limit()
     sock_path = paths.ipc_path(cfg.socket)
     if sock_path:
-        os.makedirs(os.path.dirname(sock_path), mode=0o750, exist_ok=True)
-        os.chmod(os.path.dirname(sock_path), 0o750)
-    os.makedirs(cfg.state_dir, mode=0o750, exist_ok=True)
+        prepare_dir(os.path.dirname(sock_path), "socket directory",
+                    hint="choose another --socket" + ("" if os.environ.get("XDG_RUNTIME_DIR") else
+                                                      ", or set XDG_RUNTIME_DIR"))
+    prepare_dir(cfg.state_dir, "state directory", hint="choose another --state-dir")
     state_lock = PidLock(os.path.join(cfg.state_dir, "llmosd.lock")).acquire()
     sock_lock = PidLock(sock_path + ".lock").acquire() if sock_path else None
     server = None
     try:
+        store = Store(os.path.join(cfg.state_dir, "store"))
+        rec = store.recover()
+        if any(rec.values()):
+            log.info("store recovery: removed %d temp file(s), %d orphan blob(s), %d stray link(s)",
+                     rec["temp_files"], rec["orphan_blobs"], rec["links"])
+        # torch is imported only now, so --help, --print-config and refusals to start stay fast.
+        import torch
+
+        from .instances import InstanceManager
+        from .jobs import JobRunner
+        from .loader import resolve_device, resolve_dtype
+        from .ops import Ops
+        from .server import Server
+        from .uploads import Uploads
+
         threads = cfg.torch_threads()
         torch.set_num_threads(threads)
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        store = Store(os.path.join(cfg.state_dir, "store"))
-        rec = store.recover()
-        if any(rec.values()):
-            log.info("store recovery: removed %d temp file(s), %d orphan blob(s)",
-                     rec["temp_files"], rec["orphan_blobs"])
         server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,
                         heartbeat_ms=cfg.heartbeat_ms, socket_mode=cfg.socket_mode)
         manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
@@ -113,11 +119,80 @@ def serve(cfg) -> int:
             sd_notify("STOPPING=1\nSTATUS=stopping")
             ops.shutdown()
         server.run(on_stop, cfg.shutdown_grace_s)
-        log.info("stopped")
-        return 0
     finally:
         if server is not None:
             server.close()
         if sock_lock:
             sock_lock.release()
         state_lock.release(remove=False)
+    stuck = wait_for_workers(cfg.shutdown_grace_s + 5.0)
+    if stuck:
+        # Exiting the interpreter while a thread is inside torch makes the C++ runtime abort
+        # ("terminate called without an active exception", status 134): leave without it.
+        log.warning("stopped; %s still busy in a forward pass, exiting without waiting",
+                    ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    log.info("stopped")
+    return 0
+
+
+def make_dirs(path: str, mode: int = 0o750) -> list[str]:
+    """Create directory ``path`` and its missing parents (parents as os.makedirs would);
+    return the directories this call created, outermost first.  One that appears meanwhile
+    (made by someone else) is not in the list."""
+    missing, p = [], os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    created = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode if d == missing[0] else 0o777)
+        except FileExistsError:
+            continue
+        created.append(d)
+    return created
+
+
+def prepare_dir(path: str, what: str, hint: str) -> None:
+    """Make sure ``path`` is a directory the daemon may use: one it creates now gets mode
+    0750 whatever the umask; one that was there keeps its mode and must pass
+    ``paths.check_private_dir`` (a sticky /tmp-like directory of root's passes: others
+    cannot replace our entries in it).  Raises ConfigError naming the directory."""
+    path = os.path.abspath(path)
+    if path in make_dirs(path):
+        os.chmod(path, 0o750)
+        return
+    problem = paths.check_private_dir(path, os.geteuid(), shared_ok=True)
+    if problem:
+        raise ConfigError(f"{what} {path} {problem}; llmosd uses only directories it made or "
+                          "that no other user can change",
+                          hint=f"remove it or fix its owner and mode (e.g. chmod go-w), or {hint}")
+
+
+def raise_fd_limit(want: int = 65536) -> None:
+    """Raise the soft RLIMIT_NOFILE to min(hard, ``want``): running out of descriptors makes
+    libzmq abort, so keep that limit far away."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.debug("cannot raise the descriptor limit from %d: %s", soft, e)
+            return
+        log.debug("descriptor limit raised from %d to %d", soft, target)
+
+
+def wait_for_workers(timeout: float, prefixes: tuple = ("engine-", "load-")) -> list[str]:
+    """Join the threads whose names start with ``prefixes`` (engines and loaders, which run
+    torch) for up to ``timeout`` seconds in all; return the names of those still alive."""
+    deadline = time.monotonic() + timeout
+    workers = [t for t in threading.enumerate()
+               if t.name.startswith(prefixes) and t is not threading.current_thread()]
+    for t in workers:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [t.name for t in workers if t.is_alive()]

@@ -1,11 +1,38 @@
 """The daemon's dealings with its host: the single-instance lock and systemd notification."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import stat
 
 from llmctl.errors import ConfigError
+
+
+def open_private_file(path: str, what: str, mode: int = 0o640) -> int:
+    """Open (creating if missing) a read-write file of ours at ``path`` without following a
+    symbolic link: a link planted there (say to a root-only file) is refused, never truncated.
+
+    Raises ConfigError for a link, a non-regular file, or a file owned by another user."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ConfigError(f"{what} {path} is a symbolic link; llmosd does not follow links there",
+                              hint="remove it (someone else may have planted it) and start again") from None
+        raise
+    st = os.fstat(fd)
+    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+               f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}" if st.st_uid != os.geteuid()
+               else None)
+    if problem:
+        os.close(fd)
+        raise ConfigError(f"{what} {path} {problem}",
+                          hint="remove it (someone else may have made it) and start again")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class PidLock:
@@ -20,11 +47,11 @@ class PidLock:
 
     def acquire(self) -> "PidLock":
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = open_private_file(self.path, "lock file")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                other = os.read(fd, 32).decode(errors="replace").strip()
+                other = os.read(fd, 32).decode(errors="replace").strip()[:20]
                 os.close(fd)
                 raise ConfigError(f"another llmosd (pid {other or '?'}) is already running on this "
                                   f"socket/state (lock {self.path})",
@@ -32,7 +59,7 @@ class PidLock:
             # the holder may have removed the file between our open and flock: retry then
             st = os.fstat(fd)
             try:
-                same = os.stat(self.path).st_ino == st.st_ino
+                same = os.lstat(self.path).st_ino == st.st_ino
             except FileNotFoundError:
                 same = False
             if same:

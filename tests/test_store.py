@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 
@@ -44,6 +45,7 @@ def test_manifest_publish_copy_remove(tmp_path):
     with pytest.raises(errors.AlreadyExists):
         s.write_manifest("a:latest", m)
     assert s.copy("a", "b:v1") == "b:v1"
+    assert s.copy("a", "b:v1") == "b:v1"         # the same content again: a no-op
     assert s.get("b:v1")[2] == digest            # same content, same digest
     assert [r for r, _, _ in s.list()] == ["a:latest", "b:v1"]
     assert s.remove("a")["freed_bytes"] == 0     # b still names the blobs
@@ -65,7 +67,7 @@ def test_recover_drops_temp_and_orphans_only(tmp_path):
     s.write_manifest("keep", manifest(s))
     orphan, _ = s.put_blob(b"orphan from a crashed create")
     open(os.path.join(s.tmp, "blob-half"), "wb").write(b"half")
-    assert s.recover() == {"temp_files": 1, "orphan_blobs": 1}
+    assert s.recover() == {"temp_files": 1, "orphan_blobs": 1, "links": 0}
     assert not s.has_blob(orphan)
     _, man, _ = s.get("keep")
     assert all(s.has_blob(d) for d in s.blob_digests(man))
@@ -76,7 +78,7 @@ def test_manifest_is_never_half_written(tmp_path, monkeypatch):
     s.write_manifest("m", manifest(s, b"v1"))
     before = s.get("m")
 
-    def boom(*a):
+    def boom(*a, **kw):
         raise OSError("disk died")
     monkeypatch.setattr(os, "rename", boom)
     with pytest.raises(OSError):
@@ -84,3 +86,138 @@ def test_manifest_is_never_half_written(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert s.get("m") == before
     json.loads(open(s._manifest_path("m", "latest")).read())
+    assert os.listdir(s.tmp) == []               # the failed write left no temp file
+
+
+def test_i8_7_names_not_stripped(tmp_path):
+    s = Store(str(tmp_path))
+    s.write_manifest("tiny", manifest(s))
+    for bad in (" tiny ", "tiny ", " tiny", "tiny\n", "tiny:latest\n", "\ttiny"):
+        with pytest.raises(errors.InvalidArgument):
+            s.get(bad)
+        with pytest.raises(errors.InvalidArgument):
+            s.remove(bad)
+    with pytest.raises(errors.InvalidArgument) as e:
+        parse_ref(" tiny ")
+    assert "spaces" in e.value.hint
+    assert s.get("tiny")[0] == "tiny:latest"
+
+
+def test_i7_11_invalid_name_echo_is_capped():
+    with pytest.raises(errors.InvalidArgument) as e:
+        parse_ref("X" * (15 << 20))
+    assert len(e.value.message) < 300 and "characters" in e.value.message
+
+
+def test_i7_12_name_namespace_collision(tmp_path):
+    s = Store(str(tmp_path))
+    m = manifest(s)
+    s.write_manifest("dir:sub", m)                # manifests/dir/sub is a file
+    with pytest.raises(errors.ModelNotFound):
+        s.get("dir/sub:x")
+    with pytest.raises(errors.InvalidArgument) as e:
+        s.write_manifest("dir/sub:x", m)
+    assert "dir:sub" in e.value.message and str(tmp_path) not in e.value.message + e.value.hint
+    with pytest.raises(errors.InvalidArgument):
+        s.copy("dir:sub", "dir/sub:x")
+    with pytest.raises(errors.InvalidArgument):
+        s.check_free("dir/sub:y")                 # the same answer before any work is done
+    with pytest.raises(errors.AlreadyExists):
+        s.check_free("dir:sub")
+    s.check_free("dir:sub", replace=True)
+    s.check_free("new/name:v1")
+    assert not os.path.exists(os.path.join(s.manifests, "new"))
+    s.write_manifest("other/name:v1", m)          # manifests/other/name is a directory
+    for ref in ("other:name", "other"):
+        with pytest.raises(errors.ModelNotFound) as nf:
+            s.get(ref)
+        assert str(tmp_path) not in nf.value.message
+        with pytest.raises(errors.ModelNotFound):
+            s.remove(ref)
+    for replace in (False, True):
+        with pytest.raises(errors.InvalidArgument) as e:
+            s.write_manifest("other:name", m, replace=replace)
+        assert "other/name" in e.value.message and str(tmp_path) not in e.value.message + e.value.hint
+        with pytest.raises(errors.InvalidArgument):
+            s.check_free("other:name", replace=replace)
+    assert [r for r, _, _ in s.list()] == ["dir:sub", "other/name:v1"]
+
+
+def test_i8_4_tag_replace_frees_blobs(tmp_path):
+    s = Store(str(tmp_path))
+    s.write_manifest("a", manifest(s, b"weights of a"))
+    s.write_manifest("b", manifest(s, b"weights of b"))
+    with pytest.raises(errors.AlreadyExists) as e:
+        s.copy("a", "b")                          # b is another model: not without --force
+    assert "--force" in e.value.hint
+    assert s.get("b")[2] != s.get("a")[2]
+    b_weights = s.get("b")[1]["weights"]["digest"]
+    assert s.copy("a", "b", replace=True) == "b:latest"
+    assert s.get("b")[2] == s.get("a")[2]
+    assert not s.has_blob(b_weights)              # b's old weights went with the old b
+    shared = s.get("a")[1]["config"]["digest"]
+    assert s.has_blob(shared)
+    # replacing through write_manifest frees the old blobs too, keeping those still named
+    s.write_manifest("c", manifest(s, b"weights of c"))
+    c_weights = s.get("c")[1]["weights"]["digest"]
+    s.write_manifest("c", manifest(s, b"weights of c2"), replace=True)
+    assert not s.has_blob(c_weights) and s.has_blob(shared)
+    assert s.remove("b")["freed_bytes"] == 0      # a still names everything b named
+    assert s.remove("a")["freed_bytes"] > 0
+
+
+def test_i7_3_store_symlinks_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_text('{"config": {"digest": "sha256:' + "0" * 64 + '"}}')
+    s = Store(str(tmp_path / "store"))
+    s.write_manifest("real", manifest(s))
+    os.symlink(secret, os.path.join(s.manifests, "real", "evil"))      # real:evil -> outside
+    os.symlink(outside, os.path.join(s.manifests, "ns"))              # ns/*:* -> outside dir
+    (outside / "x").mkdir()
+    (outside / "x" / "latest").write_text("{}")
+    with pytest.raises(errors.StoreCorrupt) as e:
+        s.get("real:evil")
+    assert str(tmp_path) not in e.value.message + e.value.hint
+    with pytest.raises(errors.StoreCorrupt):
+        s.remove("real:evil")
+    with pytest.raises(errors.StoreCorrupt):
+        s.get("ns/x")
+    with pytest.raises(errors.StoreCorrupt):
+        s.remove("ns/x")
+    with pytest.raises(errors.StoreCorrupt):
+        s.write_manifest("ns/y", manifest(s))
+    assert [r for r, _, _ in s.list()] == ["real:latest"]
+    assert secret.exists() and (outside / "x" / "latest").exists()
+    assert not (outside / "y").exists()
+    # a blob that is a link is never read; recovery removes the link, not its target
+    target = outside / "blob"
+    target.write_bytes(b"abc")
+    d = "sha256:" + hashlib.sha256(b"abc").hexdigest()
+    os.symlink(target, s.blob_path(d))
+    with pytest.raises(errors.StoreCorrupt):
+        s.read_blob(d)
+    assert not s.has_blob(d)
+    # temp entries: links and directories go, nothing they point at
+    os.symlink(outside, os.path.join(s.tmp, "dirlink"))
+    os.symlink(secret, os.path.join(s.tmp, "filelink"))
+    os.mkdir(os.path.join(s.tmp, "sub"))
+    os.symlink(outside, os.path.join(s.tmp, "sub", "inner"))
+    assert s.recover() == {"temp_files": 3, "orphan_blobs": 0, "links": 1}
+    assert os.listdir(s.tmp) == [] and target.read_bytes() == b"abc" and secret.exists()
+    assert sorted(os.listdir(outside)) == ["blob", "secret", "x"]
+
+
+@pytest.mark.parametrize("entry", ["tmp", "manifests", "blobs"])
+def test_i7_3_store_dir_links_are_refused(tmp_path, entry):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    root = tmp_path / "store"
+    root.mkdir()
+    os.symlink(outside, root / entry)
+    with pytest.raises(errors.StoreCorrupt) as e:
+        Store(str(root))
+    assert "symbolic link" in e.value.message
+    assert (outside / "precious").read_text() == "keep me"
