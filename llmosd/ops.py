@@ -293,6 +293,7 @@ class Ops:
                                     hint="choose another name, or pass --force to replace it")
         except ModelNotFound:
             pass
+        self.store.check_free(canon, replace=force)    # a name/namespace clash, refused up front
         if self._loaded_ids(canon):
             raise Busy(f"{canon} is loaded; unload it before replacing it")
         if any(j.target == canon for j in self.jobs.jobs.values()):
