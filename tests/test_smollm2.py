@@ -27,7 +27,9 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village by 
 def smol(shared_daemon):
     shared_daemon.cli("import", GGUF, "smollm2", timeout=300)
     yield shared_daemon
+    # leave the shared daemon as found: later tests must not see (or list) this model
     shared_daemon.cli("unload", "smollm2", "--force", check=False)
+    shared_daemon.cli("rm", "smollm2", check=False)
 
 
 @pytest.fixture(scope="module")
