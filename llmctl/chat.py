@@ -2,7 +2,9 @@
 
 Reads one message per line from a terminal (with a prompt and line editing) or from a pipe (a
 script), keeps the history, and prints each reply as it streams.  Ctrl-C stops the reply being
-written (the partial reply is kept in the history); Ctrl-D or /bye leaves.
+written (the partial reply is kept in the history); Ctrl-D or /bye leaves.  For a model without
+a chat template (``plain``, from ``llmctl run``) each message is continued as plain text, with
+no history.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import sys
 
 from .errors import DaemonUnavailable, LlmosdError
+from .format import StatusLine
 
 HELP = """commands:
   /reset          forget the conversation (the system message stays)
@@ -21,9 +24,9 @@ end a line with \\ to continue the message on the next line"""
 
 class ChatSession:
     def __init__(self, client, model: str, opts: dict, *, system: str | None = None,
-                 as_json: bool = False, verbose: bool = False, stats_line=None):
+                 as_json: bool = False, verbose: bool = False, stats_line=None, plain: bool = False):
         self.client, self.model, self.opts = client, model, opts
-        self.system, self.as_json, self.verbose = system, as_json, verbose
+        self.system, self.as_json, self.verbose, self.plain = system, as_json, verbose, plain
         self.stats_line = stats_line or (lambda s: str(s))
         self.history: list[dict] = []
 
@@ -79,26 +82,38 @@ class ChatSession:
         (say, a conversation grown past the context) is shown and the turn dropped; in a
         script it ends the session with that error."""
         self.history.append({"role": "user", "content": text})
-        gen = self.client.chat(self.model, self.messages(), **self.opts)
+        if self.plain:
+            gen = self.client.generate(self.model, text, **self.opts)
+        else:
+            gen = self.client.chat(self.model, self.messages(), **self.opts)
         parts = []
+        note = StatusLine(enabled=tty and not self.as_json)
         try:
             for piece in gen:
+                if (getattr(gen, "chunks", None) or [{}])[-1].get("loading"):
+                    note.update(f"loading {self.model}...")
                 parts.append(piece)
-                if not self.as_json:
+                if not self.as_json and piece:
+                    note.clear()
                     out.write(piece)
                     out.flush()
         except KeyboardInterrupt:
+            note.clear()
             gen.cancel()
             self._note("\n(reply stopped)")
         except LlmosdError as e:
+            note.clear()
             if not tty or isinstance(e, DaemonUnavailable):
                 raise
             self.history.pop()
             self._note(f"error: {e}" + (f" ({e.hint})" if e.hint else "")
                        + "; try /reset if the conversation is too long")
             return
+        note.clear()
         answer = "".join(parts)
         self.history.append({"role": "assistant", "content": answer})
+        if self.plain:                      # no template, so no conversation to keep
+            self.history = []
         if self.as_json:
             print(json.dumps({"role": "assistant", "content": answer, **(gen.stats or {})},
                              ensure_ascii=False), file=out)
@@ -116,6 +131,8 @@ class ChatSession:
             except ImportError:
                 pass
             self._note(f"chatting with {self.model}; /help for commands, Ctrl-D to leave")
+            if self.plain:
+                self._note(f"{self.model} has no chat template: each message is continued as plain text")
         while True:
             try:
                 line = self._read(inp, tty)

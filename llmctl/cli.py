@@ -1,21 +1,69 @@
 """``llmctl``: the command line.  It reaches the daemon only through ``llmctl.Client``.
 
 Exit statuses follow sysexits(3): 64 usage, 65 bad data, 66 no such model, 69 daemon
-unavailable, 70 internal error, 73 already exists, 75 busy/try again, 76 protocol, 130 Ctrl-C.
+unavailable, 70 internal error, 73 already exists / cannot create an output file, 74 I/O error,
+75 busy/try again, 76 protocol, 77 permission denied, 130 Ctrl-C.  Nothing ends in a traceback.
 """
 from __future__ import annotations
 
+import difflib
+import errno
 import os
 import sys
 
 import click
+import zmq
 
 from . import format as fmt
-from .cli_infer import register as register_inference
+from .cli_infer import OutputError, register as register_inference
 from .client import Client
-from .errors import EX_USAGE, LlmosdError
+from .errors import EX_IOERR, EX_PROTOCOL, EX_UNAVAILABLE, EX_USAGE, LlmosdError
+from .paths import normalize_socket
 
 VOCAB_TEXT_LIMIT = 8 * 1024 * 1024
+
+# What users of other tools type, and what llmctl calls it.
+ALIASES = {
+    "pull": "there is no registry to pull from: use 'llmctl import FILE.gguf' (or a Hugging Face directory)",
+    "list": "use 'llmctl ls'", "images": "use 'llmctl ls'",
+    "rmi": "use 'llmctl rm'", "remove": "use 'llmctl rm'", "delete": "use 'llmctl rm'",
+    "stop": "use 'llmctl unload'", "cp": "use 'llmctl tag'", "copy": "use 'llmctl tag'",
+    "serve": "start the daemon with 'llmosd' (or 'llmosd --user')",
+    "start": "start the daemon with 'llmosd' (or 'llmosd --user'); 'llmctl load MODEL' loads a model",
+}
+
+
+def suggest_command(name: str, commands: list[str]) -> str:
+    """The message for an unknown command ``name``: a known alias, else the nearest commands."""
+    if name in ALIASES:
+        return f"no such command {name!r}; {ALIASES[name]}"
+    near = difflib.get_close_matches(name, commands, n=2, cutoff=0.5)
+    if near:
+        return f"no such command {name!r}; did you mean " + " or ".join(f"'{n}'" for n in near) + "?"
+    return f"no such command {name!r}; 'llmctl --help' lists the commands"
+
+
+class Group(click.Group):
+    """A click group whose unknown commands get a suggestion, and whose commands end with
+    status 0 when their reader goes away (click itself would exit 1 on EPIPE)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _silence_stdout()
+            raise click.exceptions.Exit(0) from None
+
+    def resolve_command(self, ctx, args):
+        name = args[0] if args else None
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            raise click.UsageError(suggest_command(name, self.list_commands(ctx)), ctx)
+        return super().resolve_command(ctx, args)
+
+
+def _socket_url(ctx, param, value):
+    """--socket / LLMOSD_SOCKET as users write it: a path, unix:///path, ipc://, tcp://."""
+    return normalize_socket(value) if value else None
 
 
 def _client(ctx: click.Context) -> Client:
@@ -25,9 +73,10 @@ def _client(ctx: click.Context) -> Client:
     return obj["client"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--socket", metavar="URL", envvar="LLMOSD_SOCKET",
-              help="Daemon endpoint [env LLMOSD_SOCKET; default: the user socket if it exists, "
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--socket", metavar="URL", envvar="LLMOSD_SOCKET", callback=_socket_url,
+              help="Daemon endpoint: a socket path, unix:///path, ipc:///path or tcp://host:port "
+                   "[env LLMOSD_SOCKET; default: the user socket if it exists, "
                    "else ipc:///run/llmosd/llmosd.sock].")
 @click.option("--timeout", type=float, default=60.0, show_default=True,
               help="Seconds to wait for a reply to a non-streaming request.")
@@ -38,6 +87,7 @@ def cli(ctx, socket, timeout):
 
     \b
     Examples:
+      llmctl run smollm2 "Why is the sky blue?"
       llmctl create tiny --layers 2 --dim 64 --heads 4 --vocab-from corpus.txt
       llmctl import SmolLM2-135M-Instruct.Q4_1.gguf smollm2
       llmctl chat smollm2
@@ -47,7 +97,7 @@ def cli(ctx, socket, timeout):
       llmctl classify smollm2 --labels positive,negative < reviews.txt
       llmctl ps
     """
-    ctx.obj = {"socket": socket, "timeout": timeout}
+    ctx.obj = {**(ctx.obj or {}), "socket": socket, "timeout": timeout}   # a given obj may hold a client
 
 
 @cli.command()
@@ -145,7 +195,8 @@ def show(ctx, model, as_json):
 @click.option("--vocab-size", type=int, default=1024, show_default=True, help="Tokenizer pieces (at least 300).")
 @click.option("--vocab-from", "vocab_from", type=click.File("rb"), required=True,
               help="Text to train the SentencePiece tokenizer on ('-' for stdin; first 8 MiB used).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights and tokenizer.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Seed for weights and tokenizer (0..2^64-1).")
 @click.option("--hidden-dim", type=int, help="MLP width [default: Llama's 8/3*dim rounded to 32].")
 @click.option("--context", type=int, default=2048, show_default=True, help="Maximum sequence length.")
 @click.option("--rope-theta", type=float, default=10000.0, show_default=True, help="Rotary base.")
@@ -160,10 +211,11 @@ def create(ctx, name, vocab_from, as_json, **opts):
         text = text[:text.rfind(b"\n", 0, VOCAB_TEXT_LIMIT) + 1 or VOCAB_TEXT_LIMIT]
         click.echo(f"note: using the first {len(text):,} bytes of the vocabulary text", err=True)
 
-    def progress(p):
-        if not as_json:
-            click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
-    r = _client(ctx).create(name, text=text, progress=progress, **opts)
+    progress, line = _progress(as_json)
+    try:
+        r = _client(ctx).create(name, text=text, progress=progress, **opts)
+    finally:
+        line.done()
     if as_json:
         return fmt.echo_json(r)
     click.echo(f"created {r['model']} ({fmt.count(r['parameters'])} parameters, "
@@ -193,37 +245,46 @@ def import_(ctx, path, name, force, dtype, as_json):
         base = os.path.basename(os.path.abspath(path)).lower()
         base = base[:-5] if base.endswith(".gguf") else base
         name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
-    r = _client(ctx).import_path(path, name, force=force, dtype=None if dtype == "auto" else dtype,
-                                 progress=_upload_progress(as_json))
+    progress, line = _progress(as_json)
+    try:
+        r = _client(ctx).import_path(path, name, force=force, dtype=None if dtype == "auto" else dtype,
+                                     progress=progress)
+    finally:
+        line.done()
     if as_json:
         return fmt.echo_json(r)
     click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "
                f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
 
 
-def _upload_progress(as_json: bool):
-    last = {}
+def _progress(as_json: bool):
+    """A progress callback for transfers ({file, sent, size}) and job chunks ({stage, message,
+    done?, total?}), and its StatusLine (silent with --json; call ``done()`` at the end)."""
+    line = fmt.StatusLine(enabled=not as_json)
+    last = {"phase": None}
+
+    def phase(name):                       # a new phase keeps the previous one's line
+        if last["phase"] != name:
+            line.done()
+            last["phase"] = name
 
     def progress(p):
-        if as_json:
-            return
         if "file" in p:
-            pct = 100 * p["sent"] // max(1, p["size"])
+            phase("file " + p["file"])
             if p.get("skipped"):
-                click.echo(f"{p['file']}: already in the store", err=True)
-            elif last.get(p["file"]) != pct:
-                last[p["file"]] = pct
-                click.echo(f"\r{p['file']}: {pct}% of {fmt.size(p['size'])}", err=True, nl=pct == 100)
-        elif "total" in p:                     # a counter: redraw in a terminal, quarters in a log
-            if sys.stderr.isatty():
-                click.echo(f"\r{p.get('stage', '')}: {p.get('message', '')}", err=True,
-                           nl=p["done"] == p["total"])
-            elif last.setdefault("stage-" + str(p.get("stage")), -1) < 4 * p["done"] // max(1, p["total"]):
-                last["stage-" + str(p.get("stage"))] = 4 * p["done"] // max(1, p["total"])
-                click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
+                line.update(f"{p['file']}: already in the store")
+            else:
+                frac = p["sent"] / max(1, p["size"])
+                line.update(f"{p['file']}: {100 * frac:.0f}% of {fmt.size(p['size'])}", frac, key=p["file"])
         else:
-            click.echo(f"{p.get('stage', '')}: {p.get('message', '')}", err=True)
-    return progress
+            stage = p.get("stage", "")
+            phase("stage " + stage)
+            text = f"{stage}: {p.get('message', '')}"
+            if "total" in p:               # a counter: redrawn in a terminal, quarters in a log
+                line.update(text, p["done"] / max(1, p["total"]), key=stage)
+            else:
+                line.update(text)
+    return progress, line
 
 
 @cli.command()
@@ -235,7 +296,13 @@ def _upload_progress(as_json: bool):
 def export(ctx, model, directory, force, as_json):
     """Write MODEL to DIRECTORY as a Hugging Face model (config.json, model.safetensors,
     tokenizer, generation_config.json) that transformers and other tools load."""
-    r = _client(ctx).export(model, directory, force=force, progress=_upload_progress(as_json))
+    progress, line = _progress(as_json)
+    try:
+        r = _client(ctx).export(model, directory, force=force, progress=progress)
+    except OSError as e:
+        raise OutputError(directory, e) from None
+    finally:
+        line.done()
     if as_json:
         return fmt.echo_json(r)
     click.echo(f"exported {r['model']} to {r['dir']} ({', '.join(r['files'])})")
@@ -254,10 +321,11 @@ def rm(ctx, models):
 @cli.command()
 @click.argument("source")
 @click.argument("target")
+@click.option("--force", is_flag=True, help="Replace a different model already named TARGET.")
 @click.pass_context
-def tag(ctx, source, target):
+def tag(ctx, source, target, force):
     """Give model SOURCE another name TARGET (a copy that shares its blobs)."""
-    r = _client(ctx).tag(source, target)
+    r = _client(ctx).tag(source, target, force=force)
     click.echo(f"tagged {r['source']} as {r['model']}")
 
 
@@ -267,9 +335,18 @@ def tag(ctx, source, target):
 @click.pass_context
 def load(ctx, model, as_json):
     """Load MODEL into the model table (no-op if it is already loaded)."""
-    r = _client(ctx).load(model)
+    c = _client(ctx)
+    line = fmt.StatusLine(enabled=not as_json)
+    line.update(f"loading {model}...")
+    try:
+        r = c.load(model)
+    finally:
+        line.clear()                       # the result (or the error) replaces the live line
     if as_json:
         return fmt.echo_json(r)
+    if r.get("already_loaded"):
+        click.echo(f"{r['model']} already loaded (instance {r['id']}, {r['state']} on {r['device']})")
+        return
     click.echo(f"instance {r['id']}: {r['model']} {r['state']} on {r['device']} "
                f"({fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s)")
 
@@ -279,8 +356,12 @@ def load(ctx, model, as_json):
 @click.option("--force", is_flag=True, help="Cancel active requests instead of refusing.")
 @click.pass_context
 def unload(ctx, target, force):
-    """Unload TARGET: an instance ID, or every instance of a model."""
+    """Unload TARGET: an instance ID, or every instance of a model (a model that is not
+    loaded is no error, as with 'systemctl stop')."""
     r = _client(ctx).unload(target, force=force)
+    if not r["unloaded"]:
+        click.echo(f"{target} is not loaded")
+        return
     click.echo("unloaded instance " + ", ".join(map(str, r["unloaded"])))
 
 
@@ -302,7 +383,26 @@ register_inference(cli, _client, _stats_line)
 
 
 def main(argv=None) -> int:
-    """Entry point: runs the CLI and maps errors to sysexits statuses."""
+    """Entry point: runs the CLI and maps every error to one line and a sysexits status.
+    A reader that goes away (``| head``) is no error: exit 0, even at the final flush."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _main(argv) -> int:
     try:
         cli.main(args=argv, prog_name="llmctl", standalone_mode=False)
         return 0
@@ -320,13 +420,20 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         # the reader went away (e.g. `| head`): not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
     except LlmosdError as e:
         click.echo(f"llmctl: {e.name}: {e}", err=True)
         if e.hint:
             click.echo(f"  hint: {e.hint}", err=True)
         return e.exit_status
+    except OSError as e:                     # a local file or device: say which, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        click.echo(f"llmctl: I/O error: {e.strerror or e}{where}", err=True)
+        return EX_IOERR
+    except zmq.ZMQError as e:
+        click.echo(f"llmctl: socket error: {e}", err=True)
+        return EX_PROTOCOL if e.errno in (errno.EPROTO, errno.EMSGSIZE, zmq.EFSM) else EX_UNAVAILABLE
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0
     except click.exceptions.Exit as e:

@@ -1,15 +1,85 @@
-"""llmctl's inference commands: generate, chat, score, classify, embed.
+"""llmctl's inference commands: run, generate, chat, score, classify, embed.
 
 They reach the daemon only through ``llmctl.Client`` (``_client`` from cli.py).
 """
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
+import tempfile
 
 import click
 
-from .format import echo_json
+from .errors import EX_CANTCREAT
+from .format import StatusLine, echo_json
+
+SEED_MAX = 2**64 - 1
+
+
+class OutputError(click.ClickException):
+    """An output file or directory that cannot be written: one line, exit 73 (EX_CANTCREAT)."""
+    exit_code = EX_CANTCREAT
+
+    def __init__(self, path: str, reason: OSError | str):
+        why = (reason.strerror or str(reason)) if isinstance(reason, OSError) else reason
+        super().__init__(f"cannot write {path}: {why}")
+
+    def show(self, file=None) -> None:
+        click.echo(f"llmctl: {self.message}", err=True)
+
+
+def stdin_has_data(stream) -> bool:
+    """Whether ``stream`` is a pipe or a file (text to read), not a terminal or /dev/null."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def join_stdin_prompt(piped: str, prompt: str) -> str:
+    """What Ollama sends for ``... | run MODEL PROMPT``: the piped text first, then the prompt
+    on a line of its own."""
+    if not piped:
+        return prompt
+    return piped + ("" if piped.endswith("\n") else "\n") + prompt
+
+
+def read_prompt(prompt: str | None, stdin) -> str | None:
+    """The prompt the user meant: '-' is stdin; none is stdin unless stdin is a terminal (then
+    None); a PROMPT with text piped in is both (never silently dropping the piped text)."""
+    if prompt == "-":
+        return stdin.read()
+    if prompt is None:
+        return None if stdin.isatty() else stdin.read()
+    return join_stdin_prompt(stdin.read(), prompt) if stdin_has_data(stdin) else prompt
+
+
+def logprob_lines(chunks: list[dict]) -> list[str]:
+    """--logprobs without --json: one line per generated token (logprob, token, alternatives)."""
+    lines = []
+    for ch in chunks:
+        for t in ch.get("logprobs") or ():
+            alts = ", ".join(f"{json.dumps(a['token'], ensure_ascii=False)} {a['logprob']:.4f}"
+                             for a in t.get("top") or ())
+            lines.append(f"{t['logprob']:10.4f}  {json.dumps(t['token'], ensure_ascii=False)}"
+                         + (f"   [{alts}]" if alts else ""))
+    return lines
+
+
+def stopped_at_once(gen) -> bool:
+    """A generation that ended before writing anything (typically a chat model's end-of-turn
+    token right away, when it was sent a bare prompt)."""
+    s = gen.stats or {}
+    return s.get("generated_tokens") == 0 or (
+        s.get("finish_reason") == "stop" and not "".join(c.get("text", "") for c in gen.chunks).strip())
+
+
+def messages(system: str | None, prompt: str) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": prompt}]
 
 
 def sampling_options(f):
@@ -21,7 +91,7 @@ def sampling_options(f):
         click.option("--top-p", type=float, help="Nucleus sampling threshold (1: off)."),
         click.option("--min-p", type=float, help="Drop tokens less likely than this fraction of the best (0: off)."),
         click.option("--repetition-penalty", type=float, help="Penalise tokens already seen (1: off; 1.1 is mild)."),
-        click.option("--seed", type=int, help="Seed for reproducible sampling."),
+        click.option("--seed", type=click.IntRange(0, SEED_MAX), help="Seed for reproducible sampling (0..2^64-1)."),
         click.option("--stop", multiple=True, help="Stop when this text appears (repeatable); it is not printed."),
     ]
     for o in reversed(opts):
@@ -37,23 +107,33 @@ def _opts(opts: dict) -> dict:
 
 def stream_out(gen, as_json: bool, verbose: bool, stats_line, newline: bool = False) -> dict:
     """Print a Generation as it arrives; Ctrl-C cancels it (exit 130). Returns its stats.
-    A final newline is added in a terminal, or always with ``newline`` (chat answers)."""
+    A final newline is added in a terminal, or always with ``newline`` (chat answers).
+    A model being loaded first is announced on stderr, in a terminal or with ``verbose``."""
     out = sys.stdout
+    note = StatusLine(enabled=not as_json)
+    note.enabled = note.enabled and (verbose or note.tty)
     last = ""
     try:
         for text in gen:
+            chunk = gen.chunks[-1] if gen.chunks else {}
+            if chunk.get("loading"):
+                note.update(f"loading {chunk['loading']}...")
             if as_json:
-                echo_json(gen.chunks[-1])
+                echo_json(chunk)
             elif text:
+                note.clear()
                 out.write(text)
                 out.flush()
                 last = text
     except KeyboardInterrupt:
+        note.clear()
         gen.cancel()
         if not as_json:
             out.write("\n")
         click.echo("cancelled", err=True)
         sys.exit(130)
+    finally:
+        note.clear()
     stats = gen.stats or {}
     if as_json:
         echo_json({"done": True, **stats})
@@ -61,6 +141,9 @@ def stream_out(gen, as_json: bool, verbose: bool, stats_line, newline: bool = Fa
         if (newline or out.isatty()) and not last.endswith("\n"):   # pipes get the exact text
             out.write("\n")
         out.flush()
+        lines = logprob_lines(gen.chunks)
+        if lines:
+            click.echo("\n".join(["   logprob  token   [alternatives]"] + lines), err=True)
         if verbose:
             click.echo(stats_line(stats), err=True)
     return stats
@@ -78,30 +161,64 @@ def register(cli, _client, stats_line):
     @click.option("--system", help="System message (implies --chat).")
     @click.option("--no-bos", is_flag=True, help="Do not prepend the beginning-of-sequence token.")
     @click.option("--logprobs", type=click.IntRange(0, 20), default=0,
-                  help="With --json: each token's log-probability and its N best alternatives.")
+                  help="Each token's log-probability and its N best alternatives (in each JSON "
+                       "chunk with --json, else a table on stderr after the text).")
     @click.option("--json", "as_json", is_flag=True, help="One JSON object per chunk, then the stats.")
     @click.option("-v", "--verbose", is_flag=True, help="Print timing statistics to stderr.")
     @click.pass_context
     def generate(ctx, model, prompt, as_chat, system, no_bos, logprobs, as_json, verbose, **opts):
-        """Generate text from PROMPT (or stdin when PROMPT is '-' or absent and stdin is a pipe).
+        """Continue PROMPT as plain text (stdin when PROMPT is '-' or absent; text piped in
+        with a PROMPT comes first, then PROMPT).
 
         With --chat/--system the prompt is rendered with the model's chat template and output
-        stops at its end-of-turn token.  The model is loaded first if it is not.  Ctrl-C cancels.
+        stops at its end-of-turn token ('llmctl run' chooses by itself).  The model is loaded
+        first if it is not.  Ctrl-C cancels.
         """
-        if prompt in (None, "-"):
-            if prompt is None and sys.stdin.isatty():
-                raise click.UsageError("give a PROMPT, or pipe one in (e.g. echo hi | llmctl generate MODEL)")
-            prompt = sys.stdin.read()
+        prompt = read_prompt(prompt, sys.stdin)
+        if prompt is None:
+            raise click.UsageError("give a PROMPT, or pipe one in (e.g. echo hi | llmctl generate MODEL)")
         c = _client(ctx)
         opts = _opts(opts)
         if logprobs:
             opts["logprobs"] = logprobs
-        if as_chat or system is not None:
-            msgs = ([{"role": "system", "content": system}] if system is not None else [])
-            gen = c.chat(model, msgs + [{"role": "user", "content": prompt}], **opts)
+        chat = as_chat or system is not None
+        if chat:
+            gen = c.chat(model, messages(system, prompt), **opts)
         else:
             gen = c.generate(model, prompt, add_bos=False if no_bos else None, **opts)
-        stream_out(gen, as_json, verbose, stats_line, newline=as_chat or system is not None)
+        stream_out(gen, as_json, verbose, stats_line, newline=chat)
+        if not chat and stopped_at_once(gen) and c.show(model)["manifest"].get("chat_template"):
+            click.echo(f"hint: {model} is a chat model; try 'llmctl run {model}' or --chat", err=True)
+
+    @cli.command()
+    @click.argument("model")
+    @click.argument("prompt", required=False)
+    @sampling_options
+    @click.option("--system", help="System message (models with a chat template).")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object per chunk, then the stats.")
+    @click.option("-v", "--verbose", is_flag=True, help="Print timing statistics to stderr.")
+    @click.pass_context
+    def run(ctx, model, prompt, system, as_json, verbose, **opts):
+        """Answer PROMPT with MODEL, or talk with it (as 'ollama run' does).
+
+        A model with a chat template gets PROMPT as a user message through its template; one
+        without continues PROMPT as plain text.  Without a PROMPT, a terminal starts a
+        conversation (see 'llmctl chat'); text piped in is the prompt, and text piped in
+        with a PROMPT comes first, then PROMPT.  The model is loaded first if it is not.
+        """
+        c = _client(ctx)
+        chat = bool(c.show(model)["manifest"].get("chat_template"))
+        if system is not None and not chat:
+            raise click.UsageError(f"{model} has no chat template, so it takes no --system message")
+        prompt = read_prompt(prompt, sys.stdin)
+        opts = _opts(opts)
+        if prompt is None:                  # a terminal and no prompt: a conversation
+            from .chat import ChatSession
+            ChatSession(c, model, opts, system=system, as_json=as_json, verbose=verbose,
+                        stats_line=stats_line, plain=not chat).run(sys.stdin, sys.stdout)
+            return
+        gen = c.chat(model, messages(system, prompt), **opts) if chat else c.generate(model, prompt, **opts)
+        stream_out(gen, as_json, verbose, stats_line, newline=chat)
 
     @cli.command()
     @click.argument("model")
@@ -196,8 +313,9 @@ def register(cli, _client, stats_line):
     @click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
                   help="Average the final hidden states over the tokens, or take the last token's.")
     @click.option("--no-normalize", is_flag=True, help="Do not scale vectors to unit length.")
-    @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-                  help="Write a .npy file (float32, one row per input) instead of JSON lines.")
+    @click.option("-o", "--output", type=click.Path(dir_okay=False),
+                  help="Write this file, in .npy format (float32, one row per input), instead of "
+                       "JSON lines (the name is used as given).")
     @click.pass_context
     def embed(ctx, model, texts, pooling, no_normalize, output):
         """Embed each of TEXTS (or each stdin line): one vector per input, in input order.
@@ -209,12 +327,49 @@ def register(cli, _client, stats_line):
             if sys.stdin.isatty():
                 raise click.UsageError("give TEXTS, or pipe lines in")
             texts = [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+        if output:
+            check_output_file(output)       # before the work, not after it
         vecs = _client(ctx).embed(model, list(texts), pooling=pooling, normalize=not no_normalize)
         if output:
-            import numpy as np
-            np.save(output, vecs)
+            save_npy(output, vecs)
             click.echo(f"wrote {vecs.shape[0]} x {vecs.shape[1]} float32 to {output}", err=True)
             return
         for v in vecs:
             click.echo(json.dumps([round(float(x), 7) for x in v]))
 
+
+
+def check_output_file(path: str) -> None:
+    """Raise OutputError unless a file can be created at ``path`` (its directory exists and is
+    writable, and it is not a directory)."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise OutputError(path, f"directory {d} does not exist")
+    if not os.access(d, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise OutputError(path, "permission denied")
+
+
+def save_npy(path: str, array) -> None:
+    """Write ``array`` in .npy format to exactly ``path`` (numpy's np.save would add '.npy'),
+    through a temporary file so a failure leaves no partial file."""
+    import numpy as np
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".embed.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, array)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise OutputError(path, e) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

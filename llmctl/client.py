@@ -15,13 +15,14 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import weakref
 from typing import Callable, Iterator
 
 import zmq
 
 from . import protocol
-from .errors import DaemonUnavailable, LlmosdError, Timeout, from_wire
-from .paths import client_default_socket, ipc_path
+from .errors import Cancelled, DaemonUnavailable, LlmosdError, PermissionDenied, Timeout, from_wire
+from .paths import client_default_socket, ipc_path, normalize_socket
 
 __all__ = ["Client", "Generation"]
 
@@ -40,11 +41,68 @@ def _sha256_file(path: str) -> tuple[str, int]:
 
 
 
+def _mode_allows(st: os.stat_result, uid: int, gids: set[int], bit: int) -> bool:
+    """Whether ``uid`` (in groups ``gids``) has permission ``bit`` (4 r, 2 w, 1 x) on ``st``."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode >> 6 & bit)
+    if st.st_gid in gids:
+        return bool(st.st_mode >> 3 & bit)
+    return bool(st.st_mode & bit)
+
+
+def socket_access_error(path: str, uid: int, gids: set[int], dir_st: os.stat_result | None,
+                        sock_st: os.stat_result | None) -> LlmosdError | None:
+    """Why ``uid`` cannot connect to the Unix socket ``path``, or None when it can (pure).
+
+    ``dir_st`` and ``sock_st`` are the stat results of the socket's directory and of the socket,
+    None where they do not exist.  Connecting needs search permission on the directory and
+    write permission on the socket; an inaccessible socket is "permission denied", not missing.
+    """
+    fix = ("ask the daemon's owner for access (its socket group, see llmosd.8), or run your own "
+           "daemon with 'llmosd --user'")
+    if dir_st is not None and not _mode_allows(dir_st, uid, gids, 1):
+        return PermissionDenied(f"permission denied: uid {uid} cannot enter {os.path.dirname(path)}, "
+                                f"the directory of llmosd's socket", hint=fix)
+    if sock_st is None:
+        return DaemonUnavailable(f"is llmosd running? (socket {path} does not exist)",
+                                 hint="start it with 'llmosd' or point LLMOSD_SOCKET / --socket at it")
+    if not _mode_allows(sock_st, uid, gids, 2):
+        return PermissionDenied(f"permission denied: uid {uid} may not write to llmosd's socket {path}",
+                                hint=fix)
+    return None
+
+
+def check_socket_path(path: str) -> None:
+    """Raise PermissionDenied or DaemonUnavailable when the socket at ``path`` cannot be used."""
+    def stat(p):
+        try:
+            return os.stat(p)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            raise PermissionDenied(f"permission denied: cannot look at {p} (llmosd's socket or a "
+                                   f"directory above it)",
+                                   hint="ask the daemon's owner for access, or run 'llmosd --user'") from None
+    uid, gids = os.geteuid(), set(os.getgroups()) | {os.getegid()}
+    dir_st = stat(os.path.dirname(path) or ".")
+    err = socket_access_error(path, uid, gids, dir_st, None)     # the directory first: a closed
+    if not isinstance(err, PermissionDenied):                    # one hides the socket
+        err = socket_access_error(path, uid, gids, dir_st, stat(path))
+    if err is not None:
+        raise err
+
+
 class Generation:
     """An in-flight ``generate`` stream: iterate for text pieces; ``stats`` once exhausted.
 
-    ``chunks`` keeps every chunk body (text, token ids) for callers that want more than text.
-    ``cancel()`` stops the generation on the daemon (safe to call at any time).
+    ``chunks`` keeps every chunk body (text, token ids, and a first ``loading`` chunk when the
+    model had to be loaded) for callers that want more than text.  ``cancel()`` (or ``close()``,
+    or leaving a ``with`` block) stops the generation on the daemon; so does dropping the last
+    reference to it, and so does the next request on the same Client: a Client reads one
+    stream at a time, so a generation left unfinished (``for t in gen: break``) is cancelled
+    then, and reading it afterwards raises Cancelled.
     """
 
     def __init__(self, client: "Client", rid: int, stream: Iterator[dict]):
@@ -52,11 +110,27 @@ class Generation:
         self.stats: dict | None = None
         self.chunks: list[dict] = []
         self._done = False
+        self._abandoned = False
+        client._track(self)
 
     def __iter__(self) -> Iterator[str]:
         return self
 
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_done", True):
+            self._client._send_cancel(self.id)
+
     def __next__(self) -> str:
+        if self._abandoned:
+            raise Cancelled(f"generation {self.id} was cancelled: another request was made on this "
+                            f"Client before it was read to the end",
+                            hint="read a Generation to its end first, or use one Client per stream")
         if self._done:
             raise StopIteration
         try:
@@ -90,6 +164,16 @@ class Generation:
         self._done = True
         return self.stats
 
+    def close(self) -> None:
+        """Cancel the generation if it is still running (see ``cancel``)."""
+        self.cancel()
+
+    def _abandon(self) -> None:
+        """Cancel without waiting for the end (its replies are dropped by the next request)."""
+        if not self._done:
+            self._client._send_cancel(self.id)
+            self._done = self._abandoned = True
+
 
 class Client:
     """A connection to llmosd.  Not thread-safe: use one per thread."""
@@ -97,13 +181,14 @@ class Client:
     def __init__(self, socket: str | None = None, *, timeout: float = 60.0,
                  connect_timeout: float = 2.0, stream_idle_timeout: float = 30.0,
                  max_message: int = protocol.DEFAULT_MAX_MESSAGE):
-        self.url = socket or client_default_socket()
+        self.url = normalize_socket(socket) if socket else client_default_socket()
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.stream_idle_timeout = stream_idle_timeout
         self.max_message = max_message
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._open: dict[int, weakref.ref] = {}      # generations that may still be running
         self.daemon_info: dict | None = None
 
     # -- connection -----------------------------------------------------------------------
@@ -111,19 +196,32 @@ class Client:
         if self._sock is not None:
             return self
         path = ipc_path(self.url)
-        if path is not None and not os.path.exists(path):
-            raise DaemonUnavailable(f"is llmosd running? (socket {self.url} does not exist)",
-                                    hint="start it with 'llmosd' or point LLMOSD_SOCKET / --socket at it")
+        if path is not None:
+            check_socket_path(path)
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.HEARTBEAT_IVL, 2000)
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        # No ZMTP heartbeats: a reader that pauses stops draining the pipe, its pongs stall, the
+        # peer drops the connection on a heartbeat timeout and libzmq asserts (libzmq #3596,
+        # #3937).  Liveness is the daemon's application-level beats plus the socket monitor;
+        # over TCP the kernel's keepalive notices a vanished host.
+        if self.url.startswith("tcp://"):
+            for opt, value in ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 30),
+                               (zmq.TCP_KEEPALIVE_INTVL, 10), (zmq.TCP_KEEPALIVE_CNT, 3)):
+                s.setsockopt(opt, value)
         s.setsockopt(zmq.MAXMSGSIZE, self.max_message + (1 << 20))
         # Watch the connection itself: a daemon that dies mid-stream is reported at once
         # instead of after stream_idle_timeout.
         self._mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
         self._connected_once = False
-        s.connect(self.url)
+        try:
+            s.connect(self.url)
+        except zmq.ZMQError as e:
+            s.disable_monitor()
+            self._mon.close(linger=0)
+            s.close(linger=0)
+            raise DaemonUnavailable(f"cannot connect to {self.url!r}: {e}",
+                                    hint="--socket / LLMOSD_SOCKET takes a path, unix:///path, "
+                                         "ipc:///path or tcp://host:port") from None
         self._sock = s
         try:
             self.daemon_info = self._call("hello", {"client": "llmctl", "version": protocol.VERSION},
@@ -156,6 +254,26 @@ class Client:
         if self._sock is None:
             self.connect()
         self._sock.send(protocol.encode(msg))
+
+    def _track(self, gen: Generation) -> None:
+        self._open[gen.id] = weakref.ref(gen)
+
+    def _cancel_stale(self) -> None:
+        """Cancel every generation left unfinished: a new request would drop its replies."""
+        for ref in list(self._open.values()):
+            gen = ref()
+            if gen is not None:
+                gen._abandon()
+        self._open.clear()
+
+    def _send_cancel(self, rid: int) -> None:
+        """Best effort, never blocking or raising (also called from ``Generation.__del__``)."""
+        try:
+            if self._sock is not None and not self._sock.closed:
+                self._sock.send(protocol.encode(protocol.request(next(self._ids), "cancel",
+                                                                 {"target": rid})), zmq.NOBLOCK)
+        except Exception:   # noqa: BLE001 - at interpreter exit or on a dead socket: nothing to do
+            pass
 
     def _recv(self, rid: int, timeout: float) -> dict:
         """Next reply for request ``rid`` (others, and beats, are dropped) or Timeout."""
@@ -193,6 +311,7 @@ class Client:
     def _call(self, type_: str, body: dict | None = None, timeout: float | None = None) -> dict:
         if self._sock is None and type_ != "hello":
             self.connect()
+        self._cancel_stale()
         rid = next(self._ids)
         self._send(protocol.request(rid, type_, body))
         msg = self._recv(rid, self.timeout if timeout is None else timeout)
@@ -219,6 +338,7 @@ class Client:
     def _start_stream(self, type_: str, body: dict) -> tuple[int, Iterator[dict]]:
         if self._sock is None:
             self.connect()
+        self._cancel_stale()
         rid = next(self._ids)
         self._send(protocol.request(rid, type_, body))
         return rid, self._stream(rid)
@@ -253,13 +373,16 @@ class Client:
     def rm(self, model: str) -> dict:
         return self._call("rm", {"model": model})
 
-    def tag(self, source: str, target: str) -> dict:
-        return self._call("tag", {"source": source, "target": target})
+    def tag(self, source: str, target: str, *, force: bool = False) -> dict:
+        """Name ``source`` also ``target``; an existing, different ``target`` needs ``force``."""
+        return self._call("tag", {"source": source, "target": target, **({"force": True} if force else {})})
 
     def load(self, model: str, timeout: float | None = None) -> dict:
+        """Load ``model`` (its instance row; ``already_loaded`` is true when it was)."""
         return self._call("load", {"model": model}, timeout=timeout or self._work_timeout)
 
     def unload(self, target: str | int, force: bool = False) -> dict:
+        """{"unloaded": [ids]}: empty when a model named ``target`` was not loaded."""
         return self._call("unload", {"target": str(target), "force": force})
 
     def create(self, name: str, *, layers: int, dim: int, heads: int, text: str | bytes,
@@ -314,8 +437,8 @@ class Client:
                                           hint="give a .gguf file or a Hugging Face model directory")
             base = os.path.basename(path)
             files = {base if base and not base.startswith(".") else "model.gguf": self.upload_file(path, progress)}
-            return self._run_job("import", _clean({"name": name, "files": files, "format": "gguf",
-                                                   "force": force, "dtype": dtype}), progress)
+            return self._import_job(_clean({"name": name, "files": files, "format": "gguf",
+                                            "force": force, "dtype": dtype}), progress)
         if not os.path.isdir(path):
             raise InvalidArgument(f"{path} is neither a file nor a directory",
                                   hint="give a .gguf file or a Hugging Face model directory")
@@ -324,8 +447,16 @@ class Client:
         if "config.json" not in names:
             raise InvalidArgument(f"{path} has no config.json", hint="is this a Hugging Face model directory?")
         files = {n: self.upload_file(os.path.join(path, n), progress) for n in names}
-        return self._run_job("import", _clean({"name": name, "files": files, "format": "hf",
-                                               "force": force, "dtype": dtype}), progress)
+        return self._import_job(_clean({"name": name, "files": files, "format": "hf",
+                                        "force": force, "dtype": dtype}), progress)
+
+    def _import_job(self, body: dict, progress: Callable[[dict], None] | None) -> dict:
+        """The import job itself; ``progress`` first hears that the daemon is starting it (until
+        the job's first stage it would otherwise be silent after the uploads)."""
+        if progress:
+            progress({"stage": "import", "message": f"starting the {body['format'].upper()} "
+                                                    f"import of {body['name']} on the daemon"})
+        return self._run_job("import", body, progress)
 
     def export(self, model: str, dest: str, *, force: bool = False,
                progress: Callable[[dict], None] | None = None) -> dict:

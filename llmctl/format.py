@@ -1,7 +1,10 @@
 """What llmctl prints: human-readable tables and values (ps / docker ps style), and JSON lines."""
 from __future__ import annotations
 
+import calendar
 import json
+import sys
+import threading
 import time
 
 import click
@@ -35,8 +38,8 @@ def ago(ts: float | str | None, now: float | None = None) -> str:
     if ts is None:
         return "-"
     if isinstance(ts, str):
-        try:
-            ts = time.mktime(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        try:     # UTC: timegm, not mktime - timezone (an hour off while DST is in effect)
+            ts = calendar.timegm(time.strptime(ts, "%Y-%m-%dT%H:%M:%SZ"))
         except ValueError:
             return ts
     d = max(0.0, (now or time.time()) - ts)
@@ -57,3 +60,101 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 def short_digest(d: str | None) -> str:
     return d.split(":", 1)[-1][:12] if d else "-"
+
+
+class StatusLine:
+    """Progress of long work on stderr: one live line redrawn in place on a terminal (with the
+    seconds elapsed, ticking), plain whole lines in a log (never ``\\r``-joined).
+
+    ``update(text, frac)`` shows the current phase; in a log a phase with a fraction done is
+    printed when it starts and at each further quarter, one without when its text changes.
+    ``done(text)`` ends the line (a final text replaces it); ``clear()`` erases a live line
+    before other output is written to the same terminal.  ``enabled=False`` prints nothing.
+    """
+
+    TICK_S = 1.0
+
+    def __init__(self, stream=None, *, enabled: bool = True, tty: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = _isatty(self.stream) if tty is None else tty
+        self._text, self._key, self._quarter, self._since = "", _NO_PHASE, -1, 0.0
+        self._live = False                  # a live line is on the terminal, not yet ended
+        self._lock = threading.Lock()
+        self._ticker: threading.Thread | None = None
+
+    def update(self, text: str, frac: float | None = None, key: str | None = None) -> None:
+        """Show ``text``; ``key`` names the phase (default: the text itself when ``frac`` is None)."""
+        if not self.enabled:
+            return
+        key = key if key is not None else (text if frac is None else "")
+        with self._lock:
+            new_phase = key != self._key
+            if new_phase:
+                self._key, self._quarter, self._since = key, -1, time.monotonic()
+            self._text = text
+            if self.tty:
+                self._draw()
+                self._start_ticker()
+                return
+            quarter = -1 if frac is None else int(4 * min(max(frac, 0.0), 1.0))
+            if new_phase or quarter > self._quarter:
+                self._quarter = quarter
+                self._write(text + "\n")
+
+    def done(self, text: str | None = None) -> None:
+        """End the current line: replaced by ``text`` if given, else kept as it is."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self.tty and self._live:
+                self._write("\r\x1b[K" + (text if text is not None else self._line()) + "\n")
+            elif text is not None:
+                self._write(text + "\n")
+            self._live, self._key, self._text = False, _NO_PHASE, ""
+
+    def clear(self) -> None:
+        """Erase a live line (so the next output starts at the left margin)."""
+        with self._lock:
+            if self.enabled and self.tty and self._live:
+                self._write("\r\x1b[K")
+            self._live, self._key, self._text = False, _NO_PHASE, ""
+
+    def _line(self) -> str:
+        secs = time.monotonic() - self._since
+        return self._text + (f" ({secs:.0f}s)" if secs >= 2 else "")
+
+    def _draw(self) -> None:
+        self._write("\r\x1b[K" + self._line())
+        self._live = True
+
+    def _write(self, s: str) -> None:
+        try:
+            self.stream.write(s)
+            self.stream.flush()
+        except (OSError, ValueError):       # a closed or broken stderr is no reason to fail
+            self.enabled = False
+
+    def _start_ticker(self) -> None:
+        """Redraw the elapsed seconds while the caller waits (terminals only)."""
+        if self._ticker is not None:
+            return
+
+        def tick():
+            while True:
+                time.sleep(self.TICK_S)
+                with self._lock:
+                    if self._live and self.enabled:
+                        self._draw()
+        self._ticker = threading.Thread(target=tick, name="llmctl-status", daemon=True)
+        self._ticker.start()
+
+
+_NO_PHASE = object()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -39,6 +39,12 @@ class FakeClient:
         return FakeGen(["re: ", messages[-1]["content"]])
 
 
+class PlainClient(FakeClient):
+    def generate(self, model, prompt, **opts):
+        self.calls.append(prompt)
+        return FakeGen([prompt, " and so on"])
+
+
 class Tty(io.StringIO):
     def isatty(self):
         return True
@@ -80,3 +86,11 @@ def test_continuation_lines_join_in_a_terminal(monkeypatch):
     c = FakeClient()
     s = ChatSession(c, "m", {})
     assert s._read(Tty(), True) == "first \nsecond"
+
+
+def test_plain_session_continues_each_line_without_history():
+    c, out = PlainClient(), io.StringIO()
+    s = ChatSession(c, "m", {}, plain=True)
+    s.run(io.StringIO("Once upon\nROMEO:\n"), out)
+    assert c.calls == ["Once upon", "ROMEO:"] and s.history == []
+    assert "Once upon and so on" in out.getvalue()
