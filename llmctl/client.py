@@ -436,9 +436,9 @@ class Client:
                     raise InvalidArgument(f"{path} is not a GGUF file",
                                           hint="give a .gguf file or a Hugging Face model directory")
             base = os.path.basename(path)
-            files = {base if base and not base.startswith(".") else "model.gguf": self.upload_file(path, progress)}
-            return self._import_job(_clean({"name": name, "files": files, "format": "gguf",
-                                            "force": force, "dtype": dtype}), progress)
+            rel = base if base and not base.startswith(".") else "model.gguf"
+            return self._import_job(_clean({"name": name, "format": "gguf", "force": force,
+                                            "dtype": dtype}), {rel: path}, progress)
         if not os.path.isdir(path):
             raise InvalidArgument(f"{path} is neither a file nor a directory",
                                   hint="give a .gguf file or a Hugging Face model directory")
@@ -446,17 +446,28 @@ class Client:
                        if (n in HF_FILES or n.endswith(".safetensors")) and os.path.isfile(os.path.join(path, n)))
         if "config.json" not in names:
             raise InvalidArgument(f"{path} has no config.json", hint="is this a Hugging Face model directory?")
-        files = {n: self.upload_file(os.path.join(path, n), progress) for n in names}
-        return self._import_job(_clean({"name": name, "files": files, "format": "hf",
-                                        "force": force, "dtype": dtype}), progress)
+        return self._import_job(_clean({"name": name, "format": "hf", "force": force, "dtype": dtype}),
+                                {n: os.path.join(path, n) for n in names}, progress)
 
-    def _import_job(self, body: dict, progress: Callable[[dict], None] | None) -> dict:
-        """The import job itself; ``progress`` first hears that the daemon is starting it (until
-        the job's first stage it would otherwise be silent after the uploads)."""
-        if progress:
-            progress({"stage": "import", "message": f"starting the {body['format'].upper()} "
-                                                    f"import of {body['name']} on the daemon"})
-        return self._run_job("import", body, progress)
+    def _import_job(self, body: dict, paths: dict[str, str],
+                    progress: Callable[[dict], None] | None) -> dict:
+        """Upload ``paths`` ({name in the import: local file}) and run the import job.
+
+        The daemon answers "have" for a file that a stored model was imported from; when this
+        import differs from that one (other dtype or files) it needs the content after all and
+        refuses once, remembering to ask for it: then the files are sent and the job retried.
+        ``progress`` hears that the job is starting (after the uploads it would be silent)."""
+        from .errors import InvalidArgument
+        for attempt in (1, 2):
+            body["files"] = {rel: self.upload_file(p, progress) for rel, p in paths.items()}
+            if progress:
+                progress({"stage": "import", "message": f"starting the {body['format'].upper()} "
+                                                        f"import of {body['name']} on the daemon"})
+            try:
+                return self._run_job("import", body, progress)
+            except InvalidArgument as e:
+                if attempt == 2 or "were not sent because llmosd knew them" not in str(e):
+                    raise
 
     def export(self, model: str, dest: str, *, force: bool = False,
                progress: Callable[[dict], None] | None = None) -> dict:

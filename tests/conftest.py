@@ -93,7 +93,10 @@ class Daemon:
 
     def cli(self, *args: str, input: str | bytes | None = None, timeout: float = 120,
             check: bool = True) -> subprocess.CompletedProcess:
+        # no input: stdin is /dev/null, never the test runner's (a pipe that never closes would
+        # make generate/run wait for a prompt on stdin)
         r = subprocess.run([sys.executable, "-m", "llmctl.cli", *args], input=input,
+                           stdin=subprocess.DEVNULL if input is None else None,
                            capture_output=True, env=self.env, timeout=timeout,
                            text=not isinstance(input, bytes))
         if check and r.returncode != 0:
