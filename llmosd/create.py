@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Callable
 
 import torch
@@ -24,8 +25,14 @@ def check_spec(spec: dict) -> None:
     """Raise ValueError naming the first bad field (run in the daemon before any work starts)."""
     for k, (lo, hi) in LIMITS.items():
         v = spec.get(k)
-        if v is not None and not lo <= v <= hi:
-            raise ValueError(f"{k} must be between {lo} and {hi}, got {v}")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
+            raise ValueError(f"{k} must be an integer between {lo} and {hi}, got {v!r:.40}")
+    kv, rt = spec.get("kv_heads"), spec.get("rope_theta")
+    if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool)):
+        raise ValueError(f"kv_heads must be an integer, got {kv!r:.40}")
+    if rt is not None and not (isinstance(rt, (int, float)) and not isinstance(rt, bool)
+                               and math.isfinite(rt) and rt > 0):
+        raise ValueError(f"rope_theta must be a finite number greater than 0, got {rt!r:.40}")
     dim, heads = spec["dim"], spec["heads"]
     kv = spec.get("kv_heads") or heads
     if dim % heads:

@@ -7,6 +7,12 @@ never touches the socket and the control loop never runs the model.
 Sequences run one at a time inside a step (batch 1 per forward pass), so a request's output is
 bit-identical to a plain forward pass of the same weights however many others share the step.
 One-shot ``Call``s (score, embed, classify: ``evaluate.py``) run between steps.
+
+A sequence's KV cache is never larger than the positions the instance manager reserved for it
+(``Request.kv_positions``); once allocated, its true size goes back as a ``kv`` message so the
+reservation shrinks to it.  ``stop()`` is cooperative and prompt: the thread checks it between
+sequences of a step and, through ``should_stop``, between the windows and inputs of a call, so
+shutting down waits for at most one forward pass.
 """
 from __future__ import annotations
 
@@ -24,11 +30,11 @@ from .chat import TemplateError, fit, render
 from .detok import StopMatcher, StreamDecoder
 from .model import KVCache, Llama
 from .sampling import SamplingParams, make_generator, sample, top_logprobs
-from .scheduler import Scheduler, Seq
+from .scheduler import Scheduler, Seq, kv_position_bytes
 
 log = logging.getLogger("llmosd.engine")
 
-Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error", body)
+Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error"|"kv", body)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Request:
     messages: list | None = None   # chat: rendered with the model's template instead of prompt
     logprobs: int = 0              # report each token's logprob and this many alternatives
     dropped_messages: int = 0      # chat: oldest turns left out to fit the context
+    kv_positions: int = 0          # KV positions reserved for it by admission; 0 = no limit
     prompt_ids: list[int] = field(default_factory=list)   # set by the engine (tokenizing is work)
     submitted: float = field(default_factory=time.perf_counter)
     emitted: int = 0               # chunks handed to emit (engine thread writes)
@@ -74,6 +81,10 @@ class Engine(threading.Thread):
         super().__init__(name=f"engine-{instance_id}", daemon=True)
         self.model, self.tok, self.device, self.emit = model, tokenizer, device, emit
         self.context = model.config.max_position_embeddings
+        c = model.config
+        self.kv_dtype = model.model.embed_tokens.weight.dtype
+        self.kv_position_bytes = kv_position_bytes(c.num_hidden_layers, c.num_key_value_heads,
+                                                   c.head_dim, self.kv_dtype.itemsize)
         eos = model.config.eos_ids() | tokenizer.eos_ids()
         self.sched = Scheduler(max_batch, eos)
         self.stream_buffer = stream_buffer
@@ -82,6 +93,7 @@ class Engine(threading.Thread):
         self._inbox: list[Request] = []
         self._cancels: list[tuple] = []
         self._stopping = False
+        self._halt = threading.Event()     # stop(), readable without the lock inside long work
 
     # -- called from other threads -----------------------------------------------------------
     def submit(self, req: "Request | Call") -> None:
@@ -96,6 +108,9 @@ class Engine(threading.Thread):
             self._cv.notify()
 
     def stop(self) -> None:
+        """Ask the thread to end: it finishes the forward pass it is in, abandons the rest of
+        a step or call, fails every open request with Cancelled and emits ``stopped``."""
+        self._halt.set()
         with self._cv:
             self._stopping = True
             self._cv.notify()
@@ -116,10 +131,10 @@ class Engine(threading.Thread):
                                 # all sequences idle or waiting on slow readers: nap briefly
                                 self._cv.wait(0.02 if self.sched.seqs else 1.0)
                         continue
-                    for key in plan.prefill:
-                        self._run(key, prefill=True)
-                    for key in plan.decode:
-                        self._run(key, prefill=False)
+                    for key, prefill in [(k, True) for k in plan.prefill] + [(k, False) for k in plan.decode]:
+                        if self._halt.is_set():
+                            break
+                        self._run(key, prefill)
         except Exception:  # a bug here must not leave clients hanging
             log.exception("engine thread crashed")
             for key in list(self.reqs):
@@ -135,6 +150,10 @@ class Engine(threading.Thread):
             inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, []
             stopping = self._stopping
+        if stopping:                       # nothing new starts on a stopping engine
+            for req in inbox:
+                self.emit(req.key, "error", Cancelled("the instance stopped").to_wire())
+            inbox = []
         for req in inbox:
             if isinstance(req, Call):
                 self._call(req)
@@ -153,14 +172,21 @@ class Engine(threading.Thread):
                     hint="" if n == 0 else "shorten the prompt"), req)
                 continue
             cap = min(self.context, n + req.max_tokens)
+            if req.kv_positions:           # never more than admission reserved
+                if n > req.kv_positions:
+                    self._fail(req.key, InvalidArgument(
+                        f"the prompt is {n} tokens, more than the {req.kv_positions} positions "
+                        "reserved for it from its length", hint="shorten the prompt"), req)
+                    continue
+                cap = min(cap, req.kv_positions)
             try:
                 self.sched.add(Seq(req.key, len(req.prompt_ids), req.max_tokens, cap))
-                req.cache = KVCache(self.model.config, cap, device=self.device,
-                                    dtype=self.model.model.embed_tokens.weight.dtype)
+                req.cache = KVCache(self.model.config, cap, device=self.device, dtype=self.kv_dtype)
             except torch.OutOfMemoryError:
                 self.sched.finish(req.key, "error")
                 self._fail(req.key, OutOfMemory("no memory for this request's KV cache"), req)
                 continue
+            self.emit(req.key, "kv", {"bytes": req.cache.nbytes(), "positions": cap})
             req.generator = make_generator(req.sampling.seed)
             req.decoder = StreamDecoder(self.tok, req.prompt_ids)
             req.matcher = StopMatcher(req.stops)
@@ -193,7 +219,10 @@ class Engine(threading.Thread):
 
     def _call(self, call: Call) -> None:
         try:
-            result = evaluate.FUNCTIONS[call.name](self.model, self.tok, self.device, **call.args)
+            result = evaluate.FUNCTIONS[call.name](self.model, self.tok, self.device,
+                                                   should_stop=self._halt.is_set, **call.args)
+        except evaluate.Stopped:
+            self.emit(call.key, "error", Cancelled(f"the instance stopped during {call.name}").to_wire())
         except ValueError as e:
             self.emit(call.key, "error", InvalidArgument(str(e)).to_wire())
         except torch.OutOfMemoryError:

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from .gguf_vocab import VocabError, from_gguf
-from .importer import ImportError_
+from .importer import ImportError_, check_shapes
 from .loader import DTYPES
-from .model import LlamaConfig
+from .model import LlamaConfig, check_config
 
 # Tensor types this importer dequantizes (all through gguf.quants.dequantize).
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -55,7 +55,19 @@ def metadata(reader) -> dict:
     return out
 
 
+# config key -> the GGUF metadata key it comes from (named in error messages)
+META_KEYS = {"vocab_size": "llama.vocab_size", "hidden_size": "llama.embedding_length",
+             "intermediate_size": "llama.feed_forward_length", "num_hidden_layers": "llama.block_count",
+             "num_attention_heads": "llama.attention.head_count",
+             "num_key_value_heads": "llama.attention.head_count_kv", "head_dim": "llama.attention.key_length",
+             "max_position_embeddings": "llama.context_length",
+             "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon", "rope_theta": "llama.rope.freq_base",
+             "rope_scaling": "llama.rope.scaling"}
+
+
 def gguf_config(meta: dict, names: set[str], n_vocab: int) -> LlamaConfig:
+    """The config the metadata declares, every value type- and range-checked (``check_config``)
+    before any arithmetic, so ``head_count 0`` or two million blocks are refused by name."""
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ImportError_(f"GGUF architecture {arch!r} (general.architecture) is not supported; supported: llama")
@@ -67,32 +79,53 @@ def gguf_config(meta: dict, names: set[str], n_vocab: int) -> LlamaConfig:
         return meta[p + key]
     if meta.get(p + "expert_count", 0):
         raise ImportError_("mixture-of-experts models (llama.expert_count > 0) are not supported")
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(meta.get(p + "attention.key_length", hidden // heads))
-    rope_dim = int(meta.get(p + "rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise ImportError_(f"partial rotary embeddings (rope.dimension_count {rope_dim} < head size "
-                           f"{head_dim}) are not supported")
-    scaling = None
+    factor = meta.get(p + "rope.scaling.factor", meta.get(p + "rope.scale_linear", 1.0))
     kind = meta.get(p + "rope.scaling.type", "none")
-    factor = float(meta.get(p + "rope.scaling.factor", meta.get(p + "rope.scale_linear", 1.0)))
+    raw = {"vocab_size": meta.get(p + "vocab_size", n_vocab), "hidden_size": need("embedding_length"),
+           "intermediate_size": need("feed_forward_length"), "num_hidden_layers": need("block_count"),
+           "num_attention_heads": need("attention.head_count"),
+           "num_key_value_heads": meta.get(p + "attention.head_count_kv"),
+           "head_dim": meta.get(p + "attention.key_length"),
+           "max_position_embeddings": meta.get(p + "context_length", 2048),
+           "rms_norm_eps": meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5),
+           "rope_theta": meta.get(p + "rope.freq_base", 10000.0),
+           "rope_scaling": {"factor": factor},
+           "tie_word_embeddings": "output.weight" not in names}
+    try:
+        check_config(raw, META_KEYS)
+    except ValueError as e:
+        raise ImportError_(f"metadata: {e}") from None
+    factor = float(factor)
     if kind == "linear" or (kind == "none" and factor != 1.0):
-        scaling = {"rope_type": "linear", "factor": factor}
+        raw["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif kind not in ("none", None):
         raise ImportError_(f"rope scaling type {kind!r} is not supported (only linear and llama3 factors)")
-    try:
-        cfg = LlamaConfig(
-            vocab_size=int(meta.get(p + "vocab_size", n_vocab)), hidden_size=hidden,
-            intermediate_size=int(need("feed_forward_length")),
-            num_hidden_layers=int(need("block_count")), num_attention_heads=heads,
-            num_key_value_heads=int(meta.get(p + "attention.head_count_kv", heads)),
-            head_dim=head_dim, max_position_embeddings=int(meta.get(p + "context_length", 2048)),
-            rms_norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)), rope_scaling=scaling,
-            tie_word_embeddings="output.weight" not in names)
-    except (TypeError, ValueError) as e:
-        raise ImportError_(f"metadata: {e}") from None
+    else:
+        raw["rope_scaling"] = None
+    cfg = LlamaConfig.from_dict(raw)
+    rope_dim = meta.get(p + "rope.dimension_count", cfg.head_dim)
+    if rope_dim != cfg.head_dim:
+        raise ImportError_(f"partial rotary embeddings (rope.dimension_count {rope_dim!r:.40} is not "
+                           f"the head size {cfg.head_dim}) are not supported")
     return cfg
+
+
+def gguf_shapes(reader) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor in the file, from its header alone (nothing read);
+    ImportError_ for a tensor type we cannot dequantize or a name a llama model has not."""
+    out = {}
+    for t in reader.tensors:
+        qtype = t.tensor_type.name
+        if qtype not in SUPPORTED:
+            raise ImportError_(f"tensor {t.name} has type {qtype}, which llmosd cannot dequantize; "
+                               f"supported: {', '.join(SUPPORTED)}")
+        if t.name == "rope_freqs.weight":
+            continue
+        name = hf_name(t.name)
+        if name is None:
+            raise ImportError_(f"unexpected tensor {t.name}: this is not a plain llama model")
+        out[name] = tuple(int(x) for x in reversed(t.shape))      # GGUF lists ne0 (columns) first
+    return out
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -172,11 +205,15 @@ def import_gguf(store, path: str, progress, dtype: str = "auto") -> tuple[LlamaC
     reader = read(path)
     meta = metadata(reader)
     names = {t.name for t in reader.tensors}
+    if not meta.get("tokenizer.ggml.tokens"):
+        raise ImportError_("the file has no tokenizer (tokenizer.ggml.model/tokens are missing)")
+    # the declared config against the tensors present, before the vocabulary or any weight
+    cfg = gguf_config(meta, names, len(meta["tokenizer.ggml.tokens"]))
+    check_shapes(cfg, gguf_shapes(reader), "the GGUF metadata")
     try:
         kind, data, info = from_gguf(meta)
     except VocabError as e:
         raise ImportError_(str(e)) from None
-    cfg = gguf_config(meta, names, len(meta.get("tokenizer.ggml.tokens") or []))
     cfg.bos_token_id = info["bos_token_id"]
     cfg.eos_token_id = info["eos_token_ids"]
     cfg.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")

@@ -42,8 +42,11 @@ class VocabError(ValueError):
 
 
 def _ids(meta: dict, key: str) -> int | None:
+    """A token id from the metadata; VocabError naming the key if it is not one."""
     v = meta.get(f"tokenizer.ggml.{key}")
-    return int(v) if v is not None else None
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+        raise VocabError(f"tokenizer.ggml.{key} must be a token id (an integer >= 0), got {v!r:.40}")
+    return v
 
 
 def end_of_generation_ids(meta: dict) -> list[int]:
@@ -66,6 +69,8 @@ def from_gguf(meta: dict) -> tuple[str, bytes, dict]:
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or not tokens:
         raise VocabError("the file has no tokenizer (tokenizer.ggml.model/tokens are missing)")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise VocabError("tokenizer.ggml.tokens must be an array of strings")
     eog = end_of_generation_ids(meta)
     bos = _ids(meta, "bos_token_id")
     for name, i in (("bos", bos), ("eos", eog[0] if eog else None)):
@@ -138,6 +143,8 @@ def _sentencepiece(meta: dict) -> bytes:
         unk = next((i for i, ty in enumerate(types) if ty == UNKNOWN), None)
     if unk is None:
         raise VocabError("a SentencePiece vocabulary needs an unknown token; the file has none")
+    if not 0 <= unk < len(tokens):
+        raise VocabError(f"tokenizer.ggml.unknown_token_id {unk} is outside the vocabulary of {len(tokens)}")
     ts.unk_id, ts.unk_piece = unk, tokens[unk]
     special = {unk: UNKNOWN}
     for key, field in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):

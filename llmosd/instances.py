@@ -2,11 +2,15 @@
 
 The ``InstanceManager`` owns the model table's rows and the engine threads behind them.  All of
 its methods run on the control loop thread; loader and engine threads report back via ``post``.
+It also admits generations against the KV-cache byte limit (``scheduler.KVBudget``, whose
+docstring gives the design): reserved at ``submit``, shrunk on the engine's ``kv`` report,
+released on the request's ``end``/``error`` or when its instance stops.
 """
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ import torch
 from llmctl.errors import Busy, Cancelled, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
 from .engine import Engine, Request
 from .loader import load_model, resident_bytes
+from .scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
 from .store import Store
 from .table import Instance, ModelTable, State
 
@@ -35,11 +40,24 @@ class Task:
     running: bool = False
 
 
+def default_kv_limit(device: torch.device) -> int:
+    """``max_kv_bytes = 0`` (auto): a quarter of the memory the caches live in, physical RAM
+    on the CPU, the device's own memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (OSError, ValueError):
+        return 1 << 30
+
+
 class InstanceManager:
     def __init__(self, post: Callable, store: Store, device: torch.device, dtype: torch.dtype,
-                 *, max_batch: int, stream_buffer: int):
+                 *, max_batch: int, stream_buffer: int, max_kv_bytes: int = 0):
         self.post, self.store, self.device, self.dtype = post, store, device, dtype
         self.max_batch, self.stream_buffer = max_batch, stream_buffer
+        self.kv = KVBudget(max_kv_bytes if max_kv_bytes > 0 else default_kv_limit(device))
+        log.info("KV-cache limit %s%s", size_text(self.kv.limit), "" if max_kv_bytes > 0 else " (auto)")
         self.table = ModelTable()
         self.tasks: dict = {}                       # request key -> Task
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
@@ -106,9 +124,28 @@ class InstanceManager:
 
     # -- generation -------------------------------------------------------------------------
     def submit(self, inst: Instance, task: Task) -> None:
+        """Hand the task to the instance's engine, once a generation's KV cache is admitted;
+        a refusal (Busy, or too big ever to fit) ends the task's stream with that error."""
+        req = task.req
+        if isinstance(req, Request):
+            try:
+                req.kv_positions = self._admit(inst, req)
+            except LlmosdError as e:
+                if self.tasks.get(req.key) is task:
+                    self.tasks.pop(req.key)
+                task.stream.error(e)
+                return
         inst.begin_request()
         task.inst, task.running = inst, True
-        inst.engine.submit(task.req)
+        inst.engine.submit(req)
+
+    def _admit(self, inst: Instance, req: Request) -> int:
+        """Reserve an upper bound of ``req``'s KV cache; returns the positions reserved."""
+        eng = inst.engine
+        bound = prompt_token_bound(req.prompt, req.messages)
+        positions = kv_positions(eng.context, bound, req.max_tokens)
+        self.kv.admit(req.key, inst.id, positions * eng.kv_position_bytes, eng.kv_position_bytes, bound)
+        return positions
 
     def cancel(self, key, reason: str) -> None:
         task = self.tasks.get(key)
@@ -124,6 +161,11 @@ class InstanceManager:
         if kind == "stopped":
             self._stopped(inst)
             return
+        if kind == "kv":
+            self.kv.shrink(key, body["bytes"])
+            return
+        if kind in ("end", "error"):       # whoever still holds the task: the bytes are free
+            self.kv.release(key)
         task = self.tasks.get(key)
         if task is None:
             return
@@ -170,6 +212,7 @@ class InstanceManager:
                        hint="wait for them to finish, or use --force to cancel them")
 
     def _stopped(self, inst: Instance) -> None:
+        self.kv.release_owner(inst.id)
         for key, task in list(self.tasks.items()):   # anything the engine never answered
             if task.inst is inst:
                 self.tasks.pop(key)
@@ -196,15 +239,23 @@ class InstanceManager:
         return len(self.table) == 0 or all(i.state is State.FAILED for i in self.table)
 
 
+def _int_setting(body: dict, key: str, default: int, lo: int, hi: int) -> int:
+    """``body[key]`` as an int in lo..hi; absent or nil means ``default``."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise InvalidArgument(f"{key} must be an integer between {lo} and {hi:,}, got {v!r:.40}")
+    return v
+
+
 def check_generate(body: dict, default_max: int) -> dict:
-    """Validated generation settings from a request body (InvalidArgument on bad values)."""
-    mt = body.get("max_tokens", default_max)
-    if not 1 <= mt <= 1_000_000:
-        raise InvalidArgument(f"max_tokens must be between 1 and 1000000, got {mt}")
+    """Validated generation settings from a request body (InvalidArgument on bad values;
+    a setting given as nil counts as not given)."""
+    mt = _int_setting(body, "max_tokens", default_max, 1, 1_000_000)
     stops = body.get("stop") or []
-    if len(stops) > 16 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops):
+    if not isinstance(stops, list) or len(stops) > 16 or \
+            not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops):
         raise InvalidArgument("stop must be a list of at most 16 non-empty strings of at most 256 characters")
-    logprobs = body.get("logprobs", 0)
-    if not 0 <= logprobs <= 20:
-        raise InvalidArgument(f"logprobs must be between 0 and 20, got {logprobs}")
+    logprobs = _int_setting(body, "logprobs", 0, 0, 20)
     return {"max_tokens": mt, "stops": stops, "logprobs": logprobs}

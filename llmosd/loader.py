@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from llmctl.errors import InvalidArgument, LoadFailed
-from .model import Llama, LlamaConfig, rope_inv_freq
+from .model import Llama, LlamaConfig, check_config, rope_inv_freq
 from .store import Store
 from .tokenizer import HFTokenizer, SentencePieceTokenizer
 
@@ -50,7 +50,13 @@ def load_model(store: Store, manifest: dict, device: torch.device,
     arch = manifest.get("architecture", "llama")
     if arch != "llama":
         raise LoadFailed(f"architecture {arch!r} is not supported by this llmosd")
-    cfg = LlamaConfig.from_dict(json.loads(store.read_blob(manifest["config"]["digest"])))
+    raw = json.loads(store.read_blob(manifest["config"]["digest"]))
+    try:
+        check_config(raw)              # stored configs were checked on import; older ones were not
+    except ValueError as e:
+        raise LoadFailed(f"the model's config cannot be used: {e}",
+                         hint="import or create the model again with this llmosd") from None
+    cfg = LlamaConfig.from_dict(raw)
     tok = build_tokenizer(manifest["tokenizer"]["type"], store.read_blob(manifest["tokenizer"]["digest"]),
                           manifest)
     w_digest = manifest["weights"]["digest"]

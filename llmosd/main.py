@@ -101,7 +101,7 @@ def serve(cfg) -> int:
         server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,
                         heartbeat_ms=cfg.heartbeat_ms, socket_mode=cfg.socket_mode)
         manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
-                                  stream_buffer=cfg.stream_buffer)
+                                  stream_buffer=cfg.stream_buffer, max_kv_bytes=cfg.max_kv_bytes)
         jobs = JobRunner(server.post, store.root, threads)
         ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
         server.handler = ops.dispatch

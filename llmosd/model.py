@@ -62,6 +62,111 @@ class LlamaConfig:
         return set(e) if isinstance(e, list) else ({e} if e is not None else set())
 
 
+# What llmosd takes from a config, checked before anything is built (a declared size is
+# only believed once the tensors that carry it are seen: see ``expected_shapes``).
+CONFIG_INT_LIMITS = {
+    "vocab_size": (1, 1 << 22), "hidden_size": (1, 65536), "intermediate_size": (1, 1 << 20),
+    "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024), "head_dim": (2, 4096),
+    "max_position_embeddings": (1, 1 << 24),
+}
+CONFIG_FLOATS = ("rms_norm_eps", "rope_theta")          # finite and > 0
+CONFIG_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config(d, names: dict[str, str] | None = None) -> None:
+    """Raise ValueError naming the first key of the HF-style config dict ``d`` that llmosd
+    cannot take: wrong type (a string where a number belongs), out of range, or sizes that do
+    not divide.  Pure: nothing is allocated, so a config declaring two million layers costs
+    nothing to refuse.  ``names`` maps our keys to the source's (GGUF metadata keys) for the
+    message.  Absent keys take LlamaConfig's defaults and are checked as such."""
+    def key(k):
+        return (names or {}).get(k, k)
+    if not isinstance(d, dict):
+        raise ValueError(f"the config must be a JSON object ({{...}}), not a {type(d).__name__}")
+    defaults = LlamaConfig.__dataclass_fields__
+    val = {k: d.get(k, defaults[k].default) for k in CONFIG_INT_LIMITS}
+    for k, (lo, hi) in CONFIG_INT_LIMITS.items():
+        v = val[k]
+        if v is None and k in ("num_key_value_heads", "head_dim"):
+            continue                                    # derived from the others
+        if not _is_int(v):
+            raise ValueError(f"{key(k)} must be an integer, got {_short(v)}"
+                             + (" (write it as a number, without quotes)" if isinstance(v, str) else ""))
+        if not lo <= v <= hi:
+            raise ValueError(f"{key(k)} is {v}; llmosd takes {lo} to {hi:,}")
+    hidden, heads = val["hidden_size"], val["num_attention_heads"]
+    kv, head_dim = val["num_key_value_heads"] or heads, val["head_dim"]
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"{key('hidden_size')} ({hidden}) must be a multiple of "
+                             f"{key('num_attention_heads')} ({heads})")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise ValueError(f"the head size ({head_dim}) must be even for rotary embeddings")
+    if heads % kv:
+        raise ValueError(f"{key('num_attention_heads')} ({heads}) must be a multiple of "
+                         f"{key('num_key_value_heads')} ({kv})")
+    for k in CONFIG_FLOATS:
+        v = d.get(k, defaults[k].default)
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{key(k)} must be a finite number greater than 0, got {_short(v)}")
+    for k in CONFIG_BOOLS:
+        if not isinstance(d.get(k, False), bool):
+            raise ValueError(f"{key(k)} must be true or false, got {_short(d[k])}")
+    for k in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        v = d.get(k)
+        ids = v if isinstance(v, list) and k == "eos_token_id" else [v]
+        if len(ids) > 64 or not all(i is None or (_is_int(i) and i >= 0) for i in ids):
+            raise ValueError(f"{key(k)} must be a token id (an integer >= 0), got {_short(v)}")
+    sc = d.get("rope_scaling")
+    if sc is not None:
+        if not isinstance(sc, dict):
+            raise ValueError(f"{key('rope_scaling')} must be an object or null, got {_short(sc)}")
+        f = sc.get("factor", 1.0)
+        if not (isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0):
+            raise ValueError(f"{key('rope_scaling')}.factor must be a finite number greater than 0, "
+                             f"got {_short(f)}")
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors ``Llama(cfg).state_dict_for_save()`` holds, name -> shape, in its order,
+    computed without building the model (so checking a checkpoint allocates nothing)."""
+    c, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+
+    def linear(name, out_f, in_f, bias):
+        shapes[name + ".weight"] = (out_f, in_f)
+        if bias:
+            shapes[name + ".bias"] = (out_f,)
+    shapes = {"model.embed_tokens.weight": (v, c)}
+    ab, mb = cfg.attention_bias, cfg.mlp_bias
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        linear(p + "self_attn.q_proj", q, c, ab)
+        linear(p + "self_attn.k_proj", kv, c, ab)
+        linear(p + "self_attn.v_proj", kv, c, ab)
+        linear(p + "self_attn.o_proj", c, q, ab)
+        linear(p + "mlp.gate_proj", i, c, mb)
+        linear(p + "mlp.up_proj", i, c, mb)
+        linear(p + "mlp.down_proj", c, i, mb)
+        shapes[p + "input_layernorm.weight"] = (c,)
+        shapes[p + "post_attention_layernorm.weight"] = (c,)
+    shapes["model.norm.weight"] = (c,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, c)
+    return shapes
+
+
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """(D/2,) inverse frequencies, with HF's 'linear' and 'llama3' scaling, or explicit factors."""
     d = cfg.head_dim

@@ -1,15 +1,24 @@
 """Next-token choice from logits: small pure functions (gpt-fast style).
 
 All take ``logits`` of shape (V,) in float32.  Order, as in Hugging Face: repetition penalty,
-then temperature, top-k, top-p, min-p.  ``temperature == 0`` is greedy (argmax, ties to the
-lowest id, like torch.argmax) after the repetition penalty.  Sampling draws from a per-request
-``torch.Generator`` so a seed reproduces the output exactly.
+then temperature, top-k, top-p, min-p.  A temperature below ``GREEDY_BELOW`` (as vLLM) is greedy
+(argmax, ties to the lowest id, like torch.argmax) after the repetition penalty.  Sampling draws
+from a per-request ``torch.Generator`` so a seed reproduces the output exactly.
+
+Any value ``validate`` lets through is safe, however extreme (1e-320, 100): the penalty is
+held to the protocol's range, top-p always keeps the most likely token, and a distribution
+that still came out non-finite falls back to greedy instead of failing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
+
+GREEDY_BELOW = 1e-5                 # temperatures below this are greedy (dividing would overflow)
+PENALTY_RANGE = (0.01, 100.0)       # repetition penalties beyond act as the nearest bound
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,9 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
+        if not all(math.isfinite(v) for v in (self.temperature, self.top_p, self.min_p,
+                                                self.repetition_penalty)):
+            raise ValueError("sampling settings must be finite numbers")
         if not (0.0 <= self.temperature <= 100.0):
             raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
         if self.top_k < 0:
@@ -30,15 +42,19 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (0.0 <= self.min_p < 1.0):
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        if not (0.0 < self.repetition_penalty <= 10.0):
-            raise ValueError(f"repetition_penalty must be in (0, 10] (1 turns it off), got {self.repetition_penalty}")
+        lo, hi = PENALTY_RANGE
+        if not (lo <= self.repetition_penalty <= hi):
+            raise ValueError(f"repetition_penalty must be in [{lo}, {hi:g}] (1 turns it off), "
+                             f"got {self.repetition_penalty}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL/HF penalty: every token id in ``seen`` (prompt and output so far) is made less
-    likely: positive logits divided by ``penalty``, negative ones multiplied."""
+    likely: positive logits divided by ``penalty``, negative ones multiplied.  ``penalty`` is
+    held to PENALTY_RANGE so the result stays finite."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
+    penalty = min(max(penalty, PENALTY_RANGE[0]), PENALTY_RANGE[1])
     got = logits.gather(0, seen)
     return logits.scatter(0, seen, torch.where(got > 0, got / penalty, got * penalty))
 
@@ -59,12 +75,14 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches ``p``."""
+    """Keep the smallest set of most likely tokens whose probability reaches ``p`` (always at
+    least the most likely one, however small ``p``)."""
     if p >= 1.0:
         return logits
     sorted_logits, idx = torch.sort(logits, descending=True)
     cum = sorted_logits.softmax(-1).cumsum(-1)
     drop = cum - sorted_logits.softmax(-1) >= p      # tokens entirely past the nucleus
+    drop[0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(0, idx, sorted_logits)
 
@@ -74,13 +92,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id.  ``seen``: (N,) int64 ids on logits' device, for the repetition penalty."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
-    logits = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
-    logits = apply_min_p(logits, params.min_p)
-    probs = logits.softmax(-1)
+    scaled = apply_top_p(apply_top_k(logits / params.temperature, params.top_k), params.top_p)
     # The generator lives on the CPU so a seed gives the same draw on any device.
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    probs = apply_min_p(scaled, params.min_p).softmax(-1).cpu()
+    if not bool(torch.isfinite(probs).all()):     # e.g. inf logits: no distribution to draw from
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def make_generator(seed: int | None) -> torch.Generator:

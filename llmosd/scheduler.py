@@ -1,15 +1,33 @@
-"""Which sequences an engine step runs, and when a sequence is done.  Pure logic, no torch.
+"""Which sequences an engine step runs, when a sequence is done, and which requests are admitted
+at all.  Pure logic, no torch.
 
 ``schedule()`` returns a ``Plan`` (sequences to prefill, sequences to decode one token); the
 engine runs it; ``update()`` takes each sampled token and says whether its sequence finished.
 Sequences whose client has not taken its output (``blocked``) are skipped, which is how a slow
 reader applies backpressure without stalling the other sequences.
+
+Admission (``KVBudget``): each generation holds a KV cache for its whole length from its first
+step, so the daemon admits generations against a limit of KV-cache bytes (``max_kv_bytes``)
+instead of letting them grow until the OOM killer ends the daemon.  The instance manager owns
+one budget and uses it on the control-loop thread only (no lock, no state shared with engines):
+- at submit it reserves an upper bound, ``kv_request_bytes``: the prompt's token count is
+  bounded from its UTF-8 length without tokenizing (``prompt_token_bound``), plus max_tokens,
+  capped by the context; a request past the free bytes gets ``Busy``, one bigger than the
+  whole limit ``InvalidArgument`` (it could never run);
+- the engine never allocates more than was reserved, and once it has tokenized it reports the
+  bytes really allocated, which shrink the reservation;
+- the reservation is released when the request ends, fails or is cancelled, or its instance
+  stops.
+score/embed/classify hold no KV cache and are not counted.  (The memory manager will replace
+this with budgets per device; the paged engine with blocks handed out as sequences grow.)
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
+
+from llmctl.errors import Busy, InvalidArgument
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -86,3 +104,93 @@ class Scheduler:
         if seq.prompt_len + seq.generated >= seq.capacity:
             return self.finish(key, "context")
         return seq
+
+
+# -- admission by KV-cache bytes ---------------------------------------------------------------
+
+PROMPT_MARGIN = 16           # tokens beyond one per UTF-8 byte: BOS, SentencePiece's "▁" prefix
+CHAT_MESSAGE_MARGIN = 16     # per chat message: role markers and separators the template writes
+CHAT_TEMPLATE_MARGIN = 512   # per chat: a template's preamble (default system prompt, date, ...)
+
+
+def kv_position_bytes(layers: int, kv_heads: int, head_dim: int, dtype_size: int) -> int:
+    """Bytes one position of a sequence takes in the KV cache: a key and a value per layer."""
+    return layers * 2 * kv_heads * head_dim * dtype_size
+
+
+def prompt_token_bound(prompt: str, messages: list | None = None) -> int:
+    """An upper bound of a prompt's tokens, without the tokenizer: byte-level BPE and
+    byte-fallback SentencePiece tokens each cover at least one UTF-8 byte of the text, so the
+    count is at most the bytes plus the few tokens the tokenizer or chat template adds.
+    (A Unicode normalizer can expand text beyond this; the engine then cuts the output at the
+    reserved length.)"""
+    if messages is None:
+        return len(prompt.encode("utf-8", "surrogatepass")) + PROMPT_MARGIN
+    text = sum(len(str(m.get("role", "")).encode("utf-8", "surrogatepass"))
+               + len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) for m in messages)
+    return text + CHAT_MESSAGE_MARGIN * len(messages) + CHAT_TEMPLATE_MARGIN + PROMPT_MARGIN
+
+
+def kv_positions(context: int, prompt_bound: int, max_tokens: int) -> int:
+    """Positions to reserve: the prompt and every token it may generate, at most the context."""
+    return max(1, min(context, prompt_bound + max_tokens))
+
+
+def size_text(n: int) -> str:
+    """Bytes for people: 1.5 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+class KVBudget:
+    """KV-cache bytes reserved by admitted requests against ``limit``.  One thread only."""
+
+    def __init__(self, limit: int):
+        if limit < 1:
+            raise ValueError(f"the KV-cache limit must be positive, got {limit}")
+        self.limit = limit
+        self.held: dict[Hashable, tuple[Hashable, int]] = {}    # key -> (owner, bytes)
+
+    @property
+    def used(self) -> int:
+        return sum(b for _, b in self.held.values())
+
+    @property
+    def free(self) -> int:
+        return self.limit - self.used
+
+    def admit(self, key: Hashable, owner: Hashable, need: int, position_bytes: int = 0,
+              prompt_bound: int = 0) -> None:
+        """Reserve ``need`` bytes for ``key`` (its instance ``owner``), or raise: Busy when the
+        free bytes do not hold it now, InvalidArgument when the whole limit never could."""
+        if need > self.limit:
+            fit = self.limit // position_bytes - prompt_bound if position_bytes else 0
+            most = f"; with this prompt, max_tokens up to {fit:,} fits" if fit > 0 else ""
+            raise InvalidArgument(
+                f"this request needs {size_text(need)} of KV cache, more than the daemon's whole "
+                f"limit of {size_text(self.limit)}{most}",
+                hint="lower max_tokens (or shorten the prompt), or raise max_kv_bytes "
+                     "(LLMOSD_MAX_KV_BYTES) for the daemon")
+        free = self.free
+        if need > free:
+            raise Busy(f"not enough KV-cache memory for this request now: it needs {size_text(need)}, "
+                       f"{size_text(max(free, 0))} of the {size_text(self.limit)} limit is free "
+                       f"({len(self.held)} request(s) hold the rest)",
+                       hint="lower max_tokens, or retry when running requests have finished")
+        self.held[key] = (owner, need)
+
+    def shrink(self, key: Hashable, nbytes: int) -> None:
+        """The request turned out to need only ``nbytes``: keep that much (never more)."""
+        if key in self.held:
+            owner, had = self.held[key]
+            self.held[key] = (owner, min(had, nbytes))
+
+    def release(self, key: Hashable) -> None:
+        self.held.pop(key, None)
+
+    def release_owner(self, owner: Hashable) -> None:
+        for key in [k for k, (o, _) in self.held.items() if o == owner]:
+            del self.held[key]

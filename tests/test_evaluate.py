@@ -94,3 +94,43 @@ def test_classify_batched_labels_equal_separate_passes(mt):
         evaluate.classify(m, tok, "cpu", inputs=["x"], labels=["a", "b"], template="no slot")
     with pytest.raises(ValueError, match="two distinct"):
         evaluate.classify(m, tok, "cpu", inputs=["x"], labels=["a", "a"])
+
+
+def test_i7_10_calls_abandon_between_windows_and_inputs_when_stopping(mt):
+    """``should_stop`` is checked between score windows and between embed/classify inputs, so
+    an engine that is stopping waits for one forward pass, not the whole call."""
+    m, tok = mt
+    calls = []
+
+    def stop_after(n):
+        def should_stop():
+            calls.append(1)
+            return len(calls) > n
+        return should_stop
+    text = SHAKESPEARE.read_text()[:3000]                        # several windows of 256
+    with torch.no_grad():
+        for fn, kw in ((evaluate.score, {"text": text}),
+                       (evaluate.embed, {"inputs": ["a", "b", "c"]}),
+                       (evaluate.classify, {"inputs": ["a", "b", "c"], "labels": ["x", "y"]})):
+            calls.clear()
+            with pytest.raises(evaluate.Stopped):
+                fn(m, tok, "cpu", should_stop=stop_after(1), **kw)
+            assert len(calls) == 2                                   # stopped at the second check
+        assert evaluate.score(m, tok, "cpu", text=text, should_stop=lambda: False)["windows"] > 1
+
+
+def test_i7_11_score_of_huge_text_refused_with_limit(shared_daemon, mt):
+    """~1 MiB of text is far more tokens than one score reply may list: refused up front with
+    the limit and the fix, and the daemon answers the next score as usual."""
+    from llmctl import errors
+    text = SHAKESPEARE.read_text()[:1 << 20]
+    with shared_daemon.client() as c:
+        with pytest.raises(errors.InvalidArgument) as e:
+            c.score("tiny", text)
+        assert f"at most {evaluate.MAX_SCORE_TOKENS:,} tokens" in str(e.value) and "split the text" in str(e.value)
+        assert c.score("tiny", "ROMEO: But soft")["scored_tokens"] > 1
+    # embed: a reply of vectors past MAX_EMBED_BYTES is refused before any forward pass
+    m, tok = mt
+    n = evaluate.MAX_EMBED_BYTES // (m.config.hidden_size * 4) + 1
+    with pytest.raises(ValueError, match=f"embed at most {n - 1} inputs"):
+        evaluate.embed(m, tok, "cpu", inputs=["x"] * n)

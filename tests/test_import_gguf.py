@@ -214,7 +214,9 @@ def test_sentencepiece_tokenizer_rebuilt_from_metadata(shared_daemon, tmp_path):
         assert tok.decode(tok.encode(text, add_bos=False)) == text
     assert tok.encode("</s>x", add_bos=False)[0] == 2    # control pieces written as text
     with shared_daemon.client() as c:
-        assert c.generate("gguf-spm", "ROMEO:", max_tokens=5, temperature=0).text() is not None
+        g = c.generate("gguf-spm", "ROMEO:", max_tokens=5, temperature=0)
+        g.text()
+        assert g.stats["generated_tokens"] == 5 and g.stats["finish_reason"] == "length"
     shared_daemon.cli("unload", "gguf-spm")
     shared_daemon.cli("rm", "gguf-spm")
 

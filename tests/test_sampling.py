@@ -66,3 +66,41 @@ def test_top_logprobs_are_the_model_distribution():
 def test_validate_new_settings(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw).validate()
+
+
+def test_i7_12_tiny_sampling_values_are_safe():
+    """1e-320 (and other extremes validate lets through) give a token, never NaN or an error:
+    a temperature below GREEDY_BELOW is greedy, a tiny top_p keeps the top token, an extreme
+    repetition penalty is held to its range."""
+    logits = torch.tensor([1.5, 3.0, -2.0, 2.9])
+    seen = torch.tensor([1, 2])
+    g = make_generator(0)
+    assert sample(logits, SamplingParams(temperature=1e-320), g) == 1
+    assert sample(logits, SamplingParams(temperature=1e-6), g) == 1
+    assert sample(logits, SamplingParams(temperature=1.0, top_p=1e-320), g) == 1
+    assert (~torch.isinf(apply_top_p(logits, 1e-320))).tolist() == [False, True, False, False]
+    for penalty in (1e-320, 1e-30, 1e30):
+        out = apply_repetition_penalty(logits, seen, penalty)
+        assert torch.isfinite(out).all(), penalty
+        for t in (0.0, 1e-320, 0.7, 100.0):
+            tok = sample(logits, SamplingParams(temperature=t, repetition_penalty=penalty, top_p=1e-320,
+                                                min_p=0.999), g, seen)
+            assert 0 <= tok < 4
+    # non-finite logits (an overflowed model) fall back to greedy instead of failing
+    assert sample(torch.tensor([0.0, float("inf"), 1.0]), SamplingParams(temperature=1.0), g) == 1
+    with pytest.raises(ValueError):
+        SamplingParams(repetition_penalty=1e-320).validate()          # outside the protocol's range
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=float("nan")).validate()
+    SamplingParams(temperature=1e-320, top_p=1e-320, repetition_penalty=100.0).validate()
+
+
+def test_i7_12_nil_max_tokens_and_logprobs_mean_unset():
+    from llmctl.errors import InvalidArgument
+    from llmosd.instances import check_generate
+    assert check_generate({"max_tokens": None, "logprobs": None, "stop": None}, 77) == \
+        {"max_tokens": 77, "stops": [], "logprobs": 0}
+    for body in ({"max_tokens": "5"}, {"max_tokens": 0}, {"max_tokens": True}, {"logprobs": 21},
+                 {"logprobs": 1.5}, {"stop": "\n"}):
+        with pytest.raises(InvalidArgument):
+            check_generate(body, 77)
