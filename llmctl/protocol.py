@@ -23,7 +23,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 2              # additions that old peers can ignore bump only this
+MINOR = 3              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 

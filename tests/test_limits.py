@@ -155,13 +155,16 @@ def test_i8_5_reimport_sends_nothing(d, imported):
         assert files and all(e.get("skipped") for e in files)
         assert r["model"] == "hf2:latest" and r["digest"] == first["digest"]
         assert {m["model"] for m in c.ls()} >= {"hf1:latest", "hf2:latest"}
-        # another dtype cannot reuse the model: refused once with a clear message, then sent
-        with pytest.raises(errors.InvalidArgument, match="not sent") as e:
-            c.import_path(str(src), "hf3", dtype="float16")
-        assert "run the import again" in e.value.hint
+        # another dtype cannot reuse the model: the daemon refuses once ("not sent"), and the
+        # client then sends the files and runs the job
         sent.clear()
         r3 = c.import_path(str(src), "hf3", dtype="float16")
         assert "upload_chunk" in sent and r3["digest"] != first["digest"]
+        # a raw client sees the refusal itself, with its hint
+        digest = c.upload_file(str(src / "config.json"))
+        body = {"name": "hf4", "files": {"config.json": digest}, "format": "hf", "dtype": "bfloat16"}
+        with pytest.raises(errors.InvalidArgument):
+            c._run_job("import", body, None)
         c.rm("hf2")
         c.rm("hf3")
 
