@@ -107,16 +107,16 @@ def hf_run(store_root: Path, prompt: str, a, torch) -> dict:
         t0 = time.perf_counter()
         model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
         load_s = time.perf_counter() - t0
-        from llmosd.loader import build_tokenizer
-        from llmosd.store import Store
+        from llmosd.models.loader import build_tokenizer
+        from llmosd.store.store import Store
         store = Store(str(store_root))
         _, man, _ = store.get("bench")
         tok = build_tokenizer(man["tokenizer"]["type"], store.read_blob(man["tokenizer"]["digest"]), man)
         model.to(a.device)
         return _hf_generate(model, tok, prompt, a, torch, {"load_s": load_s})
     from safetensors.torch import load as st_load
-    from llmosd.store import Store
-    from llmosd.tokenizer import SentencePieceTokenizer
+    from llmosd.store.store import Store
+    from llmosd.models.tokenizer import SentencePieceTokenizer
     store = Store(str(store_root))
     _, man, _ = store.get("bench")
     cfg = json.loads(store.read_blob(man["config"]["digest"]))

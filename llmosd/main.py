@@ -13,7 +13,7 @@ import time
 import llmosd
 from llmctl import paths
 from llmctl.errors import EX_CONFIG, ConfigError, LlmosdError
-from . import config as config_mod
+from llmosd import config as config_mod
 
 log = logging.getLogger("llmosd")
 
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
 
 
 def serve(cfg) -> int:
-    from .store import Store
-    from .system import PidLock, sd_notify
+    from llmosd.store.store import Store
+    from llmosd.system import PidLock, sd_notify
 
     raise_fd_limit()
     sock_path = paths.ipc_path(cfg.socket)
@@ -87,12 +87,12 @@ def serve(cfg) -> int:
         # torch is imported only now, so --help, --print-config and refusals to start stay fast.
         import torch
 
-        from .instances import InstanceManager
-        from .jobs import JobRunner
-        from .loader import resolve_device, resolve_dtype
-        from .ops import Ops
-        from .server import Server
-        from .uploads import Uploads
+        from llmosd.serve.instances import InstanceManager
+        from llmosd.jobs.runner import JobRunner
+        from llmosd.models.loader import resolve_device, resolve_dtype
+        from llmosd.ops.handlers import Ops
+        from llmosd.server import Server
+        from llmosd.store.uploads import Uploads
 
         threads = cfg.torch_threads()
         torch.set_num_threads(threads)

@@ -12,10 +12,10 @@ import torch
 
 from conftest import SHAKESPEARE, TINY, Daemon
 from llmctl import errors
-from llmosd.engine import Engine, Request
-from llmosd.model import KVCache, Llama, LlamaConfig
-from llmosd.sampling import SamplingParams
-from llmosd.scheduler import (CHAT_TEMPLATE_MARGIN, PROMPT_MARGIN, KVBudget, kv_position_bytes,
+from llmosd.serve.engine import Engine, Request
+from llmosd.models.llama import KVCache, Llama, LlamaConfig
+from llmosd.serve.sampling import SamplingParams
+from llmosd.serve.scheduler import (CHAT_TEMPLATE_MARGIN, PROMPT_MARGIN, KVBudget, kv_position_bytes,
                               kv_positions, prompt_token_bound)
 
 MiB = 1 << 20
@@ -147,7 +147,7 @@ def test_i7_5_kv_admission_busy_past_limit(tmp_path):
 def test_i7_10_engine_stops_promptly_during_a_long_call():
     """stop() during a score of thousands of windows ends the engine after the window it is in
     (the call fails with Cancelled), instead of when the whole call is done."""
-    from llmosd.engine import Call
+    from llmosd.serve.engine import Call
     eng, events = tiny_engine(context=16)
     eng.start()
     try:

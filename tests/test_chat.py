@@ -1,7 +1,7 @@
-"""Chat template rendering (llmosd.chat) against transformers' own renderer."""
+"""Chat template rendering (llmosd.serve.chat) against transformers' own renderer."""
 import pytest
 
-from llmosd.chat import TemplateError, check_messages, render
+from llmosd.serve.chat import TemplateError, check_messages, render
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
@@ -51,7 +51,7 @@ def test_check_messages_refuses_bad_lists(bad):
 
 
 def test_fit_drops_oldest_turns_keeping_system_and_last():
-    from llmosd.chat import fit
+    from llmosd.serve.chat import fit
     msgs = [{"role": "system", "content": "s"}] + [
         {"role": r, "content": f"{r[0]}{i}"} for i in range(3) for r in ("user", "assistant")] + [
         {"role": "user", "content": "last"}]

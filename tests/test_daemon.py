@@ -36,7 +36,7 @@ def test_create_load_ps_generate_unload(daemon):
     r = daemon.cli("create", "tiny", *TINY, "--vocab-from", str(SHAKESPEARE), "--json")
     made = json.loads(r.stdout)
     assert made["model"] == "tiny:latest" and made["digest"].startswith("sha256:")
-    from llmosd.store import Store
+    from llmosd.store.store import Store
     from safetensors.torch import load as load_st
     store = Store(str(daemon.state / "store"))
     weights = load_st(store.read_blob(store.get("tiny")[1]["weights"]["digest"]))
@@ -66,8 +66,8 @@ def test_seeded_output_is_reproducible_and_greedy_matches_forward(shared_daemon)
         text = gen.text()
         ids = [t for ch in gen.chunks for t in ch["token_ids"]]
     # the same weights, straight from the store, greedy without any cache
-    from llmosd.loader import load_model
-    from llmosd.store import Store
+    from llmosd.models.loader import load_model
+    from llmosd.store.store import Store
     store = Store(str(shared_daemon.state / "store"))
     _, man, _ = store.get("tiny")
     model, tok = load_model(store, man, torch.device("cpu"))
@@ -252,7 +252,7 @@ def test_kill9_during_create_leaves_only_complete_models(tmp_path):
         assert [m["model"] for m in models] == ["done:latest"]
         store = d.state / "store"
         assert os.listdir(store / "tmp") == []
-        from llmosd.store import Store
+        from llmosd.store.store import Store
         st = Store(str(store))
         _, man, _ = st.get("done")
         assert sorted(os.listdir(store / "blobs")) == sorted(x.replace(":", "-") for x in st.blob_digests(man))

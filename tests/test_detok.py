@@ -1,5 +1,5 @@
-from llmosd.detok import StopMatcher, StreamDecoder
-from llmosd.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from llmosd.serve.detok import StopMatcher, StreamDecoder
+from llmosd.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from conftest import SHAKESPEARE
 
 

@@ -1,4 +1,4 @@
-"""score / embed / classify (llmosd.evaluate) on a tiny random model, checked against plain
+"""score / embed / classify (llmosd.serve.evaluate) on a tiny random model, checked against plain
 full forward passes."""
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import SHAKESPEARE
-from llmosd import evaluate
-from llmosd.model import Llama, LlamaConfig
-from llmosd.tokenizer import SentencePieceTokenizer, train_sentencepiece
+import llmosd.serve.evaluate as evaluate
+from llmosd.models.llama import Llama, LlamaConfig
+from llmosd.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 
 @pytest.fixture(scope="module")

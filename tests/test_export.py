@@ -14,8 +14,8 @@ def test_export_sentencepiece_model_round_trips(shared_daemon, tmp_path):
     assert "tokenizer.model" in r["files"]
     assert not [p.name for p in d.iterdir() if p.name.startswith(".")]      # no temp files left
     hf = transformers.LlamaForCausalLM.from_pretrained(str(d)).eval()
-    from llmosd.loader import load_model
-    from llmosd.store import Store
+    from llmosd.models.loader import load_model
+    from llmosd.store.store import Store
     store = Store(str(shared_daemon.state / "store"))
     _, man, _ = store.get("tiny")
     ours, tok = load_model(store, man, torch.device("cpu"))

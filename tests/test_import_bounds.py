@@ -15,8 +15,8 @@ import pytest
 
 from conftest import Daemon, train_bpe
 from llmctl import errors
-from llmosd.importer import ImportError_, check_shapes, hf_config
-from llmosd.model import Llama, LlamaConfig, check_config, expected_shapes
+from llmosd.formats.importer import ImportError_, check_shapes, hf_config
+from llmosd.models.llama import Llama, LlamaConfig, check_config, expected_shapes
 
 gguf = pytest.importorskip("gguf")
 

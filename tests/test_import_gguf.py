@@ -15,8 +15,8 @@ from conftest import SHAKESPEARE, assert_refused_store_unchanged, train_bpe
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install transformers)")
 gguf = pytest.importorskip("gguf")
 
-from llmosd.loader import load_model  # noqa: E402
-from llmosd.store import Store  # noqa: E402
+from llmosd.models.loader import load_model  # noqa: E402
+from llmosd.store.store import Store  # noqa: E402
 
 TEXTS = ["ROMEO: What light through yonder window breaks?", "  two  spaces\nand lines\n\n",
          "<|im_start|>user\nhello<|im_end|>", "numbers 12345 and ünïcödé ✓", ""]
@@ -38,7 +38,7 @@ def bpe_vocab():
 def spm_vocab():
     """A SentencePiece model trained here: (tokens, types, scores, its bytes)."""
     from sentencepiece import sentencepiece_model_pb2 as pb
-    from llmosd.tokenizer import train_sentencepiece
+    from llmosd.models.tokenizer import train_sentencepiece
     data = train_sentencepiece(SHAKESPEARE.read_text()[:200_000], 400)
     m = pb.ModelProto.FromString(data)
     return [p.piece for p in m.pieces], [int(p.type) for p in m.pieces], [p.score for p in m.pieces], data
@@ -247,7 +247,7 @@ def test_malformed_gguf_refused_and_store_unchanged(shared_daemon, tmp_path, bre
 
 def test_import_dtype_option_and_auto_choice(shared_daemon, tmp_path, monkeypatch):
     from safetensors.torch import load as load_st
-    from llmosd import gguf_import
+    import llmosd.formats.gguf as gguf_import
     tokens = bpe_vocab()[0]
     hf = hf_model(len(tokens))
     path = tmp_path / "q8.gguf"
@@ -279,7 +279,7 @@ def test_rope_freqs_tensor_becomes_rope_factors(shared_daemon, tmp_path):
     cfg = json.loads(store.read_blob(man["config"]["digest"]))
     assert cfg["rope_scaling"] == {"rope_type": "factors", "factors": factors}
     model, _ = load_model(store, man, torch.device("cpu"))
-    from llmosd.model import LlamaConfig, rope_inv_freq
+    from llmosd.models.llama import LlamaConfig, rope_inv_freq
     plain = rope_inv_freq(LlamaConfig(hidden_size=64, num_attention_heads=4))
     torch.testing.assert_close(model.inv_freq, plain / torch.tensor(factors))
     shared_daemon.cli("rm", "ropeq")

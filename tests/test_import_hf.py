@@ -45,8 +45,8 @@ def test_logits_match_transformers(shared_daemon, tmp_path, kv_heads, tied, shar
     name = f"hf-{kv_heads}-{int(tied)}-{int(shards)}"
     r = json.loads(shared_daemon.cli("import", str(tmp_path / "m"), name, "--json").stdout)
     assert r["model"] == f"{name}:latest"
-    from llmosd.loader import load_model
-    from llmosd.store import Store
+    from llmosd.models.loader import load_model
+    from llmosd.store.store import Store
     store = Store(str(shared_daemon.state / "store"))
     _, man, _ = store.get(name)
     ours, tok = load_model(store, man, torch.device("cpu"))
@@ -118,8 +118,8 @@ def test_chat_template_from_tokenizer_config_and_long_history_trimmed(shared_dae
         g.text()
         assert g.stats["dropped_messages"] == 0
     # the rendered prompt is the template's, token for token
-    from llmosd.loader import build_tokenizer
-    from llmosd.store import Store
+    from llmosd.models.loader import build_tokenizer
+    from llmosd.store.store import Store
     store = Store(str(shared_daemon.state / "store"))
     _, man, _ = store.get("hf-chat")
     tok = build_tokenizer(man["tokenizer"]["type"], store.read_blob(man["tokenizer"]["digest"]), man)

@@ -9,8 +9,8 @@ from llmctl import errors
 
 def _reference(daemon, prompt, n, penalty):
     """Greedy with HF's repetition penalty, full forward passes, straight from the store."""
-    from llmosd.loader import load_model
-    from llmosd.store import Store
+    from llmosd.models.loader import load_model
+    from llmosd.store.store import Store
     store = Store(str(daemon.state / "store"))
     _, man, _ = store.get("tiny")
     model, tok = load_model(store, man, torch.device("cpu"))

@@ -114,7 +114,7 @@ def test_i7_4_refused_chunks_free_disk_at_once(d):
 def make_hf_dir(path):
     """A tiny Llama checkpoint as a Hugging Face directory (random weights, BPE tokenizer)."""
     from safetensors.torch import save_file
-    from llmosd.model import Llama, LlamaConfig
+    from llmosd.models.llama import Llama, LlamaConfig
     path.mkdir(parents=True)
     tk = train_bpe(300)
     tk.save(str(path / "tokenizer.json"))

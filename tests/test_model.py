@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmosd.model import KVCache, Llama, LlamaConfig
+from llmosd.models.llama import KVCache, Llama, LlamaConfig
 
 
 def tiny(**kw):
@@ -78,7 +78,7 @@ def test_hf_config_names_roundtrip():
 
 def test_rope_factors_reproduce_llama3_scaling():
     """GGUF stores Llama 3.1 rope scaling as per-frequency divisors (rope_freqs.weight)."""
-    from llmosd.model import rope_inv_freq
+    from llmosd.models.llama import rope_inv_freq
     l3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
     base = LlamaConfig(hidden_size=512, num_attention_heads=4, rope_theta=500000.0)

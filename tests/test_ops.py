@@ -9,11 +9,11 @@ import types
 import pytest
 
 from llmctl import errors
-from llmosd.jobs import JobState
-from llmosd.ops import Ops
-from llmosd.store import Store
+from llmosd.jobs.runner import JobState
+from llmosd.ops.handlers import Ops
+from llmosd.store.store import Store
 from llmosd.table import ModelTable
-from llmosd.uploads import Uploads
+from llmosd.store.uploads import Uploads
 
 
 class FakeStream:
@@ -175,7 +175,7 @@ def test_i8_7_audit_lines_name_the_uid(tmp_path, caplog):
     store = Store(str(tmp_path))
     ops = make_ops(store)
     put_model(store, "a")
-    with caplog.at_level(logging.INFO, logger="llmosd.ops"):
+    with caplog.at_level(logging.INFO, logger="llmosd.ops.handlers"):
         call(ops, "tag", {"source": "a", "target": "b"})
         call(ops, "rm", {"model": "b"})
     text = caplog.text

@@ -1,6 +1,6 @@
 import pytest
 
-from llmosd.scheduler import Scheduler, Seq
+from llmosd.serve.scheduler import Scheduler, Seq
 
 
 def test_prefill_then_decode_and_finish_reasons():

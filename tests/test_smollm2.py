@@ -42,8 +42,8 @@ def ref():
 
 @pytest.fixture(scope="module")
 def our_tok(smol):
-    from llmosd.loader import build_tokenizer
-    from llmosd.store import Store
+    from llmosd.models.loader import build_tokenizer
+    from llmosd.store.store import Store
     store = Store(str(smol.state / "store"))
     _, man, _ = store.get("smollm2")
     return build_tokenizer(man["tokenizer"]["type"], store.read_blob(man["tokenizer"]["digest"]), man)
@@ -157,7 +157,7 @@ def test_export_loads_in_transformers_and_reimports_identically(smol, ref, tmp_p
 
 
 def test_byte_level_tokenizer_round_trips_and_streams_whole_characters(our_tok, ref):
-    from llmosd.detok import StreamDecoder
+    from llmosd.serve.detok import StreamDecoder
     _, tok = ref
     for text in ["naïve café 🤖 — 日本語のテキスト", "  indented\n\tcode()\n", "<|im_start|>user\nhi<|im_end|>"]:
         ids = our_tok.encode(text)

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from llmctl import errors
-from llmosd.store import Store, parse_ref
+from llmosd.store.store import Store, parse_ref
 
 
 def manifest(store, payload=b"weights"):

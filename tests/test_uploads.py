@@ -6,8 +6,8 @@ import threading
 import pytest
 
 from llmctl import errors
-from llmosd.store import Store
-from llmosd.uploads import Uploads
+from llmosd.store.store import Store
+from llmosd.store.uploads import Uploads
 
 
 def digest(b):

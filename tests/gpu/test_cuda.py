@@ -9,7 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_model_on_cuda_matches_cpu():
-    from llmosd.model import KVCache, Llama, LlamaConfig
+    from llmosd.models.llama import KVCache, Llama, LlamaConfig
     cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     m = Llama(cfg)

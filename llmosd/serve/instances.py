@@ -19,13 +19,13 @@ from typing import Callable
 import torch
 
 from llmctl.errors import Busy, Cancelled, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
-from .engine import Engine, Request
-from .loader import load_model, resident_bytes
-from .scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
-from .store import Store
-from .table import Instance, ModelTable, State
+from llmosd.serve.engine import Engine, Request
+from llmosd.models.loader import load_model, resident_bytes
+from llmosd.serve.scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
+from llmosd.store.store import Store
+from llmosd.table import Instance, ModelTable, State
 
-log = logging.getLogger("llmosd.instances")
+log = logging.getLogger("llmosd.serve.instances")
 
 Ready = Callable[[Instance | None, LlmosdError | None], None]
 

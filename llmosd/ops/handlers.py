@@ -16,16 +16,16 @@ from llmctl import protocol
 from llmctl.errors import (AlreadyExists, Busy, Cancelled, InstanceNotFound, InvalidArgument,
                            JobFailed, LlmosdError, ModelNotFound, ShuttingDown, StoreCorrupt,
                            UnsupportedVersion)
-from .create import check_spec
-from .chat import TemplateError, check_messages
-from .engine import Call, Request
-from .instances import InstanceManager, Task, check_generate
-from .jobs import JobRunner, JobState
-from .sampling import SamplingParams
-from .server import Ctx
-from .store import Store, parse_ref
-from .uploads import Sources, Uploads
-from .table import State
+from llmosd.train.create import check_spec
+from llmosd.serve.chat import TemplateError, check_messages
+from llmosd.serve.engine import Call, Request
+from llmosd.serve.instances import InstanceManager, Task, check_generate
+from llmosd.jobs.runner import JobRunner, JobState
+from llmosd.serve.sampling import SamplingParams
+from llmosd.server import Ctx
+from llmosd.store.store import Store, parse_ref
+from llmosd.store.uploads import Sources, Uploads
+from llmosd.table import State
 
 log = logging.getLogger("llmosd.ops")
 
@@ -227,7 +227,7 @@ class Ops:
             check_spec(spec)
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
-        self._job(ctx, "create", "llmosd.create:create", spec)
+        self._job(ctx, "create", "llmosd.train.create:create", spec)
 
     def op_import(self, ctx: Ctx) -> None:
         spec = dict(ctx.body)
@@ -263,7 +263,7 @@ class Ops:
             for rel, digest in missing.items():
                 raise InvalidArgument(f"files: {rel} ({digest}) has not been uploaded",
                                       hint="upload each file with 'upload'/'upload_chunk' first")
-            self._job(ctx, "import", "llmosd.importer:import_model", spec, cleanup=set(files.values()),
+            self._job(ctx, "import", "llmosd.formats.importer:import_model", spec, cleanup=set(files.values()),
                       lineage={"sources": dict(files), "dtype": dtype})
         except LlmosdError:                               # refused (name taken, busy...): no orphans
             self.store.discard_unreferenced(set(files.values()))

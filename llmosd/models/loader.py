@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from llmctl.errors import InvalidArgument, LoadFailed
-from .model import Llama, LlamaConfig, check_config, rope_inv_freq
-from .store import Store
-from .tokenizer import HFTokenizer, SentencePieceTokenizer
+from llmosd.models.llama import Llama, LlamaConfig, check_config, rope_inv_freq
+from llmosd.store.store import Store
+from llmosd.models.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 from llmctl.errors import InvalidState
 
-log = logging.getLogger("llmosd.jobs")
+log = logging.getLogger("llmosd.jobs.runner")
 
 
 class JobState(str, enum.Enum):
@@ -72,7 +72,7 @@ def _die_with_parent() -> None:
 def _report_new_blobs(conn) -> None:
     """In the worker: tell the daemon of each blob the job adds, so that a job that fails (or
     whose manifest cannot be published) leaves no orphan blobs behind."""
-    from .store import Store
+    from llmosd.store.store import Store
     put = Store.put_blob
 
     def put_blob(self, data):

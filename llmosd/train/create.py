@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from safetensors.torch import save as save_safetensors
 
-from .model import Llama, LlamaConfig
-from .store import Store, now_iso
-from .tokenizer import SentencePieceTokenizer, train_sentencepiece
+from llmosd.models.llama import Llama, LlamaConfig
+from llmosd.store.store import Store, now_iso
+from llmosd.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 LIMITS = {"layers": (1, 256), "dim": (8, 16384), "heads": (1, 256), "vocab_size": (300, 262144),
           "context": (16, 1 << 20), "hidden_dim": (8, 65536)}

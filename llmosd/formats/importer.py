@@ -21,10 +21,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .loader import DTYPES
-from .model import LlamaConfig, check_config, expected_shapes
-from .store import Store, now_iso
-from .tokenizer import SentencePieceTokenizer, hf_bundle
+from llmosd.models.loader import DTYPES
+from llmosd.models.llama import LlamaConfig, check_config, expected_shapes
+from llmosd.store.store import Store, now_iso
+from llmosd.models.tokenizer import SentencePieceTokenizer, hf_bundle
 
 ARCHS = {"llama", "mistral"}
 
@@ -198,7 +198,7 @@ def import_model(spec: dict, store_root: str, progress: Callable[[dict], None]) 
     store = Store(store_root)
     files, fmt = spec["files"], spec.get("format", "hf")
     if fmt == "gguf":
-        from .gguf_import import import_gguf
+        from llmosd.formats.gguf import import_gguf
         (rel, digest), = files.items()
         cfg, sd, tok, defaults = import_gguf(store, store.blob_path(digest), progress,
                                              spec.get("dtype") or "auto")

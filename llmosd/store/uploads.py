@@ -24,7 +24,7 @@ import time
 from typing import Callable, Hashable
 
 from llmctl.errors import Busy, InvalidArgument, StoreCorrupt, TooLarge
-from .store import Store, fsync_dir
+from llmosd.store.store import Store, fsync_dir
 
 MAX_BLOB = 1 << 40
 FD_RESERVE = 64          # descriptors kept free for connections, the store and `status`

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .gguf_vocab import VocabError, from_gguf
-from .importer import ImportError_, check_shapes
-from .loader import DTYPES
-from .model import LlamaConfig, check_config
+from llmosd.formats.gguf_vocab import VocabError, from_gguf
+from llmosd.formats.importer import ImportError_, check_shapes
+from llmosd.models.loader import DTYPES
+from llmosd.models.llama import LlamaConfig, check_config
 
 # Tensor types this importer dequantizes (all through gguf.quants.dequantize).
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",

@@ -25,14 +25,14 @@ from typing import Callable, Hashable
 import torch
 
 from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, OutOfMemory
-from . import evaluate
-from .chat import TemplateError, fit, render
-from .detok import StopMatcher, StreamDecoder
-from .model import KVCache, Llama
-from .sampling import SamplingParams, make_generator, sample, top_logprobs
-from .scheduler import Scheduler, Seq, kv_position_bytes
+import llmosd.serve.evaluate as evaluate
+from llmosd.serve.chat import TemplateError, fit, render
+from llmosd.serve.detok import StopMatcher, StreamDecoder
+from llmosd.models.llama import KVCache, Llama
+from llmosd.serve.sampling import SamplingParams, make_generator, sample, top_logprobs
+from llmosd.serve.scheduler import Scheduler, Seq, kv_position_bytes
 
-log = logging.getLogger("llmosd.engine")
+log = logging.getLogger("llmosd.serve.engine")
 
 Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error"|"kv", body)
 

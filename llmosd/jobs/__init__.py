@@ -1,0 +1,1 @@
+"""Jobs: pure job states, and the worker processes that run them."""

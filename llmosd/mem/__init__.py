@@ -1,0 +1,1 @@
+"""Devices and memory: device/dtype choice (later budgets and eviction)."""

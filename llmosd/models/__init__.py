@@ -1,0 +1,1 @@
+"""Model code: the Llama decoder, tokenizers, loading from the store."""

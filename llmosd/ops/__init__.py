@@ -1,0 +1,1 @@
+"""Request handlers, split by domain; run on the control loop, never import torch."""

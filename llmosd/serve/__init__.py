@@ -1,0 +1,1 @@
+"""Serving: instances on the control loop, engines on their own threads."""

@@ -1,0 +1,1 @@
+"""Training jobs (run in worker processes): create now, pretraining next."""
