@@ -23,7 +23,7 @@ from typing import Callable
 
 from llmctl.errors import InvalidState
 
-log = logging.getLogger("llmosd.jobs.runner")
+log = logging.getLogger("llmosd.jobs")
 
 
 class JobState(str, enum.Enum):

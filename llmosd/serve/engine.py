@@ -32,7 +32,7 @@ from llmosd.models.llama import KVCache, Llama
 from llmosd.serve.sampling import SamplingParams, make_generator, sample, top_logprobs
 from llmosd.serve.scheduler import Scheduler, Seq, kv_position_bytes
 
-log = logging.getLogger("llmosd.serve.engine")
+log = logging.getLogger("llmosd.engine")
 
 Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error"|"kv", body)
 

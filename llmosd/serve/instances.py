@@ -25,7 +25,7 @@ from llmosd.serve.scheduler import KVBudget, kv_positions, prompt_token_bound, s
 from llmosd.store.store import Store
 from llmosd.table import Instance, ModelTable, State
 
-log = logging.getLogger("llmosd.serve.instances")
+log = logging.getLogger("llmosd.instances")
 
 Ready = Callable[[Instance | None, LlmosdError | None], None]
 

@@ -37,7 +37,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK   # NON
 _FIX_HINT = "remove the model with 'llmctl rm' and create or import it again"
 _LINK_HINT = "the store never follows links out of its own directory: remove that entry by hand"
 
-log = logging.getLogger("llmosd.store.store")
+log = logging.getLogger("llmosd.store")
 
 
 def shown(text: str, limit: int = 100) -> str:
