@@ -90,7 +90,7 @@ def serve(cfg) -> int:
         from llmosd.serve.instances import InstanceManager
         from llmosd.jobs.runner import JobRunner
         from llmosd.models.loader import resolve_device, resolve_dtype
-        from llmosd.ops.handlers import Ops
+        from llmosd.ops import Ops
         from llmosd.server import Server
         from llmosd.store.uploads import Uploads
 
@@ -105,6 +105,7 @@ def serve(cfg) -> int:
         jobs = JobRunner(server.post, store.root, threads)
         ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
         server.handler = ops.dispatch
+        server.on_peer_gone.append(ops.peer_gone)
         server.idle_checks += [manager.idle, jobs.idle]
         server.bind()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -118,8 +118,9 @@ class ModelTable:
         return [i for i in self._rows.values()
                 if i.model == model and (digest is None or i.digest == digest)]
 
-    def with_digest(self, digest: str) -> list[Instance]:
-        return [i for i in self._rows.values() if i.digest == digest]
+    def ids_of(self, model: str) -> list[int]:
+        """Ids of the instances of ``model`` (canonical name:tag), in id order."""
+        return sorted(i.id for i in self._rows.values() if i.model == model)
 
     def usable(self, model: str, digest: str) -> Instance | None:
         """A loading or serving instance of exactly this model version (least busy first)."""

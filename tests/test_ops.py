@@ -10,7 +10,7 @@ import pytest
 
 from llmctl import errors
 from llmosd.jobs.runner import JobState
-from llmosd.ops.handlers import Ops
+from llmosd.ops import Ops
 from llmosd.store.store import Store
 from llmosd.table import ModelTable
 from llmosd.store.uploads import Uploads
@@ -65,6 +65,9 @@ class FakeJobs:
         manifest, error = self.make(self.store, job)
         on_done(job, manifest, error)
         return job
+
+    def writing(self, target):
+        return any(j.target == target for j in self.jobs.values())
 
 
 def make_ops(store):
@@ -175,7 +178,7 @@ def test_i8_7_audit_lines_name_the_uid(tmp_path, caplog):
     store = Store(str(tmp_path))
     ops = make_ops(store)
     put_model(store, "a")
-    with caplog.at_level(logging.INFO, logger="llmosd.ops.handlers"):
+    with caplog.at_level(logging.INFO, logger="llmosd.ops"):
         call(ops, "tag", {"source": "a", "target": "b"})
         call(ops, "rm", {"model": "b"})
     text = caplog.text

@@ -13,7 +13,6 @@ import importlib
 import itertools
 import logging
 import multiprocessing as mp
-import os
 import signal
 import threading
 import time
@@ -170,3 +169,7 @@ class JobRunner:
 
     def idle(self) -> bool:
         return not self.jobs
+
+    def writing(self, target: str) -> bool:
+        """Whether a running job is making model ``target``."""
+        return any(j.target == target for j in self.jobs.values())

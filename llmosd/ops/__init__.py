@@ -1,1 +1,96 @@
-"""Request handlers, split by domain; run on the control loop, never import torch."""
+"""Request handlers: one ``op_<type>`` method per protocol message type, split by domain
+(``store``, ``serve``, ``jobs``; the session's own messages are here).
+
+Handlers run on the control loop thread and must return quickly: anything slow is handed to
+the instance manager (loader/engine threads) or the job runner (worker processes).  Nothing
+in this package imports torch.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import llmosd
+from llmctl import protocol
+from llmctl.errors import ShuttingDown, UnsupportedVersion
+from llmosd.ops.jobs import JobOps
+from llmosd.ops.serve import ServeOps
+from llmosd.ops.store import StoreOps
+from llmosd.server import Ctx
+from llmosd.store.uploads import Sources
+
+
+class Ops:
+    """Routes each request to its domain's handler; answers hello, ping, status, ps, cancel."""
+
+    def __init__(self, cfg, store, manager, jobs, uploads):
+        self.cfg, self.store, self.manager, self.jobs = cfg, store, manager, jobs
+        uploads.max_open = cfg.max_uploads
+        uploads.max_per_owner = cfg.max_uploads_per_client
+        self.started = time.time()
+        sources = Sources(store)      # what re-imports need not send
+        self.store_ops = StoreOps(store, manager, jobs, uploads, sources)
+        self.job_ops = JobOps(store, manager, jobs, sources)
+        self.serve_ops = ServeOps(cfg, store, manager)
+        self.routes = {name[3:]: getattr(h, name)
+                       for h in (self, self.store_ops, self.job_ops, self.serve_ops)
+                       for name in dir(h) if name.startswith("op_")}
+        missing = set(protocol.SCHEMAS) - set(self.routes)
+        assert not missing, f"no handler for {missing}"
+
+    def dispatch(self, ctx: Ctx) -> None:
+        self.routes[ctx.type](ctx)
+
+    def peer_gone(self, peer) -> None:
+        self.store_ops.peer_gone(peer)
+
+    # -- session --------------------------------------------------------------------------
+    def op_hello(self, ctx: Ctx) -> None:
+        if ctx.body["version"] != protocol.VERSION:
+            raise UnsupportedVersion(f"client speaks protocol {ctx.body['version']}, "
+                                     f"llmosd speaks {protocol.VERSION}")
+        ctx.ok({"daemon": "llmosd", "version": llmosd.__version__, "protocol": [protocol.VERSION, protocol.MINOR],
+                "pid": os.getpid(), "max_message_bytes": self.cfg.max_message_bytes})
+
+    def op_ping(self, ctx: Ctx) -> None:
+        ctx.ok({"time": time.time()})
+
+    def op_status(self, ctx: Ctx) -> None:
+        table = self.manager.table
+        body = {
+            "version": llmosd.__version__, "protocol": [protocol.VERSION, protocol.MINOR],
+            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3),
+            "socket": self.cfg.socket, "state_dir": self.cfg.state_dir,
+            "device": str(self.manager.device), "dtype": str(self.manager.dtype).replace("torch.", ""),
+            "threads": self.cfg.torch_threads(), "models": len(self.store.list()),
+            "instances": len(table), "active_requests": sum(i.active_requests for i in table),
+            "tokens_served": sum(i.tokens_served for i in table),
+            "resident_bytes": sum(i.resident_bytes for i in table),
+            "rss_bytes": _rss(), "jobs": [j.row() for j in self.jobs.jobs.values()],
+        }
+        ctx.ok(body)
+
+    def op_ps(self, ctx: Ctx) -> None:
+        ctx.ok({"instances": self.manager.table.rows(),
+                "jobs": [j.row() for j in self.jobs.jobs.values()]})
+
+    def op_cancel(self, ctx: Ctx) -> None:
+        stream = ctx.peer.streams.get(ctx.body["target"])
+        if stream is not None:
+            stream.cancel("cancelled by the client")
+        ctx.ok({"cancelled": stream is not None})
+
+    # -- shutdown -------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """SIGTERM: every open stream gets a clean error, jobs stop, instances unload."""
+        self.job_ops.stopping = True
+        self.jobs.cancel_all()
+        self.manager.shutdown(ShuttingDown("llmosd is shutting down; the request was cancelled"))
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0

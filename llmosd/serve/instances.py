@@ -231,6 +231,15 @@ class InstanceManager:
         for cb in self._unload_waiters.pop(iid, []):
             cb()
 
+    def shutdown(self, err: LlmosdError) -> None:
+        """Every request ends with ``err`` (engines are told to stop them), then all unload."""
+        for key, task in list(self.tasks.items()):
+            self.tasks.pop(key)
+            task.stream.error(err)
+            if task.running and isinstance(task.req, Request):
+                task.inst.engine.cancel(key, "shutdown")
+        self.unload_all()
+
     def unload_all(self) -> None:
         for inst in list(self.table):
             self.unload(inst, True, lambda: None)

@@ -14,6 +14,7 @@ manifest's bytes, which do not contain the name: ``tag`` gives a copy the same d
 from __future__ import annotations
 
 import errno
+import difflib
 import hashlib
 import json
 import logging
@@ -463,6 +464,17 @@ class Store:
                 man["_digest"] = "sha256:" + hashlib.sha256(data).hexdigest()
                 man["_mtime"] = mtime
                 yield f"{name}:{tag}", man["_digest"], man
+
+    def find(self, ref: str) -> tuple[str, dict, str]:
+        """``get`` for a name a user typed: a mistyped one gets "did you mean" in its hint."""
+        try:
+            return self.get(ref)
+        except ModelNotFound as e:
+            canon = "%s:%s" % parse_ref(ref)
+            close = difflib.get_close_matches(canon, [r for r, _, _ in self.list()], n=1, cutoff=0.6)
+            hint = (f"did you mean {close[0].removesuffix(':latest')}? ('llmctl ls' lists the models)"
+                    if close else ModelNotFound.default_hint)
+            raise ModelNotFound(e.message, hint=hint) from None
 
     def list(self) -> list[tuple[str, str, dict]]:
         """[(name:tag, digest, manifest)] sorted by name."""

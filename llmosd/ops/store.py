@@ -1,0 +1,129 @@
+"""Handlers for the store: ls, show, rm, tag, and blob uploads and downloads."""
+from __future__ import annotations
+
+import json
+import logging
+
+from llmctl import protocol
+from llmctl.errors import AlreadyExists, Busy, InvalidArgument, ModelNotFound, StoreCorrupt
+from llmosd.server import Ctx
+from llmosd.store.store import Store, parse_ref
+from llmosd.store.uploads import Sources, Uploads
+
+log = logging.getLogger("llmosd.ops")
+
+
+class StoreOps:
+    """``op_<type>`` for the store's message types.  ``manager`` and ``jobs`` are asked only
+    whether a model is loaded or being written."""
+
+    def __init__(self, store: Store, manager, jobs, uploads: Uploads, sources: Sources):
+        self.store, self.manager, self.jobs = store, manager, jobs
+        self.uploads, self.sources = uploads, sources
+
+    def peer_gone(self, peer) -> None:
+        """A client left: its open uploads go, with their temp files."""
+        n = self.uploads.release(peer.ident)
+        if n:
+            log.info("%r went away; dropped its %d open upload(s)", peer, n)
+
+    def op_ls(self, ctx: Ctx) -> None:
+        models = []
+        for ref, digest, man in self.store.list():
+            lin = man.get("lineage") or {}
+            models.append({"model": ref, "digest": digest, "size": self.store.size(man),
+                           "parameters": man.get("parameters"), "created": man.get("created"),
+                           "modified": man.get("_mtime"), "architecture": man.get("architecture"),
+                           "method": lin.get("method"), "parent": lin.get("parent"),
+                           "instances": self.manager.table.ids_of(ref)})
+        ctx.ok({"models": models})
+
+    def op_show(self, ctx: Ctx) -> None:
+        canon, man, digest = self.store.find(ctx.body["model"])
+        config = json.loads(self.store.read_blob(man["config"]["digest"]))
+        ctx.ok({"model": canon, "digest": digest, "manifest": man, "config": config,
+                "size": self.store.size(man),
+                "instances": [i.row() for i in self.manager.table if i.model == canon]})
+
+    def op_rm(self, ctx: Ctx) -> None:
+        canon, _, _ = self.store.find(ctx.body["model"])
+        ids = self.manager.table.ids_of(canon)
+        if ids:
+            raise Busy(f"{canon} is loaded (instance {', '.join(map(str, ids))})",
+                       hint=f"unload it first: llmctl unload {canon}")
+        if self.jobs.writing(canon):
+            raise Busy(f"{canon} is being written by a running job")
+        r = self.store.remove(canon)
+        self.sources.changed()
+        log.info("rm %s by uid %s (freed %d bytes)", canon, ctx.uid, r.get("freed_bytes", 0))
+        ctx.ok(r)
+
+    def op_tag(self, ctx: Ctx) -> None:
+        src, _, digest = self.store.find(ctx.body["source"])
+        dst = "%s:%s" % parse_ref(ctx.body["target"])
+        force = ctx.body.get("force", False)
+        if dst == src:
+            raise InvalidArgument("source and target are the same model")
+        try:
+            _, old, old_digest = self.store.get(dst)
+        except ModelNotFound:
+            old = old_digest = None
+        if old_digest == digest:                      # already this model: nothing to do
+            ctx.ok({"model": dst, "source": src, "digest": digest, "unchanged": True})
+            return
+        if old is not None:
+            if not force:
+                raise AlreadyExists(f"model {dst} already exists and is a different model",
+                                    hint=f"pass --force to replace it (llmctl tag --force {src} {dst})")
+            if self.manager.table.ids_of(dst):
+                raise Busy(f"{dst} is loaded; unload it before replacing it")
+        canon = self.store.copy(src, dst, replace=force)   # frees a replaced model's blobs
+        self.sources.changed()
+        log.info("tag %s as %s by uid %s%s", src, canon, ctx.uid, " (replaced)" if old else "")
+        ctx.ok({"model": canon, "source": src, "digest": digest})
+
+    # -- uploads --------------------------------------------------------------------------
+    def op_upload(self, ctx: Ctx) -> None:
+        """Open an upload slot owned by the client, or answer ``have`` when nothing need be
+        sent: the store has the blob, or a stored model was imported from that file."""
+        digest, peer = ctx.body["digest"], ctx.peer
+        self.store.blob_path(digest)                      # a well-formed digest
+        if not self.store.has_blob(digest) and self.sources.known(digest):
+            ctx.ok({"have": True})
+            return
+        try:
+            have = self.uploads.begin(digest, ctx.body["size"], owner=peer.ident)
+        finally:                           # an open slot keeps the client known (and beaten),
+            if self.uploads.is_open(digest, peer.ident):   # so that its leaving frees it
+                peer.holds.add(("upload", digest))
+            else:
+                peer.holds.discard(("upload", digest))
+        ctx.ok({"have": have})
+
+    def op_upload_chunk(self, ctx: Ctx) -> None:
+        digest, peer = ctx.body["digest"], ctx.peer
+
+        def done(body, err):
+            if err:
+                ctx.error(StoreCorrupt(f"storing the upload of {digest} failed: "
+                                       f"{getattr(err, 'strerror', None) or err}",
+                                       hint="free space in the state directory and try again"))
+            else:
+                ctx.ok(body)
+        try:
+            body = self.uploads.chunk(digest, ctx.body["offset"], ctx.body["data"], done, owner=peer.ident)
+        finally:
+            if not self.uploads.is_open(digest, peer.ident):   # finished or failed
+                peer.holds.discard(("upload", digest))
+        if body is not None:
+            ctx.ok(body)
+
+    def op_download(self, ctx: Ctx) -> None:
+        """A piece of a blob a manifest refers to (export reads models this way)."""
+        b = ctx.body
+        if b["offset"] < 0 or not 0 < b["size"] <= protocol.UPLOAD_CHUNK:
+            raise InvalidArgument(f"download: offset must be >= 0 and size in 1..{protocol.UPLOAD_CHUNK}")
+        if not any(b["digest"] in self.store.blob_digests(man) for _, _, man in self.store.list()):
+            raise ModelNotFound(f"no model in the store refers to blob {b['digest']}")
+        data, total = self.store.read_range(b["digest"], b["offset"], b["size"])
+        ctx.ok({"data": data, "total": total})
