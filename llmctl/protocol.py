@@ -90,6 +90,7 @@ _GEN = {"max_tokens": Field(_I, lo=1, hi=1_000_000), "temperature": Field(_F, lo
         "min_p": Field(_F, lo=0, hi=1), "repetition_penalty": Field(_F, lo=0.01, hi=100),
         "seed": Field(_I, lo=0, hi=U64), "stop": Field(_L, max_len=16, items=(str,)),
         "logprobs": Field(_I, lo=0, hi=20)}
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")   # model defaults may set these
 _DIGEST = Field(_S, True, max_len=80)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
