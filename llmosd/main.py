@@ -89,7 +89,7 @@ def serve(cfg) -> int:
 
         from llmosd.serve.instances import InstanceManager
         from llmosd.jobs.runner import JobRunner
-        from llmosd.models.loader import resolve_device, resolve_dtype
+        from llmosd.mem.devices import resolve_device, resolve_dtype
         from llmosd.ops import Ops
         from llmosd.server import Server
         from llmosd.store.uploads import Uploads

@@ -53,7 +53,7 @@ class Instance:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     engine: Any = None             # the engine thread once ready (opaque here)
-    waiting: list = field(default_factory=list)   # requests that arrived while loading
+    queued_requests: int = 0       # requests waiting for it to finish loading (instance manager counts)
 
     def transition(self, new: State, reason: str = "") -> None:
         if new not in LEGAL[self.state]:
@@ -85,7 +85,7 @@ class Instance:
     def row(self) -> dict:
         return {"id": self.id, "model": self.model, "digest": self.digest, "state": self.state.value,
                 "device": self.device, "resident_bytes": self.resident_bytes,
-                "active_requests": self.active_requests, "queued_requests": len(self.waiting),
+                "active_requests": self.active_requests, "queued_requests": self.queued_requests,
                 "tokens_served": self.tokens_served, "requests_served": self.requests_served,
                 "loaded_at": self.loaded_at, "last_used": self.last_used, "uid": self.uid,
                 "reason": self.reason}

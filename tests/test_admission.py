@@ -12,9 +12,9 @@ import torch
 
 from conftest import SHAKESPEARE, TINY, Daemon
 from llmctl import errors
-from llmosd.serve.engine import Engine, Request
+from llmosd.serve.engine import Engine
 from llmosd.models.llama import KVCache, Llama, LlamaConfig
-from llmosd.serve.sampling import SamplingParams
+from llmosd.serve.request import Request, SamplingParams
 from llmosd.serve.scheduler import (CHAT_TEMPLATE_MARGIN, PROMPT_MARGIN, KVBudget, kv_position_bytes,
                               kv_positions, prompt_token_bound)
 
@@ -91,7 +91,7 @@ def test_engine_cache_never_exceeds_the_reservation():
     eng, events = tiny_engine()
     eng.start()
     try:
-        eng.submit(Request("r", "abc", 50, SamplingParams(temperature=0), kv_positions=10))
+        eng.submit(Request("r", "abc", 50, SamplingParams(temperature=0)), kv_positions=10)
         got = []
         while not got or got[-1][1] not in ("end", "error"):
             got.append(events.get(timeout=30))
@@ -147,7 +147,7 @@ def test_i7_5_kv_admission_busy_past_limit(tmp_path):
 def test_i7_10_engine_stops_promptly_during_a_long_call():
     """stop() during a score of thousands of windows ends the engine after the window it is in
     (the call fails with Cancelled), instead of when the whole call is done."""
-    from llmosd.serve.engine import Call
+    from llmosd.serve.request import Call
     eng, events = tiny_engine(context=16)
     eng.start()
     try:

@@ -97,7 +97,7 @@ def test_i7_12_tiny_sampling_values_are_safe():
 
 def test_i7_12_nil_max_tokens_and_logprobs_mean_unset():
     from llmctl.errors import InvalidArgument
-    from llmosd.serve.instances import check_generate
+    from llmosd.ops.serve import check_generate
     assert check_generate({"max_tokens": None, "logprobs": None, "stop": None}, 77) == \
         {"max_tokens": 77, "stops": [], "logprobs": 0}
     for body in ({"max_tokens": "5"}, {"max_tokens": 0}, {"max_tokens": True}, {"logprobs": 21},

@@ -1,6 +1,9 @@
 """From a stored manifest to a model and tokenizer in memory, on a device.
 
 Used by the daemon's load path and by tests that compare the engine with a direct forward pass.
+``DTYPES`` (dtype names -> torch dtypes) is the one table of the dtypes weights may be stored and
+computed in; ``formats/`` and ``mem/devices.py`` import it from here.  Device and dtype *choice*
+is the daemon's (``mem/devices.py``).
 """
 from __future__ import annotations
 
@@ -9,28 +12,12 @@ import json
 import torch
 from safetensors import safe_open
 
-from llmctl.errors import InvalidArgument, LoadFailed
+from llmctl.errors import LoadFailed
 from llmosd.models.llama import Llama, LlamaConfig, check_config, rope_inv_freq
 from llmosd.store.store import Store
 from llmosd.models.tokenizer import HFTokenizer, SentencePieceTokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument(f"device {name} asked for, but no CUDA device is available",
-                              hint="set device = \"cpu\" (or \"auto\") in llmosd.toml")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def build_tokenizer(kind: str, data: bytes, manifest: dict | None = None):
@@ -87,10 +74,12 @@ class _Lazy:
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters and buffers (tied tensors counted once)."""
-    seen, total = set(), 0
+    """Bytes this model's own tensors hold, on CUDA and the CPU alike: the storages behind its
+    parameters and buffers, each counted once (tied weights share one) and whole (a tensor
+    that views part of a storage keeps all of it alive).  Unlike a difference of the device's
+    allocated memory, this does not count what loads or generations running meanwhile hold."""
+    storages = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+        s = t.untyped_storage()
+        storages[(t.device, s.data_ptr())] = s.nbytes()
+    return sum(storages.values())

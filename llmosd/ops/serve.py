@@ -1,24 +1,67 @@
 """Handlers for serving: load, unload, generate, chat, score, embed, classify, and the
-checks of their settings.  Work goes to the instance manager; nothing here runs a model."""
+checks of their settings.  They build immutable ``Request``/``Call`` values and hand them, as
+``Task``s, to the instance manager (``run``, ``cancel``), which owns the task registry and the
+engines; nothing here runs a model or imports torch (the manager arrives through the
+constructor)."""
 from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from llmctl.errors import InstanceNotFound, InvalidArgument
+from llmctl.protocol import SAMPLING_KEYS
 from llmosd.server import Ctx
 from llmosd.serve.chat import TemplateError, check_messages
-from llmosd.serve.engine import Call, Request
-from llmosd.serve.instances import InstanceManager, Task, check_generate
-from llmosd.serve.sampling import SamplingParams
+from llmosd.serve.request import Call, Request, SamplingParams, Task, invalid_argument
 from llmosd.store.store import Store, parse_ref
 from llmosd.table import State
 
+if TYPE_CHECKING:
+    from llmosd.serve.instances import InstanceManager
+
 log = logging.getLogger("llmosd.ops")
 
-SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                     "repetition_penalty": 1.0}
 MAX_BATCH_INPUTS = 256
+
+
+def _int_setting(body: dict, key: str, default: int, lo: int, hi: int) -> int:
+    """``body[key]`` as an int in lo..hi; absent or nil means ``default``."""
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise InvalidArgument(f"{key} must be an integer between {lo} and {hi:,}, got {v!r:.40}")
+    return v
+
+
+def check_generate(body: dict, default_max: int) -> dict:
+    """Validated generation settings from a request body (InvalidArgument on bad values;
+    a setting given as nil counts as not given)."""
+    mt = _int_setting(body, "max_tokens", default_max, 1, 1_000_000)
+    stops = body.get("stop") or []
+    if not isinstance(stops, list) or len(stops) > 16 or \
+            not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops):
+        raise InvalidArgument("stop must be a list of at most 16 non-empty strings of at most 256 characters")
+    logprobs = _int_setting(body, "logprobs", 0, 0, 20)
+    return {"max_tokens": mt, "stops": stops, "logprobs": logprobs}
+
+
+def sampling_params(body: dict, model_defaults: dict | None) -> SamplingParams:
+    """The request's settings over the model's own defaults (generation_config, GGUF) over
+    ``SamplingParams``' defaults; InvalidArgument when one is out of range."""
+    ours = SamplingParams()
+    d = {k: getattr(ours, k) for k in SAMPLING_KEYS}
+    d.update({k: v for k, v in (model_defaults or {}).items() if k in SAMPLING_KEYS})
+    d.update({k: body[k] for k in SAMPLING_KEYS if body.get(k) is not None})
+    sp = SamplingParams(temperature=float(d["temperature"]), top_k=int(d["top_k"]),
+                        top_p=float(d["top_p"]), min_p=float(d["min_p"]),
+                        repetition_penalty=float(d["repetition_penalty"]), seed=body.get("seed"))
+    try:
+        sp.validate()
+    except ValueError as e:
+        raise invalid_argument(e) from None
+    return sp
 
 
 class _Reply:
@@ -91,54 +134,29 @@ class ServeOps:
         try:
             messages = check_messages(ctx.body["messages"])
         except TemplateError as e:
-            raise InvalidArgument(str(e)) from None
+            raise invalid_argument(e) from None
         self._generate(ctx, prompt="", messages=messages)
 
     def _generate(self, ctx: Ctx, prompt: str, messages: list | None) -> None:
         body = ctx.body
         opts = check_generate(body, self.cfg.default_max_tokens)
         canon, man, digest = self.store.find(body["model"])
-        # request settings > the model's own defaults (generation_config, GGUF) > ours
-        d = {**SAMPLING_DEFAULTS, **{k: v for k, v in (man.get("defaults") or {}).items()
-                                     if k in SAMPLING_DEFAULTS}}
-        d.update({k: body[k] for k in SAMPLING_DEFAULTS if body.get(k) is not None})
-        sp = SamplingParams(temperature=float(d["temperature"]), top_k=int(d["top_k"]),
-                            top_p=float(d["top_p"]), min_p=float(d["min_p"]),
-                            repetition_penalty=float(d["repetition_penalty"]), seed=body.get("seed"))
-        try:
-            sp.validate()
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
+        sp = sampling_params(body, man.get("defaults"))
         key = (ctx.peer.ident, ctx.rid)
         req = Request(key, prompt, opts["max_tokens"], sp, opts["stops"],
                       add_bos=body.get("add_bos", True), messages=messages, logprobs=opts["logprobs"])
-        self._run_on_instance(ctx, canon, man, digest, key,
-                              Task(req, ctx.stream(lambda reason: self.manager.cancel(key, reason))))
+        self._run(ctx, canon, man, digest, Task(req, ctx.stream(lambda reason: self.manager.cancel(key, reason))))
 
-    def _run_on_instance(self, ctx: Ctx, canon: str, man: dict, digest: str, key, task: Task) -> None:
-        """Load the model if needed, then hand ``task`` to its instance's engine.  A stream
-        that must wait for a load first gets one empty chunk saying so (``loading``)."""
-        self.manager.tasks[key] = task
-        t0 = time.perf_counter()
-
-        def ready(inst, err):
-            if self.manager.tasks.get(key) is not task:
-                return                                   # cancelled while loading
-            if err:
-                self.manager.tasks.pop(key)
-                task.stream.error(err)
-                return
-            task.extra = {"loaded": was_loading, "load_ms": round((time.perf_counter() - t0) * 1000, 3)
-                          if was_loading else 0.0}
-            self.manager.submit(inst, task)
-        existing = self.manager.table.usable(canon, digest)
-        was_loading = existing is None or existing.state is State.LOADING
-        if was_loading and isinstance(task.req, Request):
-            first = {"text": "", "token_ids": [], "loading": canon}
-            if task.req.logprobs:
-                first["logprobs"] = []
-            task.stream.chunk(first)
-        self.manager.acquire(canon, man, digest, ctx.uid, ready)
+    def _run(self, ctx: Ctx, canon: str, man: dict, digest: str, task: Task) -> None:
+        """Hand ``task`` to the instance manager.  A stream that must wait for a load first
+        gets one empty chunk saying so (``loading``)."""
+        def loading():
+            if isinstance(task.req, Request):
+                first = {"text": "", "token_ids": [], "loading": canon}
+                if task.req.logprobs:
+                    first["logprobs"] = []
+                task.stream.chunk(first)
+        self.manager.run(canon, man, digest, ctx.uid, task, loading)
 
     # -- evaluation -----------------------------------------------------------------------
     def op_score(self, ctx: Ctx) -> None:
@@ -162,5 +180,4 @@ class ServeOps:
 
     def _evaluate(self, ctx: Ctx, name: str, args: dict) -> None:
         canon, man, digest = self.store.find(ctx.body["model"])
-        key = (ctx.peer.ident, ctx.rid)
-        self._run_on_instance(ctx, canon, man, digest, key, Task(Call(key, name, args), _Reply(ctx)))
+        self._run(ctx, canon, man, digest, Task(Call((ctx.peer.ident, ctx.rid), name, args), _Reply(ctx)))

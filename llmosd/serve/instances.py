@@ -1,26 +1,31 @@
 """Instance lifecycle: load (on a loader thread), serve (through an engine), unload.
 
-The ``InstanceManager`` owns the model table's rows and the engine threads behind them.  All of
-its methods run on the control loop thread; loader and engine threads report back via ``post``.
+The ``InstanceManager`` owns the model table's rows, the engine threads behind them and the
+registry of tasks (requests the daemon answers for): ``run`` registers a task and hands it to
+an instance once one serves, ``cancel`` and ``shutdown`` end tasks; nothing else reads or
+writes the registry or talks to an engine.  All of its methods run on the control loop thread;
+loader and engine threads report back via ``post``.  It never runs device work itself: loads
+run on loader threads, and an engine frees its model's memory on its own thread as it ends.
+
 It also admits generations against the KV-cache byte limit (``scheduler.KVBudget``, whose
 docstring gives the design): reserved at ``submit``, shrunk on the engine's ``kv`` report,
-released on the request's ``end``/``error`` or when its instance stops.
+released on the request's ``end``/``error`` or when its instance stops.  And it returns the
+engine's stream credits: each chunk written to a client's socket is one ``Engine.credit``.
 """
 from __future__ import annotations
 
-import gc
 import logging
-import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from llmctl.errors import Busy, Cancelled, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
-from llmosd.serve.engine import Engine, Request
+from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory
+from llmosd.mem.devices import device_memory
 from llmosd.models.loader import load_model, resident_bytes
+from llmosd.serve.engine import Engine
+from llmosd.serve.request import Request, Task
 from llmosd.serve.scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
 from llmosd.store.store import Store
 from llmosd.table import Instance, ModelTable, State
@@ -30,25 +35,10 @@ log = logging.getLogger("llmosd.instances")
 Ready = Callable[[Instance | None, LlmosdError | None], None]
 
 
-@dataclass
-class Task:
-    """A generation the daemon is responsible for, from arrival to its stream's end."""
-    req: Request
-    stream: object                 # server.Stream
-    inst: Instance | None = None
-    extra: dict | None = None      # merged into the final stats (load info)
-    running: bool = False
-
-
 def default_kv_limit(device: torch.device) -> int:
     """``max_kv_bytes = 0`` (auto): a quarter of the memory the caches live in, physical RAM
     on the CPU, the device's own memory on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory // 4
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (OSError, ValueError):
-        return 1 << 30
+    return device_memory(device) // 4
 
 
 class InstanceManager:
@@ -59,7 +49,7 @@ class InstanceManager:
         self.kv = KVBudget(max_kv_bytes if max_kv_bytes > 0 else default_kv_limit(device))
         log.info("KV-cache limit %s%s", size_text(self.kv.limit), "" if max_kv_bytes > 0 else " (auto)")
         self.table = ModelTable()
-        self.tasks: dict = {}                       # request key -> Task
+        self._tasks: dict = {}                      # request key -> Task: only these methods touch it
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
         self._ready_waiters: dict[int, list[Ready]] = {}
 
@@ -84,13 +74,12 @@ class InstanceManager:
     def _load(self, inst: Instance, manifest: dict) -> None:
         t0 = time.perf_counter()
         try:
-            before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
             model, tok = load_model(self.store, manifest, self.device, self.dtype)
-            resident = (torch.cuda.memory_allocated(self.device) - before
-                        if self.device.type == "cuda" else resident_bytes(model))
+            resident = resident_bytes(model)          # its own tensors, whatever else runs
             engine = Engine(inst.id, model, tok, self.device,
-                            lambda key, kind, body: self.post(self._on_engine, inst, key, kind, body),
+                            lambda key, kind, body: self.post(self._on_engine, inst, engine, key, kind, body),
                             max_batch=self.max_batch, stream_buffer=self.stream_buffer)
+            del model                                 # the engine's runner holds the only reference
             self.post(self._loaded, inst, engine, resident, time.perf_counter() - t0, None)
         except torch.OutOfMemoryError:
             self.post(self._loaded, inst, None, 0, 0.0, OutOfMemory(f"not enough memory on {self.device} to load {inst.model}"))
@@ -122,22 +111,58 @@ class InstanceManager:
         for cb in waiters:
             cb(None if err else inst, err)
 
-    # -- generation -------------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------------
+    def run(self, model: str, manifest: dict, digest: str, uid: int | None, task: Task,
+            on_loading: Callable[[], None] | None = None) -> None:
+        """Take responsibility for ``task`` (its key must be new): hand it to an instance of
+        this model version once one serves, loading one if needed.  ``on_loading()`` is called
+        first when it must wait for a load; meanwhile it counts in the instance's
+        ``queued_requests``.  Its stream ends with the engine's answer, or with the error of a
+        failed load, a refused admission, a cancel or the shutdown."""
+        key = task.req.key
+        self._tasks[key] = task
+        t0 = time.perf_counter()
+        existing = self.table.usable(model, digest)
+        loading = existing is None or existing.state is State.LOADING
+        if loading and on_loading is not None:
+            on_loading()
+
+        def ready(inst, err):
+            if self._tasks.get(key) is not task:
+                return                                   # cancelled while loading
+            self._unqueue(task)
+            if err:
+                self._tasks.pop(key)
+                task.stream.error(err)
+                return
+            task.extra = {"loaded": loading,
+                          "load_ms": round((time.perf_counter() - t0) * 1000, 3) if loading else 0.0}
+            self.submit(inst, task)
+        inst = self.acquire(model, manifest, digest, uid, ready)
+        if self._tasks.get(key) is task and not task.running:       # waits for the load
+            task.inst = inst
+            inst.queued_requests += 1
+
+    def _unqueue(self, task: Task) -> None:
+        if task.inst is not None and not task.running:
+            task.inst.queued_requests -= 1
+            task.inst = None
+
     def submit(self, inst: Instance, task: Task) -> None:
         """Hand the task to the instance's engine, once a generation's KV cache is admitted;
         a refusal (Busy, or too big ever to fit) ends the task's stream with that error."""
-        req = task.req
+        req, positions = task.req, 0
         if isinstance(req, Request):
             try:
-                req.kv_positions = self._admit(inst, req)
+                positions = self._admit(inst, req)
             except LlmosdError as e:
-                if self.tasks.get(req.key) is task:
-                    self.tasks.pop(req.key)
+                if self._tasks.get(req.key) is task:
+                    self._tasks.pop(req.key)
                 task.stream.error(e)
                 return
         inst.begin_request()
         task.inst, task.running = inst, True
-        inst.engine.submit(req)
+        inst.engine.submit(req, positions)
 
     def _admit(self, inst: Instance, req: Request) -> int:
         """Reserve an upper bound of ``req``'s KV cache; returns the positions reserved."""
@@ -148,16 +173,19 @@ class InstanceManager:
         return positions
 
     def cancel(self, key, reason: str) -> None:
-        task = self.tasks.get(key)
+        """End the task ``key`` (unknown keys: nothing to do): a running one ends with
+        finish_reason ``reason`` through its engine, a waiting one at once with Cancelled."""
+        task = self._tasks.get(key)
         if task is None:
             return
         if task.running:
             task.inst.engine.cancel(key, reason)
         else:                                   # still waiting for its instance to load
-            self.tasks.pop(key)
+            self._tasks.pop(key)
+            self._unqueue(task)
             task.stream.error(Cancelled(f"request cancelled ({reason}) before it started"))
 
-    def _on_engine(self, inst: Instance, key, kind: str, body: dict) -> None:
+    def _on_engine(self, inst: Instance, engine: Engine, key, kind: str, body: dict) -> None:
         if kind == "stopped":
             self._stopped(inst)
             return
@@ -166,14 +194,13 @@ class InstanceManager:
             return
         if kind in ("end", "error"):       # whoever still holds the task: the bytes are free
             self.kv.release(key)
-        task = self.tasks.get(key)
+        task = self._tasks.get(key)
         if task is None:
             return
-        if kind == "chunk":
-            req = task.req
-            task.stream.chunk(body, on_sent=lambda: setattr(req, "sent", req.sent + 1))
+        if kind == "chunk":                # its credit goes back once the socket has it
+            task.stream.chunk(body, on_sent=lambda: engine.credit(key))
             return
-        self.tasks.pop(key)
+        self._tasks.pop(key)
         inst.end_request(body.get("generated_tokens", 0) if kind == "end" else 0)
         if kind == "end":
             task.stream.end({**body, **(task.extra or {}), "instance": inst.id, "model": inst.model})
@@ -194,9 +221,9 @@ class InstanceManager:
             self.check_unloadable(inst)
         inst.transition(State.UNLOADING)
         self._unload_waiters.setdefault(inst.id, []).append(on_done)
-        for key, task in list(self.tasks.items()):
-            if task.inst is inst:
-                task.inst.engine.cancel(key, "unloaded", Cancelled(
+        for key, task in list(self._tasks.items()):
+            if task.inst is inst and task.running:
+                inst.engine.cancel(key, "unloaded", Cancelled(
                     f"instance {inst.id} ({inst.model}) was unloaded while this request ran"))
         if inst.engine is not None:
             inst.engine.stop()
@@ -213,17 +240,14 @@ class InstanceManager:
 
     def _stopped(self, inst: Instance) -> None:
         self.kv.release_owner(inst.id)
-        for key, task in list(self.tasks.items()):   # anything the engine never answered
-            if task.inst is inst:
-                self.tasks.pop(key)
+        for key, task in list(self._tasks.items()):   # anything the engine never answered
+            if task.inst is inst and task.running:
+                self._tasks.pop(key)
                 task.stream.error(Cancelled(f"instance {inst.id} was unloaded"))
         if inst.state is not State.UNLOADING:        # the engine died on its own
             inst.transition(State.UNLOADING)
-        inst.engine = None
+        inst.engine = None              # its thread already dropped the model and freed the memory
         self.table.remove(inst.id)
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
         log.info("instance %d (%s) unloaded", inst.id, inst.model)
         self._notify_unloaded(inst.id)
 
@@ -233,8 +257,9 @@ class InstanceManager:
 
     def shutdown(self, err: LlmosdError) -> None:
         """Every request ends with ``err`` (engines are told to stop them), then all unload."""
-        for key, task in list(self.tasks.items()):
-            self.tasks.pop(key)
+        for key, task in list(self._tasks.items()):
+            self._tasks.pop(key)
+            self._unqueue(task)
             task.stream.error(err)
             if task.running and isinstance(task.req, Request):
                 task.inst.engine.cancel(key, "shutdown")
@@ -247,24 +272,3 @@ class InstanceManager:
     def idle(self) -> bool:
         return len(self.table) == 0 or all(i.state is State.FAILED for i in self.table)
 
-
-def _int_setting(body: dict, key: str, default: int, lo: int, hi: int) -> int:
-    """``body[key]`` as an int in lo..hi; absent or nil means ``default``."""
-    v = body.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise InvalidArgument(f"{key} must be an integer between {lo} and {hi:,}, got {v!r:.40}")
-    return v
-
-
-def check_generate(body: dict, default_max: int) -> dict:
-    """Validated generation settings from a request body (InvalidArgument on bad values;
-    a setting given as nil counts as not given)."""
-    mt = _int_setting(body, "max_tokens", default_max, 1, 1_000_000)
-    stops = body.get("stop") or []
-    if not isinstance(stops, list) or len(stops) > 16 or \
-            not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stops):
-        raise InvalidArgument("stop must be a list of at most 16 non-empty strings of at most 256 characters")
-    logprobs = _int_setting(body, "logprobs", 0, 0, 20)
-    return {"max_tokens": mt, "stops": stops, "logprobs": logprobs}

@@ -7,45 +7,14 @@ from a per-request ``torch.Generator`` so a seed reproduces the output exactly.
 
 Any value ``validate`` lets through is safe, however extreme (1e-320, 100): the penalty is
 held to the protocol's range, top-p always keeps the most likely token, and a distribution
-that still came out non-finite falls back to greedy instead of failing.
+that still came out non-finite falls back to greedy instead of failing.  ``SamplingParams`` and
+its pure ``validate`` live in the torch-free ``request.py``; they are re-exported here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import math
-
 import torch
 
-GREEDY_BELOW = 1e-5                 # temperatures below this are greedy (dividing would overflow)
-PENALTY_RANGE = (0.01, 100.0)       # repetition penalties beyond act as the nearest bound
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.8
-    top_k: int = 0          # 0 = off
-    top_p: float = 1.0      # 1 = off
-    min_p: float = 0.0      # 0 = off
-    repetition_penalty: float = 1.0   # 1 = off
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if not all(math.isfinite(v) for v in (self.temperature, self.top_p, self.min_p,
-                                                self.repetition_penalty)):
-            raise ValueError("sampling settings must be finite numbers")
-        if not (0.0 <= self.temperature <= 100.0):
-            raise ValueError(f"temperature must be between 0 and 100, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (0.0 <= self.min_p < 1.0):
-            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
-        lo, hi = PENALTY_RANGE
-        if not (lo <= self.repetition_penalty <= hi):
-            raise ValueError(f"repetition_penalty must be in [{lo}, {hi:g}] (1 turns it off), "
-                             f"got {self.repetition_penalty}")
+from llmosd.serve.request import GREEDY_BELOW, PENALTY_RANGE, SamplingParams  # noqa: F401 (re-exported)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

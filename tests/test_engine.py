@@ -1,0 +1,306 @@
+"""Issue 9, serving side: immutable requests built without torch (1), stream credits instead of
+a shared counter (2), the runner as the torch half of the engine (3), one owner of the task
+registry (4), device work off the control loop (5), resident bytes from the instance's own
+tensors (6), device/dtype choice in mem/devices (7), and the dead code made real (8).
+
+Engines here run a real tiny model in-process with a fake ``emit``; nothing starts a daemon."""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmctl import errors
+from llmosd.models.llama import KVCache, Llama, LlamaConfig
+from llmosd.serve import engine as engine_mod
+from llmosd.serve.engine import Engine
+from llmosd.serve.request import Call, Request, SamplingParams, Task
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class LetterTok:
+    """Every id decodes to one letter, so every token is one chunk; no EOS, BOS 0."""
+    bos_id, eos_id, chat_template = 0, None, None
+
+    def encode(self, text, add_bos=True):
+        return ([0] if add_bos else []) + [1 + b % 60 for b in text.encode()]
+
+    def decode(self, ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+    def token(self, i):
+        return None if i is None else self.decode([i])
+
+    def eos_ids(self):
+        return set()
+
+
+def tiny_model(context=256) -> Llama:
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                      eos_token_id=None)
+    m = Llama(cfg)
+    m.init_weights(seed=0)
+    return m.eval()
+
+
+def start_engine(stream_buffer=3):
+    events = queue.Queue()
+    eng = Engine(1, tiny_model(), LetterTok(), torch.device("cpu"),
+                 lambda k, kind, body: events.put((k, kind, body)), max_batch=4, stream_buffer=stream_buffer)
+    eng.start()
+    return eng, events
+
+
+def next_of(events, kind, timeout=10.0):
+    """The next event of ``kind`` (others skipped), or None if none comes within ``timeout``."""
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        try:
+            k, got, body = events.get(timeout=left)
+        except queue.Empty:
+            return None
+        if got == kind:
+            return body
+    return None
+
+
+# -- 1: immutable, torch-free values ---------------------------------------------------------
+
+def test_i9_1_request_is_an_immutable_value_and_ops_import_no_torch():
+    req = Request("k", "hi", 5, SamplingParams(temperature=0), ["\n"],
+                  messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.prompt = "other"
+    assert req.stops == ("\n",) and isinstance(req.messages, tuple)
+    assert {f.name for f in dataclasses.fields(Request)} == \
+        {"key", "prompt", "messages", "max_tokens", "sampling", "stops", "add_bos", "logprobs", "submitted"}
+    # ops/serve.py (loaded from its file, apart from the package's other handlers), request.py
+    # and the table import no torch, directly or through anything they import
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('ops_serve', {str(ROOT / 'llmosd/ops/serve.py')!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "import llmosd.serve.request, llmosd.serve.chat, llmosd.serve.scheduler, llmosd.table\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+# -- 2: credits ------------------------------------------------------------------------------
+
+def test_i9_2_slow_reader_blocks_at_stream_buffer_and_a_credit_resumes_it_at_once(monkeypatch):
+    """A reader that takes nothing: the engine emits exactly ``stream_buffer`` chunks, then
+    sleeps on its condition (no polling naps); each credit lets exactly one more chunk out,
+    woken by the credit itself (the idle wait is made 60 s, so only a wake-up can be quick)."""
+    monkeypatch.setattr(engine_mod, "IDLE_WAIT", 60.0)
+    eng, events = start_engine(stream_buffer=3)
+    waits = []
+    real_wait = eng._cv.wait
+    eng._cv.wait = lambda timeout=None: (waits.append(timeout), real_wait(timeout))[1]
+    try:
+        eng.submit(Request("r", "Hello", 40, SamplingParams(temperature=0)))
+        for _ in range(3):
+            assert next_of(events, "chunk") is not None
+        assert next_of(events, "chunk", timeout=0.5) is None, "a 4th chunk passed the stream buffer"
+        assert len(waits) <= 2, f"the engine polled while blocked: {len(waits)} waits"
+        for _ in range(3):                       # one credit, one chunk, blocked again
+            t0 = time.monotonic()
+            eng.credit("r")
+            assert next_of(events, "chunk", timeout=30) is not None
+            assert time.monotonic() - t0 < 10, "the credit did not wake the engine"
+            assert next_of(events, "chunk", timeout=0.2) is None
+        eng.credit("r", 100)                     # the reader caught up: it runs to the end
+        end = next_of(events, "end", timeout=30)
+        assert end is not None and end["generated_tokens"] == 40 and end["finish_reason"] == "length"
+        eng.credit("r")                          # credits of a finished request are ignored
+        eng.credit("unknown")
+    finally:
+        eng.stop()
+        eng.join(10)
+    assert not eng.is_alive()
+
+
+def test_i9_2_engine_with_nothing_to_do_sleeps_until_a_message_arrives(monkeypatch):
+    monkeypatch.setattr(engine_mod, "IDLE_WAIT", 60.0)
+    eng, events = start_engine()
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        eng.submit(Request("a", "Hi", 2, SamplingParams(temperature=0)))
+        assert next_of(events, "end", timeout=30) is not None
+        assert time.monotonic() - t0 < 10
+    finally:
+        eng.stop()
+        eng.join(10)
+
+
+# -- 3: the runner ---------------------------------------------------------------------------
+
+def test_i9_3_runner_step_equals_a_plain_forward_pass():
+    from llmosd.serve.runner import Runner
+    m = tiny_model()
+    run = Runner(m, LetterTok(), torch.device("cpu"))
+    prompt = [0, 5, 9, 13, 2]
+    with run.session():
+        cache = run.new_cache(16)
+        sp = SamplingParams(temperature=0)
+        first = run.step(cache, prompt, 0, sp, run.new_generator(1), prompt, logprobs=2)
+        second = run.step(cache, [first.token], len(prompt), sp, run.new_generator(1), prompt)
+        full = m(torch.tensor([prompt + [first.token]]))[0].log_softmax(-1)     # (T+1, V)
+    assert first.token == int(full[-2].argmax()) and second.token == int(full[-1].argmax())
+    assert first.logprob == pytest.approx(float(full[-2, first.token]), abs=1e-5)
+    assert [i for i, _ in first.top][0] == first.token and len(first.top) == 2
+    assert run.kv_position_bytes * 16 == cache.nbytes()
+
+
+# -- 4 and 8: the task registry's one owner; queued requests counted ----------------------------
+
+class FakeStream:
+    def __init__(self):
+        self.chunks, self.ended, self.err = [], None, None
+
+    def chunk(self, body, on_sent=None):
+        self.chunks.append(body)
+
+    def end(self, body):
+        self.ended = body
+
+    def error(self, err):
+        self.err = err
+
+
+def manager_without_store():
+    """An InstanceManager whose loads fail (no store) and whose posted callbacks wait in a
+    list until the test runs them, as the control loop would."""
+    from llmosd.serve.instances import InstanceManager
+    posted = []
+    m = InstanceManager(lambda fn, *a: posted.append((fn, a)), None, torch.device("cpu"), torch.float32,
+                        max_batch=2, stream_buffer=4, max_kv_bytes=1 << 20)
+    return m, posted
+
+
+def run_posted(posted):
+    for t in [t for t in threading.enumerate() if t.name.startswith("load-")]:
+        t.join(30)
+    while posted:
+        fn, a = posted.pop(0)
+        fn(*a)
+
+
+def test_i9_4_the_instance_manager_owns_tasks_ops_never_touch_them():
+    src = (ROOT / "llmosd/ops/serve.py").read_text()
+    assert "manager.tasks" not in src and "_tasks" not in src and ".engine" not in src
+    m, posted = manager_without_store()
+    assert not hasattr(m, "tasks")
+    waiting = FakeStream()
+    loading = []
+    m.run("tiny:latest", {}, "sha256:x", 1000, Task(Request("k1", "Hi", 4, SamplingParams()), waiting),
+          lambda: loading.append(True))
+    assert loading == [True] and waiting.err is None
+    m.cancel("k1", "cancelled by the client")
+    assert isinstance(waiting.err, errors.Cancelled) and "before it started" in str(waiting.err)
+    m.cancel("k1", "again")                                # unknown by now: nothing happens
+    run_posted(posted)                                     # the load fails; nobody is told twice
+    assert isinstance(waiting.err, errors.Cancelled)
+
+
+def test_i9_8_queued_requests_counts_tasks_waiting_for_a_load():
+    m, posted = manager_without_store()
+    streams = [FakeStream() for _ in range(3)]
+    for i, s in enumerate(streams):
+        m.run("tiny:latest", {}, "sha256:x", 1000, Task(Request(f"k{i}", "Hi", 4, SamplingParams()), s))
+    row, = m.table.rows()
+    assert row["state"] == "loading" and row["queued_requests"] == 3
+    m.cancel("k0", "cancelled")
+    assert m.table.rows()[0]["queued_requests"] == 2
+    run_posted(posted)                                     # the load fails: both waiting get it
+    row, = m.table.rows()
+    assert row["state"] == "failed" and row["queued_requests"] == 0
+    assert all(isinstance(s.err, errors.LoadFailed) for s in streams[1:])
+    assert not hasattr(Engine, "wake")
+
+
+def test_i9_8_sampling_settings_layer_over_the_protocols_keys():
+    from llmctl.protocol import SAMPLING_KEYS
+    from llmosd.ops.serve import sampling_params
+    sp = sampling_params({"top_k": 5, "temperature": None, "seed": 3}, {"temperature": 0.1, "bogus": 1})
+    assert (sp.temperature, sp.top_k, sp.top_p, sp.seed) == (0.1, 5, 1.0, 3)
+    assert set(SAMPLING_KEYS) <= {f.name for f in dataclasses.fields(SamplingParams)}
+    with pytest.raises(errors.InvalidArgument, match="top_p"):
+        sampling_params({"top_p": 0.0}, None)
+
+
+# -- 5: device work on the engine thread ---------------------------------------------------------
+
+def test_i9_5_the_engine_frees_the_model_on_its_own_thread(monkeypatch):
+    import llmosd.serve.instances as instances
+    import llmosd.serve.runner as runner
+    freed_on = []
+    monkeypatch.setattr(runner.gc, "collect", lambda *a: freed_on.append(threading.current_thread().name))
+    eng, events = start_engine()
+    eng.stop()
+    eng.join(10)
+    assert freed_on == [eng.name] and eng.runner.model is None
+    assert next_of(events, "stopped", timeout=5) == {}
+    assert not hasattr(instances, "gc")            # nothing left for the control loop to collect
+
+
+# -- 6: resident bytes ---------------------------------------------------------------------------
+
+def test_i9_6_resident_bytes_counts_the_instances_own_storages():
+    from llmosd.models.loader import resident_bytes
+    m = tiny_model()
+    m.lm_head.weight = m.model.embed_tokens.weight            # tied: one storage
+    want = sum(t.untyped_storage().nbytes() for t in {id(t): t for t in
+                                                      list(m.parameters()) + list(m.buffers())}.values())
+    assert resident_bytes(m) == want
+    # a parameter viewing part of a bigger storage keeps all of it resident
+    big = torch.zeros(1000)
+    holder = torch.nn.Module()
+    holder.p = torch.nn.Parameter(big[:10], requires_grad=False)
+    holder.q = torch.nn.Parameter(big[500:510], requires_grad=False)
+    assert resident_bytes(holder) == 4000
+    # another allocation meanwhile (a load or a generation elsewhere) does not count
+    other = KVCache(m.config, 64)
+    assert resident_bytes(m) == want and other.nbytes() > 0
+
+
+# -- 7: device and dtype choice ------------------------------------------------------------------
+
+def test_i9_7_device_and_dtype_choice_live_in_mem_devices():
+    import llmosd.models.loader as loader
+    from llmosd.mem import devices
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    assert devices.resolve_dtype("auto", torch.device("cpu")) is torch.float32
+    assert devices.resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert devices.DTYPES is loader.DTYPES
+    assert not hasattr(loader, "resolve_device") and not hasattr(loader, "resolve_dtype")
+    assert devices.device_memory(torch.device("cpu")) > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(errors.InvalidArgument, match="no CUDA"):
+            devices.resolve_device("cuda")
+
+
+def test_calls_run_between_steps_and_fail_as_llmosd_errors():
+    eng, events = start_engine()
+    try:
+        eng.submit(Call("s", "score", {"text": "Hello there"}))
+        eng.submit(Call("e", "embed", {"inputs": ["x"], "pooling": "max"}))
+        got = {}
+        while len(got) < 2:
+            k, kind, body = events.get(timeout=30)
+            got[k] = (kind, body)
+    finally:
+        eng.stop()
+        eng.join(10)
+    assert got["s"][0] == "end" and got["s"][1]["scored_tokens"] > 1
+    assert got["e"][0] == "error" and got["e"][1]["name"] == errors.InvalidArgument.name
