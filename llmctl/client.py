@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 import zmq
 
 from . import protocol
-from .errors import Cancelled, DaemonUnavailable, LlmosdError, PermissionDenied, Timeout, from_wire
+from .access import check_socket_path
+from .errors import Cancelled, DaemonUnavailable, LlmosdError, Timeout, from_wire
 from .paths import client_default_socket, ipc_path, normalize_socket
 
 __all__ = ["Client", "Generation"]
@@ -40,58 +41,6 @@ def _sha256_file(path: str) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), n
 
 
-
-def _mode_allows(st: os.stat_result, uid: int, gids: set[int], bit: int) -> bool:
-    """Whether ``uid`` (in groups ``gids``) has permission ``bit`` (4 r, 2 w, 1 x) on ``st``."""
-    if uid == 0:
-        return True
-    if st.st_uid == uid:
-        return bool(st.st_mode >> 6 & bit)
-    if st.st_gid in gids:
-        return bool(st.st_mode >> 3 & bit)
-    return bool(st.st_mode & bit)
-
-
-def socket_access_error(path: str, uid: int, gids: set[int], dir_st: os.stat_result | None,
-                        sock_st: os.stat_result | None) -> LlmosdError | None:
-    """Why ``uid`` cannot connect to the Unix socket ``path``, or None when it can (pure).
-
-    ``dir_st`` and ``sock_st`` are the stat results of the socket's directory and of the socket,
-    None where they do not exist.  Connecting needs search permission on the directory and
-    write permission on the socket; an inaccessible socket is "permission denied", not missing.
-    """
-    fix = ("ask the daemon's owner for access (its socket group, see llmosd.8), or run your own "
-           "daemon with 'llmosd --user'")
-    if dir_st is not None and not _mode_allows(dir_st, uid, gids, 1):
-        return PermissionDenied(f"permission denied: uid {uid} cannot enter {os.path.dirname(path)}, "
-                                f"the directory of llmosd's socket", hint=fix)
-    if sock_st is None:
-        return DaemonUnavailable(f"is llmosd running? (socket {path} does not exist)",
-                                 hint="start it with 'llmosd' or point LLMOSD_SOCKET / --socket at it")
-    if not _mode_allows(sock_st, uid, gids, 2):
-        return PermissionDenied(f"permission denied: uid {uid} may not write to llmosd's socket {path}",
-                                hint=fix)
-    return None
-
-
-def check_socket_path(path: str) -> None:
-    """Raise PermissionDenied or DaemonUnavailable when the socket at ``path`` cannot be used."""
-    def stat(p):
-        try:
-            return os.stat(p)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except PermissionError:
-            raise PermissionDenied(f"permission denied: cannot look at {p} (llmosd's socket or a "
-                                   f"directory above it)",
-                                   hint="ask the daemon's owner for access, or run 'llmosd --user'") from None
-    uid, gids = os.geteuid(), set(os.getgroups()) | {os.getegid()}
-    dir_st = stat(os.path.dirname(path) or ".")
-    err = socket_access_error(path, uid, gids, dir_st, None)     # the directory first: a closed
-    if not isinstance(err, PermissionDenied):                    # one hides the socket
-        err = socket_access_error(path, uid, gids, dir_st, stat(path))
-    if err is not None:
-        raise err
 
 
 class Generation:
@@ -474,6 +423,11 @@ class Client:
         """Write ``model`` as a Hugging Face directory at ``dest`` (see llmctl.export)."""
         from .export import export_model
         return export_model(self, model, dest, force=force, progress=progress)
+
+    def hf_files(self, model: str) -> dict:
+        """``model``'s Hugging Face files as the daemon makes them: {model, digest, files: [{name,
+        data} or {name, digest, size} (a blob to ``download``)]}, in the order to write them."""
+        return self._call("export", {"model": model}, timeout=self._work_timeout)
 
     def generate(self, model: str, prompt: str, *, max_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None,

@@ -1,15 +1,15 @@
 """``llmctl export``: write a stored model as a Hugging Face directory others can load.
 
-The content comes over the socket (``download``), since the daemon's store may not be readable
-by the caller.  Files: config.json, model.safetensors (the stored weights as they are: Hugging
-Face tensor names), generation_config.json, and tokenizer.json or tokenizer.model with
-tokenizer_config.json (special tokens, chat template).  Each file is written to a temporary
-name, synced and renamed, so an interrupted export leaves no half-written file.
+The daemon makes the files (message ``export``): the small ones (config.json,
+generation_config.json, tokenizer_config.json, tokenizer.json) come inline, the blobs
+(model.safetensors, the stored weights with their Hugging Face tensor names, and
+tokenizer.model) by digest, read with ``download`` since the daemon's store may not be readable
+by the caller.  Each file is written to a temporary name, synced and renamed, so an
+interrupted export leaves no half-written file.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from typing import Callable
@@ -52,77 +52,29 @@ def _download(client, digest: str, progress, label: str):
         raise StoreCorrupt(f"{label}: the downloaded content does not match its digest {digest}")
 
 
-def _json_bytes(obj: dict) -> bytes:
-    """A JSON file's bytes, without the fields that are None (HF files omit what is unset)."""
-    obj = {k: v for k, v in obj.items() if v is not None}
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
-
-
-def hf_config(cfg: dict, dtype: str) -> dict:
-    sc = cfg.get("rope_scaling") or {}
-    if sc.get("rope_type") == "factors":
-        raise InvalidArgument("this model's rotary frequencies come from a GGUF rope_freqs tensor, "
-                              "which a Hugging Face config.json cannot express")
-    out = dict(cfg)
-    out.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "torch_dtype": dtype.split(",")[0], "hidden_act": "silu"})
-    return out
+def _safe_name(name: str) -> str:
+    """A file name from the daemon, refused if it would leave the directory."""
+    if not name or name.startswith(".") or "/" in name or "\0" in name:
+        raise StoreCorrupt(f"the daemon named an export file {name[:100]!r}")
+    return name
 
 
 def export_model(client, model: str, dest: str, *, force: bool = False,
                  progress: Callable[[dict], None] | None = None) -> dict:
     """Write ``model`` to directory ``dest``; returns {model, digest, dir, files}."""
-    info = client.show(model)
-    man, cfg = info["manifest"], info["config"]
+    r = client.hf_files(model)
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise InvalidArgument(f"{dest} exists and is not a directory")
     if os.path.isdir(dest) and os.listdir(dest) and not force:
         raise AlreadyExists(f"{dest} is not empty", hint="choose a new directory, or pass --force to overwrite")
     os.makedirs(dest, exist_ok=True)
     files = []
-
-    def put(name, data=None, chunks=None):
-        _write(dest, name, data, chunks)
+    for f in r["files"]:
+        name = _safe_name(f["name"])
+        if "data" in f:
+            _write(dest, name, f["data"])
+        else:              # progress for the weights only: the tokenizer is small
+            shown = progress if name.endswith(".safetensors") else None
+            _write(dest, name, chunks=_download(client, f["digest"], shown, name))
         files.append(name)
-    put("config.json", _json_bytes(hf_config(cfg, man["weights"].get("dtype", "float32"))))
-    put("model.safetensors", chunks=_download(client, man["weights"]["digest"], progress, "model.safetensors"))
-    tok = man["tokenizer"]
-    data = b"".join(_download(client, tok["digest"], None, "tokenizer"))
-    template = man.get("chat_template")
-    add_bos = tok.get("add_bos")
-    if tok["type"] == "hf-tokenizers":
-        bundle = json.loads(data)
-        tj = json.loads(bundle["tokenizer_json"])
-        names = {i: t for t, i in (tj.get("model", {}).get("vocab") or {}).items()}
-        names.update({t["id"]: t["content"] for t in tj.get("added_tokens", [])})
-        eos = bundle.get("eos_token_ids") or []
-        tcfg = {"tokenizer_class": "PreTrainedTokenizerFast",
-                "bos_token": names.get(bundle.get("bos_token_id")),
-                "eos_token": names.get(eos[0]) if eos else None,
-                "add_bos_token": bundle.get("add_bos_token", False) if add_bos is None else add_bos,
-                "chat_template": template or bundle.get("chat_template")}
-        put("tokenizer.json", bundle["tokenizer_json"].encode())
-    elif tok["type"] == "sentencepiece":
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_proto=data)
-
-        def piece(i):
-            return sp.id_to_piece(i) if i is not None and i >= 0 else None
-        tcfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()),
-                "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()),
-                "add_bos_token": True if add_bos is None else add_bos, "add_eos_token": False,
-                "legacy": True, "chat_template": template}
-        put("tokenizer.model", data)
-    else:
-        raise InvalidArgument(f"tokenizer type {tok['type']!r} cannot be exported")
-    tcfg["model_max_length"] = cfg.get("max_position_embeddings")
-    put("tokenizer_config.json", _json_bytes(tcfg))
-    gen = {"bos_token_id": cfg.get("bos_token_id"), "eos_token_id": cfg.get("eos_token_id"),
-           "pad_token_id": cfg.get("pad_token_id")}
-    d = man.get("defaults") or {}
-    gen.update({k: d[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty") if k in d})
-    if gen.get("temperature") == 0:          # HF spells greedy as do_sample=False
-        gen.pop("temperature")
-        gen["do_sample"] = False
-    put("generation_config.json", _json_bytes(gen))
-    return {"model": info["model"], "digest": info["digest"], "dir": os.path.abspath(dest), "files": files}
+    return {"model": r["model"], "digest": r["digest"], "dir": os.path.abspath(dest), "files": files}

@@ -23,7 +23,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 3              # additions that old peers can ignore bump only this
+MINOR = 4              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
@@ -127,6 +127,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "upload": {"digest": _DIGEST, "size": Field(_I, True, lo=0, hi=1 << 40)},
     "upload_chunk": {"digest": _DIGEST, "offset": Field(_I, True, lo=0, hi=1 << 40),
                      "data": Field((bytes,), True, max_len=UPLOAD_CHUNK)},
+    "export": {"model": _name()},
     "download": {"digest": _DIGEST, "offset": Field(_I, True, lo=0, hi=1 << 40),
                  "size": Field(_I, True, lo=1, hi=UPLOAD_CHUNK)},
     "import": {"name": _name(), "files": Field((dict,), True, max_len=1000, items=(str,)),

@@ -1,10 +1,10 @@
-"""llmctl's chat loop (llmctl.chat.ChatSession) with a fake client injected: history,
+"""llmctl's chat loop (llmctl.cli.repl.ChatSession) with a fake client injected: history,
 /commands, and what a daemon error does in a terminal and in a script."""
 import io
 
 import pytest
 
-from llmctl.chat import ChatSession
+from llmctl.cli.repl import ChatSession
 from llmctl.errors import InvalidArgument
 
 

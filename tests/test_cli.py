@@ -18,6 +18,32 @@ def test_import_llmctl_cli_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_i9_cli_is_a_package_of_module_level_commands():
+    """Each command is a click command at module level of its subject's module (none made
+    inside a function), the group has exactly these, and the old modules are gone."""
+    import importlib
+
+    import click
+
+    import llmctl.cli
+    subjects = {"store": ["ls", "show", "rm", "tag", "create", "import", "export"],
+                "table": ["status", "ps", "load", "unload"],
+                "infer": ["run", "generate", "chat", "score", "classify", "embed"]}
+    for module, names in subjects.items():
+        mod = importlib.import_module(f"llmctl.cli.{module}")
+        assert sorted(c.name for c in mod.COMMANDS) == sorted(names)
+        for c in mod.COMMANDS:
+            assert isinstance(c, click.Command) and "<locals>" not in c.callback.__qualname__
+            assert c.callback.__module__ == mod.__name__
+            assert llmctl.cli.cli.commands[c.name] is c
+    assert sorted(llmctl.cli.cli.commands) == sorted(n for ns in subjects.values() for n in ns)
+    from pathlib import Path
+
+    from llmctl import access, client
+    assert not [f for f in ("cli.py", "cli_infer.py", "chat.py") if (Path(client.__file__).parent / f).exists()]
+    assert not hasattr(client, "socket_access_error") and access.check_socket_path
+
+
 def test_daemon_not_running_is_fast_and_clear(tmp_path):
     t0 = time.monotonic()
     r = llmctl("--socket", f"ipc://{tmp_path}/none.sock", "ps")

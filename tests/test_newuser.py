@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from llmctl import errors
 from llmctl.cli import cli, suggest_command
-from llmctl.cli_infer import join_stdin_prompt, logprob_lines, read_prompt
+from llmctl.cli.infer import join_stdin_prompt, logprob_lines, read_prompt
 
 
 def llmctl(*args, env=None, input=None, timeout=60):
@@ -104,11 +104,11 @@ def test_i8_3_run_uses_chat_template():
 
 
 def test_i8_3_run_without_prompt_in_a_terminal_starts_the_conversation(monkeypatch):
-    import llmctl.chat
-    import llmctl.cli_infer
+    import llmctl.cli.infer
+    import llmctl.cli.repl
     sessions = []
-    monkeypatch.setattr(llmctl.cli_infer, "read_prompt", lambda prompt, stdin: None)   # a terminal
-    monkeypatch.setattr(llmctl.chat.ChatSession, "run", lambda self, inp, out: sessions.append(self))
+    monkeypatch.setattr(llmctl.cli.infer, "read_prompt", lambda prompt, stdin: None)   # a terminal
+    monkeypatch.setattr(llmctl.cli.repl.ChatSession, "run", lambda self, inp, out: sessions.append(self))
     for template, plain in (("{{ messages }}", False), (None, True)):
         assert invoke(FakeClient(template=template), "run", "m").exit_code == 0
         assert sessions[-1].model == "m" and sessions[-1].plain is plain
@@ -299,7 +299,7 @@ def test_i8_6_oserror_and_zmqerror_are_one_line_sysexits(monkeypatch, capsys):
         class Failing(FakeClient):
             def ls(self):
                 raise exc
-        monkeypatch.setattr(llmctl.cli, "_client", lambda ctx: Failing())
+        monkeypatch.setattr(llmctl.cli.common, "client", lambda ctx: Failing())
         assert llmctl.cli.main(["ls"]) == status
         err = capsys.readouterr().err
         assert err.startswith("llmctl: ") and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -421,7 +421,7 @@ def test_i7_9_paused_reader_30s(shared_daemon):
 
 
 def test_i7_12_socket_permission_denied(tmp_path):
-    from llmctl.client import socket_access_error
+    from llmctl.access import socket_access_error
     st = os.stat_result
     dir_closed = st((0o40000 | 0o000, 0, 0, 0, 0, 0, 0, 0, 0, 0))        # root's, mode 000
     dir_group = st((0o40000 | 0o750, 0, 0, 0, 0, 123, 0, 0, 0, 0))       # root:123, 0750

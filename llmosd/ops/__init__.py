@@ -13,6 +13,7 @@ import time
 import llmosd
 from llmctl import protocol
 from llmctl.errors import ShuttingDown, UnsupportedVersion
+from llmosd.ops.export import ExportOps
 from llmosd.ops.jobs import JobOps
 from llmosd.ops.serve import ServeOps
 from llmosd.ops.store import StoreOps
@@ -32,8 +33,9 @@ class Ops:
         self.store_ops = StoreOps(store, manager, jobs, uploads, sources)
         self.job_ops = JobOps(store, manager, jobs, sources)
         self.serve_ops = ServeOps(cfg, store, manager)
+        self.export_ops = ExportOps(store)
         self.routes = {name[3:]: getattr(h, name)
-                       for h in (self, self.store_ops, self.job_ops, self.serve_ops)
+                       for h in (self, self.store_ops, self.job_ops, self.serve_ops, self.export_ops)
                        for name in dir(h) if name.startswith("op_")}
         missing = set(protocol.SCHEMAS) - set(self.routes)
         assert not missing, f"no handler for {missing}"

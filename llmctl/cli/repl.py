@@ -1,4 +1,5 @@
-"""``llmctl chat``: a conversation loop over the client's ``chat`` call.
+"""The conversation loop of ``llmctl chat`` (and of ``llmctl run`` without a prompt), over the
+client's ``chat`` call.
 
 Reads one message per line from a terminal (with a prompt and line editing) or from a pipe (a
 script), keeps the history, and prints each reply as it streams.  Ctrl-C stops the reply being
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .errors import DaemonUnavailable, LlmosdError
-from .format import StatusLine
+from ..errors import DaemonUnavailable, LlmosdError
+from ..format import StatusLine
 
 HELP = """commands:
   /reset          forget the conversation (the system message stays)

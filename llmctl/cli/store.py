@@ -1,0 +1,203 @@
+"""The store's commands: ls, show, rm, tag, and what writes models: create, import, export."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from .. import format as fmt
+from . import common
+from .common import OutputError
+
+VOCAB_TEXT_LIMIT = 8 * 1024 * 1024
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def ls(ctx, as_json):
+    """List the models in the store."""
+    models = common.client(ctx).ls()
+    if as_json:
+        return fmt.echo_json(models)
+    rows = [[m["model"], fmt.short_digest(m["digest"]), fmt.size(m["size"]), fmt.count(m["parameters"]),
+             m["method"] or "-", fmt.ago(m["created"]), ",".join(map(str, m["instances"])) or "-"]
+            for m in models]
+    click.echo(fmt.table(["NAME", "ID", "SIZE", "PARAMS", "MADE BY", "CREATED", "LOADED"], rows))
+
+
+@click.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def show(ctx, model, as_json):
+    """Show a model's manifest, config and lineage."""
+    s = common.client(ctx).show(model)
+    if as_json:
+        return fmt.echo_json(s)
+    man, cfg = s["manifest"], s["config"]
+    lin = man.get("lineage") or {}
+    click.echo(f"model:         {s['model']}")
+    click.echo(f"digest:        {s['digest']}")
+    click.echo(f"architecture:  {man.get('architecture')}  ({fmt.count(man.get('parameters'))} parameters, {fmt.size(s['size'])})")
+    click.echo(f"created:       {man.get('created')}  by {lin.get('method')}"
+               + (f" from {lin['parent']}" if lin.get("parent") else ""))
+    click.echo(f"tokenizer:     {man['tokenizer']['type']}, {man['tokenizer'].get('vocab_size')} pieces"
+               + (", chat template" if man.get("chat_template") else ""))
+    if man.get("defaults"):
+        click.echo("defaults:      " + ", ".join(f"{k}={v}" for k, v in sorted(man["defaults"].items())))
+    if lin.get("method") == "import":
+        click.echo(f"imported from: {lin.get('args', {}).get('format')} ({', '.join(lin.get('args', {}).get('files', []))})")
+    click.echo("config:")
+    for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta",
+              "rms_norm_eps", "tie_word_embeddings"):
+        click.echo(f"  {k:<25}{cfg.get(k)}")
+    if s["instances"]:
+        click.echo("instances:     " + ", ".join(f"{i['id']} ({i['state']})" for i in s["instances"]))
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@click.pass_context
+def rm(ctx, models):
+    """Remove models from the store (refused while loaded)."""
+    for m in models:
+        r = common.client(ctx).rm(m)
+        click.echo(f"deleted {r['model']} ({fmt.size(r['freed_bytes'])} freed)")
+
+
+@click.command()
+@click.argument("source")
+@click.argument("target")
+@click.option("--force", is_flag=True, help="Replace a different model already named TARGET.")
+@click.pass_context
+def tag(ctx, source, target, force):
+    """Give model SOURCE another name TARGET (a copy that shares its blobs)."""
+    r = common.client(ctx).tag(source, target, force=force)
+    click.echo(f"tagged {r['source']} as {r['model']}")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--layers", type=int, required=True, help="Number of transformer blocks.")
+@click.option("--dim", type=int, required=True, help="Model width (hidden size).")
+@click.option("--heads", type=int, required=True, help="Attention heads.")
+@click.option("--kv-heads", type=int, help="Key/value heads for grouped-query attention [default: heads].")
+@click.option("--vocab-size", type=int, default=1024, show_default=True, help="Tokenizer pieces (at least 300).")
+@click.option("--vocab-from", "vocab_from", type=click.File("rb"), required=True,
+              help="Text to train the SentencePiece tokenizer on ('-' for stdin; first 8 MiB used).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True,
+              help="Seed for weights and tokenizer (0..2^64-1).")
+@click.option("--hidden-dim", type=int, help="MLP width [default: Llama's 8/3*dim rounded to 32].")
+@click.option("--context", type=int, default=2048, show_default=True, help="Maximum sequence length.")
+@click.option("--rope-theta", type=float, default=10000.0, show_default=True, help="Rotary base.")
+@click.option("--tie-embeddings", is_flag=True, help="Share the input embedding with the output layer.")
+@click.option("--force", is_flag=True, help="Replace a model of the same name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def create(ctx, name, vocab_from, as_json, **opts):
+    """Create a new model NAME[:TAG] with random weights (a starting point for pretraining)."""
+    text = vocab_from.read(VOCAB_TEXT_LIMIT + 1)
+    if len(text) > VOCAB_TEXT_LIMIT:
+        text = text[:text.rfind(b"\n", 0, VOCAB_TEXT_LIMIT) + 1 or VOCAB_TEXT_LIMIT]
+        click.echo(f"note: using the first {len(text):,} bytes of the vocabulary text", err=True)
+
+    progress, line = _progress(as_json)
+    try:
+        r = common.client(ctx).create(name, text=text, progress=progress, **opts)
+    finally:
+        line.done()
+    if as_json:
+        return fmt.echo_json(r)
+    click.echo(f"created {r['model']} ({fmt.count(r['parameters'])} parameters, "
+               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+
+
+@click.command("import")
+@click.argument("path", type=click.Path(exists=True))
+@click.argument("name", required=False)
+@click.option("--force", is_flag=True, help="Replace a model of the same name.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Store weights as this type (auto: GGUF quantized tensors become "
+                                      "float32, or float16 past 4 GiB; HF weights keep theirs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def import_(ctx, path, name, force, dtype, as_json):
+    """Import a GGUF file or a Hugging Face model directory PATH as NAME[:TAG].
+
+    GGUF (llama.cpp, Ollama): architecture llama; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+    Q5_0, Q5_1, Q2_K..Q6_K are dequantized; the tokenizer and chat template come from its
+    metadata.  A Hugging Face directory needs config.json, *.safetensors weights (sharded
+    with their index, or one file) and tokenizer.json or tokenizer.model;
+    tokenizer_config.json and generation_config.json are used when present.  Files are sent to the daemon over its socket
+    (it may not be able to read your files); content it already has is not sent again.
+    """
+    if name is None:
+        base = os.path.basename(os.path.abspath(path)).lower()
+        base = base[:-5] if base.endswith(".gguf") else base
+        name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
+    progress, line = _progress(as_json)
+    try:
+        r = common.client(ctx).import_path(path, name, force=force,
+                                           dtype=None if dtype == "auto" else dtype, progress=progress)
+    finally:
+        line.done()
+    if as_json:
+        return fmt.echo_json(r)
+    click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "
+               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+
+
+@click.command()
+@click.argument("model")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Write into a directory that is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export(ctx, model, directory, force, as_json):
+    """Write MODEL to DIRECTORY as a Hugging Face model (config.json, model.safetensors,
+    tokenizer, generation_config.json) that transformers and other tools load."""
+    progress, line = _progress(as_json)
+    try:
+        r = common.client(ctx).export(model, directory, force=force, progress=progress)
+    except OSError as e:
+        raise OutputError(directory, e) from None
+    finally:
+        line.done()
+    if as_json:
+        return fmt.echo_json(r)
+    click.echo(f"exported {r['model']} to {r['dir']} ({', '.join(r['files'])})")
+
+
+COMMANDS = [ls, show, rm, tag, create, import_, export]
+
+
+def _progress(as_json: bool):
+    """A progress callback for transfers ({file, sent, size}) and job chunks ({stage, message,
+    done?, total?}), and its StatusLine (silent with --json; call ``done()`` at the end)."""
+    line = fmt.StatusLine(enabled=not as_json)
+    last = {"phase": None}
+
+    def phase(name):                       # a new phase keeps the previous one's line
+        if last["phase"] != name:
+            line.done()
+            last["phase"] = name
+
+    def progress(p):
+        if "file" in p:
+            phase("file " + p["file"])
+            if p.get("skipped"):
+                line.update(f"{p['file']}: already in the store")
+            else:
+                frac = p["sent"] / max(1, p["size"])
+                line.update(f"{p['file']}: {100 * frac:.0f}% of {fmt.size(p['size'])}", frac, key=p["file"])
+        else:
+            stage = p.get("stage", "")
+            phase("stage " + stage)
+            text = f"{stage}: {p.get('message', '')}"
+            if "total" in p:               # a counter: redrawn in a terminal, quarters in a log
+                line.update(text, p["done"] / max(1, p["total"]), key=stage)
+            else:
+                line.update(text)
+    return progress, line
