@@ -93,6 +93,7 @@ def serve(cfg) -> int:
         from llmosd.ops import Ops
         from llmosd.server import Server
         from llmosd.store.uploads import Uploads
+        from llmosd.store.writer import StoreWriter
 
         threads = cfg.torch_threads()
         torch.set_num_threads(threads)
@@ -100,13 +101,14 @@ def serve(cfg) -> int:
         dtype = resolve_dtype(cfg.dtype, device)
         server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,
                         heartbeat_ms=cfg.heartbeat_ms, socket_mode=cfg.socket_mode)
+        store.writer = StoreWriter(server.post)    # manifest, rm and tag writes (fsync) off the loop
         manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
                                   stream_buffer=cfg.stream_buffer, max_kv_bytes=cfg.max_kv_bytes)
         jobs = JobRunner(server.post, store.root, threads)
         ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
         server.handler = ops.dispatch
         server.on_peer_gone.append(ops.peer_gone)
-        server.idle_checks += [manager.idle, jobs.idle]
+        server.idle_checks += [manager.idle, jobs.idle, store.writer.idle]
         server.bind()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.request_stop())

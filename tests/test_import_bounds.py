@@ -15,7 +15,8 @@ import pytest
 
 from conftest import Daemon, train_bpe
 from llmctl import errors
-from llmosd.formats.importer import ImportError_, check_shapes, hf_config
+from llmosd.formats.common import CheckpointError, check_shapes
+from llmosd.formats.hf import hf_config
 from llmosd.models.llama import Llama, LlamaConfig, check_config, expected_shapes
 
 gguf = pytest.importorskip("gguf")
@@ -86,9 +87,9 @@ def test_declared_shapes_checked_against_the_tensors():
     cfg = LlamaConfig(vocab_size=50, **SMALL)
     shapes = expected_shapes(cfg)
     assert check_shapes(cfg, shapes) == list(shapes)
-    with pytest.raises(ImportError_, match="unexpected tensor model.layers.1.input_layernorm.weight"):
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.1.input_layernorm.weight"):
         check_shapes(LlamaConfig(vocab_size=50, **{**SMALL, "num_hidden_layers": 1}), shapes)
-    with pytest.raises(ImportError_, match=r"gate_proj.weight has shape \(96, 64\), but x implies \(60000, 64\)"):
+    with pytest.raises(CheckpointError, match=r"gate_proj.weight has shape \(96, 64\), but x implies \(60000, 64\)"):
         check_shapes(LlamaConfig(vocab_size=50, **{**SMALL, "intermediate_size": 60_000}), shapes, "x")
 
 
@@ -113,10 +114,10 @@ def test_i7_12_hf_config_list_or_string_numbers(d, bpe, tmp_path):
         ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
         ({"vocab_size": 2.5}, "vocab_size must be an integer, got 2.5"),
     ]:
-        with pytest.raises(ImportError_) as e:
+        with pytest.raises(CheckpointError) as e:
             hf_config({**good, **change}, {})
         assert needle in str(e.value)
-    with pytest.raises(ImportError_, match="eos_token_id must be a token id"):
+    with pytest.raises(CheckpointError, match="eos_token_id must be a token id"):
         hf_config(good, {"eos_token_id": "2"})
 
 

@@ -88,3 +88,30 @@ def test_rope_factors_reproduce_llama3_scaling():
                           rope_scaling={"rope_type": "factors", "factors": factors})
     torch.testing.assert_close(rope_inv_freq(as_gguf), rope_inv_freq(scaled))
     assert not torch.allclose(rope_inv_freq(base), rope_inv_freq(scaled))
+
+
+def test_i9_4_one_weight_check_for_loading_and_importing():
+    """Loading and importing refuse the same weights with the same words (one check), the
+    import as CheckpointError, the one error of every checkpoint format."""
+    from llmosd.formats import gguf_vocab
+    from llmosd.formats.common import CheckpointError, check_shapes
+    m = tiny()
+    sd = m.state_dict_for_save()
+    for bad in ({k: v for k, v in sd.items() if k != "model.norm.weight"},
+                {**sd, "model.norm.weight": torch.ones(3)},
+                {**sd, "model.layers.9.mlp.up_proj.weight": torch.ones(3)}):
+        with pytest.raises(ValueError) as loading:
+            m.load_weights(bad)
+        with pytest.raises(CheckpointError) as importing:
+            check_shapes(m.config, {k: tuple(v.shape) for k, v in bad.items()}, "the config")
+        assert str(loading.value) == str(importing.value)
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        gguf_vocab.from_gguf({})
+
+
+def test_i9_7_one_dtype_table():
+    from llmctl.protocol import DTYPES
+    from llmosd.formats import gguf
+    from llmosd.models.loader import DTYPES as TORCH_DTYPES
+    assert set(TORCH_DTYPES) == set(DTYPES) - {"auto"}
+    assert gguf.DTYPES is TORCH_DTYPES                   # the formats convert with the same table

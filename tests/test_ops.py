@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import queue
+import threading
 import types
 
 import pytest
 
 from llmctl import errors
-from llmosd.jobs.runner import JobState
+from llmosd.jobs.queue import JobState
 from llmosd.ops import Ops
 from llmosd.store.store import Store
-from llmosd.table import ModelTable
 from llmosd.store.uploads import Uploads
+from llmosd.store.writer import StoreWriter
+from llmosd.table import ModelTable
 
 
 class FakeStream:
@@ -57,9 +61,10 @@ class FakeJobs:
     """Runs a job at once: ``make(store)`` plays the worker and returns (manifest, error)."""
 
     def __init__(self, store):
-        self.store, self.jobs, self.make = store, {}, None
+        self.store, self.jobs, self.make, self.funcs = store, {}, None, []
 
     def start(self, kind, target, func, spec, uid, on_progress, on_done):
+        self.funcs.append(func)
         job = types.SimpleNamespace(id=1, kind=kind, target=target, uid=uid, blobs=set(),
                                     state=JobState.DONE, progress={})
         manifest, error = self.make(self.store, job)
@@ -85,6 +90,15 @@ def put_model(store, name, payload=b"w"):
     return digests
 
 
+def import_worker(store, job):
+    """Plays an import worker: writes its blobs, returns (manifest, no error)."""
+    d = [store.put_blob(b"blob%d" % i)[0] for i in range(3)]
+    job.blobs.update(d)
+    return {"schema": 1, "parameters": 1, "config": {"digest": d[0], "size": 5},
+            "tokenizer": {"digest": d[1], "size": 5}, "weights": {"digest": d[2], "size": 5},
+            "lineage": {"method": "import", "args": {"format": "hf", "files": ["config.json"]}}}, None
+
+
 def call(ops, type_, body):
     ctx = FakeCtx(type_, body)
     ops.dispatch(ctx)
@@ -99,13 +113,7 @@ def test_i7_8_publish_failure_ends_stream(tmp_path):
     ops = make_ops(store)
     raw = store.put_blob(b"{}")[0]                      # the client's upload
 
-    def worker(store, job):                              # writes its blobs, returns a manifest
-        d = [store.put_blob(b"blob%d" % i)[0] for i in range(3)]
-        job.blobs.update(d)
-        return {"schema": 1, "parameters": 1, "config": {"digest": d[0], "size": 5},
-                "tokenizer": {"digest": d[1], "size": 5}, "weights": {"digest": d[2], "size": 5},
-                "lineage": {"method": "import", "args": {"format": "hf", "files": ["config.json"]}}}, None
-    ops.jobs.make = worker
+    ops.jobs.make = import_worker
     ctx = call(ops, "import", {"name": "m", "files": {"config.json": raw}})
     (stream,) = ctx.streams
     assert stream.result is None and isinstance(stream.err, errors.StoreCorrupt)
@@ -184,3 +192,100 @@ def test_i8_7_audit_lines_name_the_uid(tmp_path, caplog):
     text = caplog.text
     assert "tag a:latest as b:latest by uid 1000" in text
     assert "rm b:latest by uid 1000 (freed 0 bytes)" in text
+
+
+# -- issue 9 -----------------------------------------------------------------------------------
+
+class Loop:
+    """The control loop's stand-in: ``post``ed calls wait until the test runs them."""
+
+    def __init__(self):
+        self.calls = queue.SimpleQueue()
+
+    def post(self, fn, *args):
+        self.calls.put((fn, args))
+
+    def run_one(self, timeout=10.0):
+        fn, args = self.calls.get(timeout=timeout)
+        fn(*args)
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """The names of the threads that call os.fsync."""
+    seen, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (seen.append(threading.current_thread().name), real(fd))[1])
+    return seen
+
+
+def test_i9_2_rm_and_tag_write_off_the_loop(tmp_path, fsyncs):
+    store = Store(str(tmp_path))
+    put_model(store, "a")
+    loop = Loop()
+    store.writer = StoreWriter(loop.post)
+    ops = make_ops(store)
+    fsyncs.clear()
+    ctx = call(ops, "tag", {"source": "a", "target": "b"})
+    assert ctx.replies == []                          # the reply waits for the write
+    loop.run_one()
+    assert ctx.replies[0][0] == "ok" and store.get("b")[2] == store.get("a")[2]
+    ctx = call(ops, "rm", {"model": "b"})
+    assert ctx.replies == []
+    with pytest.raises(errors.ModelNotFound):         # gone for everyone once accepted
+        call(ops, "show", {"model": "b"})
+    assert "b:latest" not in [m["model"] for m in call(ops, "ls", {}).replies[0][1]["models"]]
+    loop.run_one()
+    assert ctx.replies == [("ok", {"model": "b:latest", "digest": store.get("a")[2], "freed_bytes": 0})]
+    assert fsyncs and set(fsyncs) == {"store-writer"}  # never on the loop's thread
+    assert store.writer.idle()
+
+
+def test_i9_2_job_publishes_off_the_loop(tmp_path, fsyncs):
+    store = Store(str(tmp_path))
+    loop = Loop()
+    store.writer = StoreWriter(loop.post)
+    ops = make_ops(store)
+    raw = store.put_blob(b"{}")[0]
+
+    def worker(store, job):
+        made = import_worker(store, job)
+        fsyncs.clear()                                # the worker's own writes are not the loop's
+        return made
+    ops.jobs.make = worker
+    ctx = call(ops, "import", {"name": "m", "files": {"config.json": raw}})
+    (stream,) = ctx.streams
+    assert stream.result is None and stream.err is None
+    with pytest.raises(errors.Busy):                  # its manifest is being written
+        call(ops, "import", {"name": "m", "files": {"config.json": raw}, "force": True})
+    loop.run_one()
+    assert stream.result["model"] == "m:latest" and stream.result["digest"] == store.get("m")[2]
+    assert set(fsyncs) == {"store-writer"} and not store.has_blob(raw)
+
+
+def test_i9_5_jobs_are_function_references(tmp_path):
+    from llmosd.formats.importer import import_model
+    from llmosd.train.create import create
+    store = Store(str(tmp_path))
+    ops = make_ops(store)
+    ops.jobs.make = lambda store, job: (None, {"message": "stop here", "invalid": True})
+    with pytest.raises(errors.InvalidArgument):       # the spec check, before any job
+        call(ops, "create", {"name": "x", "layers": 1, "dim": 30, "heads": 4, "text": b"hi"})
+    call(ops, "create", {"name": "x", "layers": 1, "dim": 32, "heads": 4, "text": b"hi"})
+    raw = store.put_blob(b"{}")[0]
+    ctx = call(ops, "import", {"name": "y", "files": {"config.json": raw}})
+    assert ops.jobs.funcs == [create, import_model]
+    assert isinstance(ctx.streams[0].err, errors.InvalidArgument)   # a worker's ValueError
+
+
+def test_i9_1_ls_status_download_use_the_index(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    digests = put_model(store, "a")
+    store.recover()
+    ops = make_ops(store)
+    monkeypatch.setattr(Store, "_read_manifest", lambda *a: pytest.fail("read a manifest"))
+    assert [m["model"] for m in call(ops, "ls", {}).replies[0][1]["models"]] == ["a:latest"]
+    body = call(ops, "download", {"digest": digests[2], "offset": 0, "size": 10}).replies[0][1]
+    assert body == {"data": b"w\x02", "total": 2}
+    with pytest.raises(errors.ModelNotFound):
+        call(ops, "download", {"digest": store.put_blob(b"stray")[0], "offset": 0, "size": 10})
+    assert ops.store_ops.sources.known(digests[0]) is False     # Sources: from the index too

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from llmctl import errors
-from llmosd.store.store import Store, parse_ref
+from llmosd.store.store import Store, canonical, parse_ref
 
 
 def manifest(store, payload=b"weights"):
@@ -221,3 +221,67 @@ def test_i7_3_store_dir_links_are_refused(tmp_path, entry):
         Store(str(root))
     assert "symbolic link" in e.value.message
     assert (outside / "precious").read_text() == "keep me"
+
+
+# -- issue 9: the index, the writer, canonical names ---------------------------------------------
+
+def test_i9_1_list_and_references_read_no_manifest(tmp_path, monkeypatch):
+    """After start-up (recover), listing, did-you-mean and reference checks use the in-memory
+    index, kept up to date by this process's writes: no manifest is read or hashed."""
+    s = Store(str(tmp_path))
+    s.write_manifest("a", manifest(s, b"weights of a"))
+    s.recover()                                      # start-up: the one scan
+    reads = []
+    real = Store._read_manifest
+    monkeypatch.setattr(Store, "_read_manifest", lambda self, n, t: reads.append(f"{n}:{t}") or real(self, n, t))
+    monkeypatch.setattr(Store, "_iter_manifests", lambda self: pytest.fail("rescanned the manifests"))
+    m = manifest(s, b"weights of b")
+    s.write_manifest("b:v1", m)
+    assert [r for r, _, _ in s.list()] == ["a:latest", "b:v1"]
+    (ref, digest, man), = [t for t in s.list() if t[0] == "b:v1"]
+    assert digest == s.get("b:v1")[2] == man["_digest"] and man["_mtime"] > 0
+    assert s.referenced(m["weights"]["digest"]) and not s.referenced("sha256:" + "1" * 64)
+    s.copy("b:v1", "c")
+    assert s.referenced(m["weights"]["digest"]) and len(s.list()) == 3
+    reads.clear()
+    for _ in range(5):
+        s.list()
+        s.referenced(m["weights"]["digest"])
+    with pytest.raises(errors.ModelNotFound) as e:
+        s.find("bb:v1")                               # did-you-mean from the index
+    assert "did you mean b:v1?" in e.value.hint
+    assert reads == ["bb:v1"]                         # only the name asked for was read
+    s.remove("b:v1")
+    s.remove("c")
+    assert not s.referenced(m["weights"]["digest"]) and not s.has_blob(m["weights"]["digest"])
+    assert [r for r, _, _ in s.list()] == ["a:latest"]
+
+
+def test_i9_1_a_new_store_object_sees_what_is_on_disk(tmp_path):
+    """Without recover(), the index is read at first use (tools, tests, job workers)."""
+    s = Store(str(tmp_path))
+    s.write_manifest("a", manifest(s))
+    again = Store(str(tmp_path))
+    assert [r for r, _, _ in again.list()] == ["a:latest"]
+    assert again.referenced(s.get("a")[1]["weights"]["digest"])
+
+
+def test_i9_2_removal_in_flight_is_not_found(tmp_path):
+    """A model whose removal is accepted but queued is gone for get, find and list at once."""
+    s = Store(str(tmp_path))
+    s.write_manifest("a", manifest(s))
+    s.leaving("a")
+    with pytest.raises(errors.ModelNotFound):
+        s.get("a")
+    with pytest.raises(errors.ModelNotFound):
+        s.find("a:latest")
+    assert s.list() == []
+    s.remove("a")                                     # what the writer then does
+    s.leaving("a", gone=False)
+    assert s.list() == [] and os.listdir(s.blobs) == []
+
+
+def test_i9_7_canonical_name():
+    assert canonical("tiny") == "tiny:latest" and canonical("me/x:v2") == "me/x:v2"
+    with pytest.raises(errors.InvalidArgument):
+        canonical(" tiny")

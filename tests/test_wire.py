@@ -7,7 +7,7 @@ import msgpack
 import pytest
 import zmq
 
-from llmctl import errors, protocol
+from llmctl import protocol
 
 
 class Raw:

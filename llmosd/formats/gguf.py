@@ -1,4 +1,4 @@
-"""``import`` of GGUF files (llama.cpp / Ollama): metadata -> config, tensors -> HF-named weights.
+"""GGUF files in (llama.cpp / Ollama): metadata -> config, tensors -> HF-named weights.
 
 Runs in a job worker.  Tensors are dequantized with the ``gguf`` package's reference
 dequantizer and kept in float32 (F16/BF16 tensors keep their type), so the imported model
@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmosd.formats.gguf_vocab import VocabError, from_gguf
-from llmosd.formats.importer import ImportError_, check_shapes
-from llmosd.models.loader import DTYPES
+from llmosd.formats.common import CheckpointError, check_shapes
+from llmosd.formats.gguf_vocab import from_gguf
 from llmosd.models.llama import LlamaConfig, check_config
+from llmosd.models.loader import DTYPES
 
 # Tensor types this importer dequantizes (all through gguf.quants.dequantize).
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -28,18 +28,18 @@ _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output
 
 
 def read(path: str):
-    """Open a GGUF file; ImportError_ if it is not one or is cut short."""
+    """Open a GGUF file; CheckpointError if it is not one or is cut short."""
     import gguf
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
-            raise ImportError_("the file is not GGUF (it does not start with the bytes 'GGUF')")
+            raise CheckpointError("the file is not GGUF (it does not start with the bytes 'GGUF')")
         return gguf.GGUFReader(path)
-    except ImportError_:
+    except CheckpointError:
         raise
     except Exception as e:  # the reader raises ValueError/IndexError/... on a cut file
-        raise ImportError_(f"the GGUF file is truncated or corrupt: {e.__class__.__name__}: {e}") from None
+        raise CheckpointError(f"the GGUF file is truncated or corrupt: {e.__class__.__name__}: {e}") from None
 
 
 def metadata(reader) -> dict:
@@ -51,7 +51,7 @@ def metadata(reader) -> dict:
         try:
             out[k] = f.contents()
         except Exception as e:
-            raise ImportError_(f"metadata key {k} cannot be read: {e}") from None
+            raise CheckpointError(f"metadata key {k} cannot be read: {e}") from None
     return out
 
 
@@ -70,15 +70,15 @@ def gguf_config(meta: dict, names: set[str], n_vocab: int) -> LlamaConfig:
     before any arithmetic, so ``head_count 0`` or two million blocks are refused by name."""
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ImportError_(f"GGUF architecture {arch!r} (general.architecture) is not supported; supported: llama")
+        raise CheckpointError(f"GGUF architecture {arch!r} (general.architecture) is not supported; supported: llama")
     p = "llama."
 
     def need(key):
         if p + key not in meta:
-            raise ImportError_(f"metadata key {p + key} is missing")
+            raise CheckpointError(f"metadata key {p + key} is missing")
         return meta[p + key]
     if meta.get(p + "expert_count", 0):
-        raise ImportError_("mixture-of-experts models (llama.expert_count > 0) are not supported")
+        raise CheckpointError("mixture-of-experts models (llama.expert_count > 0) are not supported")
     factor = meta.get(p + "rope.scaling.factor", meta.get(p + "rope.scale_linear", 1.0))
     kind = meta.get(p + "rope.scaling.type", "none")
     raw = {"vocab_size": meta.get(p + "vocab_size", n_vocab), "hidden_size": need("embedding_length"),
@@ -94,38 +94,48 @@ def gguf_config(meta: dict, names: set[str], n_vocab: int) -> LlamaConfig:
     try:
         check_config(raw, META_KEYS)
     except ValueError as e:
-        raise ImportError_(f"metadata: {e}") from None
+        raise CheckpointError(f"metadata: {e}") from None
     factor = float(factor)
     if kind == "linear" or (kind == "none" and factor != 1.0):
         raw["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif kind not in ("none", None):
-        raise ImportError_(f"rope scaling type {kind!r} is not supported (only linear and llama3 factors)")
+        raise CheckpointError(f"rope scaling type {kind!r} is not supported (only linear and llama3 factors)")
     else:
         raw["rope_scaling"] = None
     cfg = LlamaConfig.from_dict(raw)
     rope_dim = meta.get(p + "rope.dimension_count", cfg.head_dim)
     if rope_dim != cfg.head_dim:
-        raise ImportError_(f"partial rotary embeddings (rope.dimension_count {rope_dim!r:.40} is not "
-                           f"the head size {cfg.head_dim}) are not supported")
+        raise CheckpointError(f"partial rotary embeddings (rope.dimension_count {rope_dim!r:.40} is not "
+                              f"the head size {cfg.head_dim}) are not supported")
     return cfg
 
 
 def gguf_shapes(reader) -> dict[str, tuple[int, ...]]:
     """HF name -> shape of every tensor in the file, from its header alone (nothing read);
-    ImportError_ for a tensor type we cannot dequantize or a name a llama model has not."""
+    CheckpointError for a tensor type we cannot dequantize or a name a llama model has not."""
     out = {}
     for t in reader.tensors:
-        qtype = t.tensor_type.name
-        if qtype not in SUPPORTED:
-            raise ImportError_(f"tensor {t.name} has type {qtype}, which llmosd cannot dequantize; "
-                               f"supported: {', '.join(SUPPORTED)}")
-        if t.name == "rope_freqs.weight":
-            continue
-        name = hf_name(t.name)
-        if name is None:
-            raise ImportError_(f"unexpected tensor {t.name}: this is not a plain llama model")
-        out[name] = tuple(int(x) for x in reversed(t.shape))      # GGUF lists ne0 (columns) first
+        _qtype(t)
+        if t.name != "rope_freqs.weight":
+            out[_hf_name(t)] = tuple(int(x) for x in reversed(t.shape))   # GGUF lists ne0 (columns) first
     return out
+
+
+def _qtype(t) -> str:
+    """The tensor's type name; CheckpointError unless llmosd can dequantize it."""
+    qtype = t.tensor_type.name
+    if qtype not in SUPPORTED:
+        raise CheckpointError(f"tensor {t.name} has type {qtype}, which llmosd cannot dequantize; "
+                              f"supported: {', '.join(SUPPORTED)}")
+    return qtype
+
+
+def _hf_name(t) -> str:
+    """The Hugging Face name of a GGUF tensor; CheckpointError for one a llama model has not."""
+    name = hf_name(t.name)
+    if name is None:
+        raise CheckpointError(f"unexpected tensor {t.name}: this is not a plain llama model")
+    return name
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -167,10 +177,7 @@ def tensors(reader, cfg: LlamaConfig, progress, dtype: torch.dtype = torch.float
     out, factors = {}, None
     total = len(reader.tensors)
     for i, t in enumerate(reader.tensors):
-        qtype = t.tensor_type.name
-        if qtype not in SUPPORTED:
-            raise ImportError_(f"tensor {t.name} has type {qtype}, which llmosd cannot dequantize; "
-                               f"supported: {', '.join(SUPPORTED)}")
+        qtype = _qtype(t)
         shape = tuple(int(x) for x in reversed(t.shape))           # GGUF lists ne0 (columns) first
         try:
             # np.array copies: the reader's arrays are read-only views of the mapped file
@@ -181,13 +188,11 @@ def tensors(reader, cfg: LlamaConfig, progress, dtype: torch.dtype = torch.float
             elif dtype != torch.float32 and w.ndim > 1:               # norms stay float32
                 w = w.to(dtype)
         except (ValueError, RuntimeError, IndexError) as e:
-            raise ImportError_(f"tensor {t.name} cannot be read (truncated file?): {e}") from None
+            raise CheckpointError(f"tensor {t.name} cannot be read (truncated file?): {e}") from None
         if t.name == "rope_freqs.weight":
             factors = [float(x) for x in w.float().flatten()]
             continue
-        name = hf_name(t.name)
-        if name is None:
-            raise ImportError_(f"unexpected tensor {t.name}: this is not a plain llama model")
+        name = _hf_name(t)
         if name.endswith("q_proj.weight"):
             w = unpermute(w, cfg.num_attention_heads)
         elif name.endswith("k_proj.weight"):
@@ -206,14 +211,11 @@ def import_gguf(store, path: str, progress, dtype: str = "auto") -> tuple[LlamaC
     meta = metadata(reader)
     names = {t.name for t in reader.tensors}
     if not meta.get("tokenizer.ggml.tokens"):
-        raise ImportError_("the file has no tokenizer (tokenizer.ggml.model/tokens are missing)")
+        raise CheckpointError("the file has no tokenizer (tokenizer.ggml.model/tokens are missing)")
     # the declared config against the tensors present, before the vocabulary or any weight
     cfg = gguf_config(meta, names, len(meta["tokenizer.ggml.tokens"]))
     check_shapes(cfg, gguf_shapes(reader), "the GGUF metadata")
-    try:
-        kind, data, info = from_gguf(meta)
-    except VocabError as e:
-        raise ImportError_(str(e)) from None
+    kind, data, info = from_gguf(meta)
     cfg.bos_token_id = info["bos_token_id"]
     cfg.eos_token_id = info["eos_token_ids"]
     cfg.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
@@ -223,7 +225,7 @@ def import_gguf(store, path: str, progress, dtype: str = "auto") -> tuple[LlamaC
     sd, factors = tensors(reader, cfg, progress, target)
     if factors is not None:
         if len(factors) != cfg.head_dim // 2:
-            raise ImportError_(f"rope_freqs.weight has {len(factors)} values, the head size needs {cfg.head_dim // 2}")
+            raise CheckpointError(f"rope_freqs.weight has {len(factors)} values, the head size needs {cfg.head_dim // 2}")
         cfg.rope_scaling = {"rope_type": "factors", "factors": factors}
     defaults = {}
     for key, name in (("temp", "temperature"), ("top_k", "top_k"), ("top_p", "top_p"),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 
+from llmosd.formats.common import CheckpointError
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -37,15 +39,11 @@ _END_OF_TURN = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endof
                 "<|eom_id|>", "<EOT>", "</s>", "<|end_of_text|>"}
 
 
-class VocabError(ValueError):
-    """The file's tokenizer metadata cannot be turned into a tokenizer; the message says why."""
-
-
 def _ids(meta: dict, key: str) -> int | None:
-    """A token id from the metadata; VocabError naming the key if it is not one."""
+    """A token id from the metadata; CheckpointError naming the key if it is not one."""
     v = meta.get(f"tokenizer.ggml.{key}")
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-        raise VocabError(f"tokenizer.ggml.{key} must be a token id (an integer >= 0), got {v!r:.40}")
+        raise CheckpointError(f"tokenizer.ggml.{key} must be a token id (an integer >= 0), got {v!r:.40}")
     return v
 
 
@@ -63,19 +61,19 @@ def end_of_generation_ids(meta: dict) -> list[int]:
 def from_gguf(meta: dict) -> tuple[str, bytes, dict]:
     """(tokenizer type, stored bytes, info) for the tokenizer a GGUF's metadata describes.
 
-    ``info``: bos/eos ids, end-of-generation ids, add_bos, chat_template.  Raises VocabError.
+    ``info``: bos/eos ids, end-of-generation ids, add_bos, chat_template.  Raises CheckpointError.
     """
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or not tokens:
-        raise VocabError("the file has no tokenizer (tokenizer.ggml.model/tokens are missing)")
+        raise CheckpointError("the file has no tokenizer (tokenizer.ggml.model/tokens are missing)")
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-        raise VocabError("tokenizer.ggml.tokens must be an array of strings")
+        raise CheckpointError("tokenizer.ggml.tokens must be an array of strings")
     eog = end_of_generation_ids(meta)
     bos = _ids(meta, "bos_token_id")
     for name, i in (("bos", bos), ("eos", eog[0] if eog else None)):
         if i is not None and not 0 <= i < len(tokens):
-            raise VocabError(f"tokenizer.ggml.{name}_token_id {i} is outside the vocabulary of {len(tokens)}")
+            raise CheckpointError(f"tokenizer.ggml.{name}_token_id {i} is outside the vocabulary of {len(tokens)}")
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     info = {"bos_token_id": bos, "eos_token_ids": eog, "chat_template": meta.get("tokenizer.chat_template")}
     if model == "gpt2":
@@ -84,8 +82,8 @@ def from_gguf(meta: dict) -> tuple[str, bytes, dict]:
     if model == "llama":
         info["add_bos_token"] = bool(add_bos) if add_bos is not None else True
         return "sentencepiece", _sentencepiece(meta), info
-    raise VocabError(f"tokenizer type {model!r} (tokenizer.ggml.model) is not supported; "
-                     "supported: gpt2 (byte-level BPE), llama (SentencePiece)")
+    raise CheckpointError(f"tokenizer type {model!r} (tokenizer.ggml.model) is not supported; "
+                          "supported: gpt2 (byte-level BPE), llama (SentencePiece)")
 
 
 def _byte_level_bpe(meta: dict, info: dict) -> bytes:
@@ -94,7 +92,7 @@ def _byte_level_bpe(meta: dict, info: dict) -> bytes:
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     merges = meta.get("tokenizer.ggml.merges")
     if not merges:
-        raise VocabError("a gpt2 (byte-level BPE) tokenizer needs tokenizer.ggml.merges, which is missing")
+        raise CheckpointError("a gpt2 (byte-level BPE) tokenizer needs tokenizer.ggml.merges, which is missing")
     pre = meta.get("tokenizer.ggml.pre") or "default"
     regexes, ignore_merges = PRE_TOKENIZERS.get(pre, ([_GPT2], False))
     vocab: dict[str, int] = {}
@@ -104,13 +102,13 @@ def _byte_level_bpe(meta: dict, info: dict) -> bytes:
     for m in merges:
         a, sep, b = m.partition(" ")
         if not sep:
-            raise VocabError(f"tokenizer.ggml.merges has a malformed entry {m!r}")
+            raise CheckpointError(f"tokenizer.ggml.merges has a malformed entry {m!r}")
         pairs.append((a, b))
     try:
         tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
                                   ignore_merges=ignore_merges))
     except Exception as e:
-        raise VocabError(f"the BPE vocabulary and merges do not fit together: {e}") from None
+        raise CheckpointError(f"the BPE vocabulary and merges do not fit together: {e}") from None
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -120,8 +118,8 @@ def _byte_level_bpe(meta: dict, info: dict) -> bytes:
     tk.add_tokens([AddedToken(t, special=False, normalized=False)
                    for t, ty in zip(tokens, types) if ty == USER_DEFINED and t])
     if tk.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise VocabError(f"the rebuilt tokenizer has {tk.get_vocab_size(with_added_tokens=True)} "
-                         f"tokens, the file lists {len(tokens)} (duplicate tokens?)")
+        raise CheckpointError(f"the rebuilt tokenizer has {tk.get_vocab_size(with_added_tokens=True)} "
+                              f"tokens, the file lists {len(tokens)} (duplicate tokens?)")
     return json.dumps({"tokenizer_json": tk.to_str(), **info}).encode()
 
 
@@ -131,8 +129,8 @@ def _sentencepiece(meta: dict) -> bytes:
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     if not len(scores) == len(types) == len(tokens):
-        raise VocabError(f"tokenizer.ggml.tokens/scores/token_type have different lengths "
-                         f"({len(tokens)}/{len(scores)}/{len(types)})")
+        raise CheckpointError(f"tokenizer.ggml.tokens/scores/token_type have different lengths "
+                              f"({len(tokens)}/{len(scores)}/{len(types)})")
     m = pb.ModelProto()
     ts = m.trainer_spec
     ts.model_type = pb.TrainerSpec.BPE     # llama.cpp's SPM tokenizer merges by piece score = SentencePiece BPE
@@ -142,9 +140,9 @@ def _sentencepiece(meta: dict) -> bytes:
     if unk is None:
         unk = next((i for i, ty in enumerate(types) if ty == UNKNOWN), None)
     if unk is None:
-        raise VocabError("a SentencePiece vocabulary needs an unknown token; the file has none")
+        raise CheckpointError("a SentencePiece vocabulary needs an unknown token; the file has none")
     if not 0 <= unk < len(tokens):
-        raise VocabError(f"tokenizer.ggml.unknown_token_id {unk} is outside the vocabulary of {len(tokens)}")
+        raise CheckpointError(f"tokenizer.ggml.unknown_token_id {unk} is outside the vocabulary of {len(tokens)}")
     ts.unk_id, ts.unk_piece = unk, tokens[unk]
     special = {unk: UNKNOWN}
     for key, field in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
@@ -153,7 +151,7 @@ def _sentencepiece(meta: dict) -> bytes:
         if i is None:
             continue
         if not 0 <= i < len(tokens):
-            raise VocabError(f"tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {len(tokens)}")
+            raise CheckpointError(f"tokenizer.ggml.{key}_token_id {i} is outside the vocabulary of {len(tokens)}")
         setattr(ts, f"{field}_piece", tokens[i])
         if i != unk:
             special.setdefault(i, CONTROL)
@@ -175,5 +173,5 @@ def _sentencepiece(meta: dict) -> bytes:
         import sentencepiece as spm
         spm.SentencePieceProcessor(model_proto=data)
     except Exception as e:
-        raise VocabError(f"the SentencePiece vocabulary is not usable: {e}") from None
+        raise CheckpointError(f"the SentencePiece vocabulary is not usable: {e}") from None
     return data

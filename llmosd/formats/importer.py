@@ -1,14 +1,11 @@
-"""``import``: turn checkpoints people have into store models.  Runs in a job worker process.
+"""The ``import`` job: uploaded checkpoint files -> a native store model.  Runs in a job worker.
 
-Hugging Face directories: ``config.json`` (model_type llama or mistral), one or many
-``*.safetensors`` shards (with ``model.safetensors.index.json``), ``tokenizer.json`` (HF
-tokenizers) or ``tokenizer.model`` (SentencePiece), ``tokenizer_config.json`` (special tokens,
-chat template) and ``generation_config.json`` (end-of-sequence ids, sampling defaults).
-The uploaded files arrive as blobs; the result is a native manifest whose weights keep the
-Hugging Face tensor names.  GGUF files are read by ``gguf_import``.  Every check runs before
-anything is written, and before anything is built or allocated: the config's types and ranges
-(``model.check_config``), then the shapes it implies against the tensors the files declare
-(``check_shapes``), and only then are tensors read.
+It dispatches on the format (``hf``: a Hugging Face directory, read by ``formats.hf``;
+``gguf``: one GGUF file, read by ``formats.gguf``), writes the weights (safetensors, Hugging
+Face tensor names), config and tokenizer as blobs, and returns the manifest to publish, with
+its lineage: the format, the dtype asked for, and the files' names and digests (``sources``:
+a re-import of the same files is then a copy).  The readers, and torch, are imported when the
+job runs: the daemon names ``import_model`` without importing them.
 """
 from __future__ import annotations
 
@@ -17,196 +14,31 @@ import os
 import tempfile
 from typing import Callable
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from llmosd.models.loader import DTYPES
-from llmosd.models.llama import LlamaConfig, check_config, expected_shapes
-from llmosd.store.store import Store, now_iso
-from llmosd.models.tokenizer import SentencePieceTokenizer, hf_bundle
-
-ARCHS = {"llama", "mistral"}
-
-
-class ImportError_(ValueError):
-    """A checkpoint that cannot be imported; the message names the problem."""
-
-
-def _json(store: Store, files: dict, name: str, required: bool = False) -> dict | None:
-    """The JSON object in file ``name`` (every file a HF directory has is an object)."""
-    if name not in files:
-        if required:
-            raise ImportError_(f"the directory has no {name}")
-        return None
-    try:
-        d = json.loads(store.read_blob(files[name]))
-    except ValueError as e:
-        raise ImportError_(f"{name} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ImportError_(f"{name} must be a JSON object ({{...}}), but it holds a "
-                           f"{'list' if isinstance(d, list) else type(d).__name__}")
-    return d
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-
-
-def hf_config(cfg: dict, gen: dict | None) -> LlamaConfig:
-    """The config of a HF directory, every value checked (types, ranges) before use."""
-    if not isinstance(cfg, dict):
-        raise ImportError_(f"config.json must be a JSON object ({{...}}), not a {type(cfg).__name__}")
-    mt = cfg.get("model_type")
-    if mt not in ARCHS:
-        raise ImportError_(f"architecture {mt!r} (config.json model_type) is not supported; "
-                           f"supported: {', '.join(sorted(ARCHS))}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ImportError_(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-    try:
-        check_config(cfg)
-        c = LlamaConfig.from_dict(cfg)
-    except (TypeError, ValueError) as e:
-        raise ImportError_(f"config.json: {e}") from None
-    sw = cfg.get("sliding_window")
-    if mt == "mistral" and sw not in (None, 0):
-        if not isinstance(sw, int) or isinstance(sw, bool):
-            raise ImportError_(f"config.json: sliding_window must be an integer or null, got {sw!r:.40}")
-        if sw < c.max_position_embeddings:
-            raise ImportError_("mistral sliding-window attention is not supported")
-    eos = (gen or {}).get("eos_token_id")
-    if eos is not None:
-        ids = eos if isinstance(eos, list) else [eos]
-        if len(ids) > 64 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-            raise ImportError_(f"generation_config.json: eos_token_id must be a token id or a list "
-                               f"of them, got {eos!r:.40}")
-        c.eos_token_id = sorted(c.eos_ids() | set(ids))
-    c.architectures, c.model_type = ["LlamaForCausalLM"], "llama"
-    return c
-
-
-def hf_shards(store: Store, files: dict) -> list[str]:
-    """The safetensors files holding the weights (the index's shards, or every one)."""
-    shards = sorted(n for n in files if n.endswith(".safetensors"))
-    index = _json(store, files, "model.safetensors.index.json")
-    if index:
-        wmap = index.get("weight_map", {})
-        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-            raise ImportError_("model.safetensors.index.json: weight_map must map tensor names to file names")
-        wanted = sorted(set(wmap.values()))
-        missing = [s for s in wanted if s not in files]
-        if missing:
-            raise ImportError_(f"the index names shard {missing[0]}, which is not in the directory")
-        shards = wanted
-    if not shards:
-        raise ImportError_("the directory has no *.safetensors weights "
-                           "(PyTorch .bin checkpoints are not supported)")
-    return shards
-
-
-def hf_shapes(store: Store, files: dict, shards: list[str]) -> dict[str, tuple[str, tuple]]:
-    """name -> (shard, shape) from the safetensors headers alone: no tensor is read."""
-    out = {}
-    for shard in shards:
-        try:
-            with safe_open(store.blob_path(files[shard]), framework="pt") as f:
-                for k in f.keys():
-                    out[k] = (shard, tuple(f.get_slice(k).get_shape()))
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise ImportError_(f"{shard} is not a readable safetensors file: {e}") from None
-    return out
-
-
-def hf_tensors(store: Store, files: dict, where: dict[str, str], progress) -> dict[str, torch.Tensor]:
-    """The tensors named in ``where`` (name -> shard), read shard by shard."""
-    shards = sorted(set(where.values()))
-    out = {}
-    for i, shard in enumerate(shards):
-        progress({"stage": "weights", "message": f"reading {shard} ({i + 1}/{len(shards)})"})
-        try:
-            with safe_open(store.blob_path(files[shard]), framework="pt") as f:
-                for k, s in where.items():
-                    if s == shard:
-                        out[k] = f.get_tensor(k)
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise ImportError_(f"{shard} is not a readable safetensors file: {e}") from None
-    return out
-
-
-def check_shapes(cfg: LlamaConfig, shapes: dict[str, tuple], source: str = "config.json") -> list[str]:
-    """Raise naming the first tensor the config implies that is missing or misshapen, or the
-    first the checkpoint has beyond them (layers the config does not declare); returns the
-    names the model uses, in order.  Works on shapes alone, before any tensor is read."""
-    ref = expected_shapes(cfg)
-    shapes = {k: v for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    for k, s in ref.items():
-        if k not in shapes:
-            raise ImportError_(f"tensor {k} is missing from the weights ({source} declares "
-                               f"{cfg.num_hidden_layers} layers)")
-        if tuple(shapes[k]) != s:
-            raise ImportError_(f"tensor {k} has shape {tuple(shapes[k])}, but {source} implies {s}")
-    extra = sorted(set(shapes) - set(ref))
-    if extra:
-        raise ImportError_(f"unexpected tensor {extra[0]} (and {len(extra) - 1} more): "
-                           f"this is not a plain Llama checkpoint, or {source} declares too few layers")
-    return list(ref)
-
-
-def check_weights(cfg: LlamaConfig, sd: dict[str, torch.Tensor],
-                  source: str = "config.json") -> dict[str, torch.Tensor]:
-    """Keep the tensors the model uses, in order; raise naming the first missing or misshapen one."""
-    names = check_shapes(cfg, {k: tuple(v.shape) for k, v in sd.items()}, source)
-    return {k: sd[k].contiguous() for k in names}
-
-
-def read_hf(store: Store, files: dict, progress) -> tuple[LlamaConfig, dict, dict, dict]:
-    """(config, tensors, tokenizer {type,data,info}, sampling defaults) of a HF directory."""
-    cfg_raw = _json(store, files, "config.json", required=True)
-    gen = _json(store, files, "generation_config.json") or {}
-    cfg = hf_config(cfg_raw, gen)
-    # shapes first: a config that does not match its tensors is refused before any is read
-    shapes = hf_shapes(store, files, hf_shards(store, files))
-    names = check_shapes(cfg, {k: s for k, (_, s) in shapes.items()})
-    tok_cfg = _json(store, files, "tokenizer_config.json") or {}
-    if "tokenizer.json" in files:
-        bundle = hf_bundle(store.read_blob(files["tokenizer.json"]).decode(), tok_cfg, cfg_raw)
-        tok = {"type": "hf-tokenizers", "data": bundle, "info": json.loads(bundle)}
-    elif "tokenizer.model" in files:
-        data = store.read_blob(files["tokenizer.model"])
-        try:
-            SentencePieceTokenizer(data)
-        except Exception as e:
-            raise ImportError_(f"tokenizer.model is not a SentencePiece model: {e}") from None
-        add_bos = tok_cfg.get("add_bos_token")
-        tok = {"type": "sentencepiece", "data": data,
-               "info": {"chat_template": tok_cfg.get("chat_template"),
-                        "add_bos_token": True if add_bos is None else bool(add_bos)}}
-    else:
-        raise ImportError_("the directory has no tokenizer.json or tokenizer.model")
-    sd = check_weights(cfg, hf_tensors(store, files, {k: shapes[k][0] for k in names}, progress))
-    defaults = {k: gen[k] for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
-                if _number(gen.get(k))}
-    if gen.get("do_sample") is False:
-        defaults["temperature"] = 0.0
-    return cfg, sd, tok, defaults
+from llmosd.store.manifest import Blob, Lineage, Manifest, Serving
+from llmosd.store.store import Store
 
 
 def import_model(spec: dict, store_root: str, progress: Callable[[dict], None]) -> dict:
-    """Job entry point: convert the uploaded files of ``spec`` and return the new manifest."""
+    """Job entry point: convert the uploaded files of ``spec`` and return the new manifest.
+    Raises CheckpointError (a ValueError: invalid input) naming what cannot be imported."""
+    from safetensors.torch import save_file
+
+    from llmosd.formats.common import check_weights
+    from llmosd.models.loader import DTYPES
+
     store = Store(store_root)
     files, fmt = spec["files"], spec.get("format", "hf")
+    dtype = spec.get("dtype") or "auto"
     if fmt == "gguf":
         from llmosd.formats.gguf import import_gguf
         (rel, digest), = files.items()
-        cfg, sd, tok, defaults = import_gguf(store, store.blob_path(digest), progress,
-                                             spec.get("dtype") or "auto")
+        cfg, sd, tok, defaults = import_gguf(store, store.blob_path(digest), progress, dtype)
         sd = check_weights(cfg, sd, "the GGUF metadata")
     else:
+        from llmosd.formats.hf import read_hf
         cfg, sd, tok, defaults = read_hf(store, files, progress)
-        if spec.get("dtype") not in (None, "auto"):
-            want = DTYPES[spec["dtype"]]
+        if dtype != "auto":
+            want = DTYPES[dtype]
             sd = {k: v.to(want) if v.is_floating_point() else v for k, v in sd.items()}
     progress({"stage": "store", "message": f"writing {len(sd)} tensors"})
     fd, tmp = tempfile.mkstemp(dir=store.tmp, prefix="import-")
@@ -214,21 +46,17 @@ def import_model(spec: dict, store_root: str, progress: Callable[[dict], None]) 
     try:
         save_file(sd, tmp, metadata={"format": "pt"})
         with open(tmp, "rb") as f:
-            w_digest, w_size = store.put_blob(f)
+            weights = Blob(*store.put_blob(f))
     finally:
         os.unlink(tmp)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
-    cfg_digest, cfg_size = store.put_blob(json.dumps(cfg.to_dict(), sort_keys=True, indent=1).encode())
-    tok_digest, tok_size = store.put_blob(tok["data"])
+    config = Blob(*store.put_blob(json.dumps(cfg.to_dict(), sort_keys=True, indent=1).encode()))
+    tokenizer = Blob(*store.put_blob(tok["data"]))
     info = tok.get("info") or {}
-    return {
-        "schema": 1, "architecture": "llama", "created": now_iso(),
-        "parameters": sum(t.numel() for t in sd.values()),
-        "config": {"digest": cfg_digest, "size": cfg_size, "media": "application/json"},
-        "tokenizer": {"digest": tok_digest, "size": tok_size, "type": tok["type"],
-                      "vocab_size": cfg.vocab_size, "add_bos": bool(info.get("add_bos_token", True))},
-        "weights": {"digest": w_digest, "size": w_size, "format": "safetensors", "dtype": ",".join(dtypes)},
-        "chat_template": info.get("chat_template"),
-        "defaults": defaults,
-        "lineage": {"parent": None, "method": "import", "args": {"format": fmt, "files": sorted(files)}},
-    }
+    lineage = Lineage("import", args={"format": fmt, "files": sorted(files), "dtype": dtype},
+                      sources=dict(files))
+    return Manifest(parameters=sum(t.numel() for t in sd.values()), config=config,
+                    tokenizer=tokenizer, tokenizer_type=tok["type"], vocab_size=cfg.vocab_size,
+                    weights=weights, weights_dtype=",".join(dtypes), lineage=lineage,
+                    add_bos=bool(info.get("add_bos_token", True)),
+                    serving=Serving(info.get("chat_template"), defaults)).to_dict()

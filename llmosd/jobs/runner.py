@@ -1,6 +1,6 @@
 """Jobs: long work (create now; pretraining and fine-tuning later) in worker processes.
 
-A job runs ``module:function(spec, store_root, progress)`` in a fresh ``spawn`` process, so a
+A job runs ``func(spec, store_root, progress)`` in a fresh ``spawn`` process, so a
 crash or an out-of-memory kill there never takes the daemon down.  A monitor thread relays the
 worker's progress and result to the control loop through ``post``.  Workers die with the
 daemon (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan writing into the store.
@@ -8,56 +8,17 @@ daemon (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan writing into the 
 from __future__ import annotations
 
 import ctypes
-import enum
-import importlib
 import itertools
 import logging
 import multiprocessing as mp
 import signal
 import threading
-import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Callable
 
-from llmctl.errors import InvalidState
+from llmosd.jobs.queue import Job, JobState
 
 log = logging.getLogger("llmosd.jobs")
-
-
-class JobState(str, enum.Enum):
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-LEGAL = {JobState.RUNNING: {JobState.DONE, JobState.FAILED, JobState.CANCELLED}}
-
-
-@dataclass
-class Job:
-    id: int
-    kind: str
-    target: str                    # what it makes, e.g. the model name
-    uid: int | None
-    state: JobState = JobState.RUNNING
-    started: float = field(default_factory=time.time)
-    progress: dict = field(default_factory=dict)
-    error: str = ""
-    process: mp.Process | None = None
-    blobs: set = field(default_factory=set)   # blobs the worker added to the store
-
-
-    def transition(self, new: JobState) -> None:
-        if new not in LEGAL.get(self.state, set()):
-            raise InvalidState(f"job {self.id} cannot go from {self.state.value} to {new.value}")
-        self.state = new
-
-    def row(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "target": self.target, "uid": self.uid,
-                "state": self.state.value, "started": self.started, "progress": self.progress,
-                "pid": self.process.pid if self.process else None, "error": self.error}
 
 
 def _die_with_parent() -> None:
@@ -81,16 +42,14 @@ def _report_new_blobs(conn) -> None:
     Store.put_blob = put_blob
 
 
-def _worker_main(conn, func: str, spec: dict, store_root: str, threads: int) -> None:
+def _worker_main(conn, func: Callable, spec: dict, store_root: str, threads: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the daemon decides when we stop
     try:
         _report_new_blobs(conn)
         import torch
         torch.set_num_threads(threads)
-        mod, name = func.split(":")
-        fn = getattr(importlib.import_module(mod), name)
-        result = fn(spec, store_root, lambda p: conn.send(("progress", p)))
+        result = func(spec, store_root, lambda p: conn.send(("progress", p)))
         conn.send(("result", result))
     except ValueError as e:       # bad input the job found: the message is for the user
         conn.send(("error", {"message": str(e), "invalid": True}, traceback.format_exc()))
@@ -108,10 +67,13 @@ class JobRunner:
         self._ids = itertools.count(1)
         self._mp = mp.get_context("spawn")
 
-    def start(self, kind: str, target: str, func: str, spec: dict, uid: int | None,
+    def start(self, kind: str, target: str, func: Callable, spec: dict, uid: int | None,
               on_progress: Callable[[Job, dict], None],
-              on_done: Callable[[Job, dict | None, str | None], None]) -> Job:
-        """Start ``func`` in a worker.  Callbacks run on the control loop thread."""
+              on_done: Callable[[Job, dict | None, dict | None], None]) -> Job:
+        """Start ``func(spec, store_root, progress)`` in a worker.  ``func`` must be a
+        module-level function: spawn sends it to the worker by reference (its module's name
+        and its own), so its module should import torch inside the function, not at the top,
+        for the daemon to name it cheaply.  Callbacks run on the control loop thread."""
         job = Job(next(self._ids), kind, target, uid)
         parent, child = self._mp.Pipe(duplex=False)
         job.process = self._mp.Process(target=_worker_main, name=f"llmosd-{kind}-{job.id}",

@@ -167,6 +167,28 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_shapes(cfg: LlamaConfig, shapes: dict[str, tuple], source: str = "the config") -> list[str]:
+    """Raise ValueError naming the first tensor ``cfg`` implies that ``shapes`` (name -> shape)
+    lacks or has misshapen, or the first it has beyond them (layers the config does not
+    declare); returns the names the model uses, in order.  Shapes alone: nothing is read or
+    allocated.  ``source`` names where the config came from, for the message."""
+    ref = expected_shapes(cfg)
+    shapes = {k: v for k, v in shapes.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    for k, s in ref.items():
+        if k not in shapes:
+            raise ValueError(f"tensor {k} is missing from the weights ({source} declares "
+                             f"{cfg.num_hidden_layers} layers)")
+        if tuple(shapes[k]) != s:
+            raise ValueError(f"tensor {k} has shape {tuple(shapes[k])}, but {source} implies {s}")
+    extra = sorted(set(shapes) - set(ref))
+    if extra:
+        raise ValueError(f"unexpected tensor {extra[0]} (and {len(extra) - 1} more): "
+                         f"this is not a plain Llama checkpoint, or {source} declares too few layers")
+    return list(ref)
+
+
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """(D/2,) inverse frequencies, with HF's 'linear' and 'llama3' scaling, or explicit factors."""
     d = cfg.head_dim
@@ -346,26 +368,15 @@ class Llama(nn.Module):
         return sd
 
     def load_weights(self, sd, shapes: dict[str, tuple] | None = None) -> None:
-        """Load HF-named tensors, checking names and shapes first; raises ValueError naming the
-        problem.  ``sd`` maps names to tensors; with ``shapes`` given it may be lazy (a
-        safetensors file read one tensor at a time, so peak memory stays near the model's)."""
+        """Load HF-named tensors, checking names and shapes first (``check_shapes``); raises
+        ValueError naming the problem.  ``sd`` maps names to tensors; with ``shapes`` given it
+        may be lazy (a safetensors file read one tensor at a time, so peak memory stays near
+        the model's)."""
         own = self.state_dict()
-        shapes = shapes or {k: tuple(v.shape) for k, v in sd.items()}
-        if self.config.tie_word_embeddings:
-            own.pop("lm_head.weight", None)
-            shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-        missing = sorted(set(own) - set(shapes))
-        if missing:
-            raise ValueError(f"weights lack {len(missing)} tensor(s), e.g. {missing[0]}")
-        unexpected = sorted(k for k in set(shapes) - set(own) if not k.endswith("rotary_emb.inv_freq"))
-        if unexpected:
-            raise ValueError(f"weights have unexpected tensor(s), e.g. {unexpected[0]}")
-        for k, t in own.items():
-            if tuple(shapes[k]) != tuple(t.shape):
-                raise ValueError(f"tensor {k} has shape {tuple(shapes[k])}, config expects {tuple(t.shape)}")
+        names = check_shapes(self.config, shapes or {k: tuple(v.shape) for k, v in sd.items()})
         with torch.no_grad():
-            for k, t in own.items():
-                t.copy_(sd[k])
+            for k in names:
+                own[k].copy_(sd[k])
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,7 +14,7 @@ from llmctl.protocol import SAMPLING_KEYS
 from llmosd.server import Ctx
 from llmosd.serve.chat import TemplateError, check_messages
 from llmosd.serve.request import Call, Request, SamplingParams, Task, invalid_argument
-from llmosd.store.store import Store, parse_ref
+from llmosd.store.store import Store, canonical
 from llmosd.table import State
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class ServeOps:
                 raise InstanceNotFound(f"no instance with id {target[:20]}...")
             insts = [self.manager.table.get(int(target))]
         else:
-            canon = "%s:%s" % parse_ref(target)
+            canon = canonical(target)
             insts = [i for i in self.manager.table if i.model == canon]
             if not insts:             # like 'systemctl stop' of a stopped unit: nothing to do
                 self.store.find(canon)      # ...but a model that does not exist is an error

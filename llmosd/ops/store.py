@@ -5,9 +5,10 @@ import json
 import logging
 
 from llmctl import protocol
-from llmctl.errors import AlreadyExists, Busy, InvalidArgument, ModelNotFound, StoreCorrupt
+from llmctl.errors import (AlreadyExists, Busy, Internal, InvalidArgument, LlmosdError, ModelNotFound,
+                           StoreCorrupt)
 from llmosd.server import Ctx
-from llmosd.store.store import Store, parse_ref
+from llmosd.store.store import Store, canonical
 from llmosd.store.uploads import Sources, Uploads
 
 log = logging.getLogger("llmosd.ops")
@@ -46,6 +47,8 @@ class StoreOps:
                 "instances": [i.row() for i in self.manager.table if i.model == canon]})
 
     def op_rm(self, ctx: Ctx) -> None:
+        """Remove a model that is neither loaded nor being written.  It is gone for every
+        other request at once; the reply comes when the store's writer has removed it."""
         canon, _, _ = self.store.find(ctx.body["model"])
         ids = self.manager.table.ids_of(canon)
         if ids:
@@ -53,14 +56,21 @@ class StoreOps:
                        hint=f"unload it first: llmctl unload {canon}")
         if self.jobs.writing(canon):
             raise Busy(f"{canon} is being written by a running job")
-        r = self.store.remove(canon)
-        self.sources.changed()
-        log.info("rm %s by uid %s (freed %d bytes)", canon, ctx.uid, r.get("freed_bytes", 0))
-        ctx.ok(r)
+
+        def done(r, error):
+            self.store.leaving(canon, gone=False)
+            if error is not None:
+                ctx.error(write_error(f"removing {canon}", error))
+                return
+            log.info("rm %s by uid %s (freed %d bytes)", canon, ctx.uid, r.get("freed_bytes", 0))
+            ctx.ok(r)
+        self.store.leaving(canon)
+        self.store.writer.submit(self.store.remove, done, canon)
 
     def op_tag(self, ctx: Ctx) -> None:
+        """Give a model another name; the reply comes when the store's writer has written it."""
         src, _, digest = self.store.find(ctx.body["source"])
-        dst = "%s:%s" % parse_ref(ctx.body["target"])
+        dst = canonical(ctx.body["target"])
         force = ctx.body.get("force", False)
         if dst == src:
             raise InvalidArgument("source and target are the same model")
@@ -77,10 +87,15 @@ class StoreOps:
                                     hint=f"pass --force to replace it (llmctl tag --force {src} {dst})")
             if self.manager.table.ids_of(dst):
                 raise Busy(f"{dst} is loaded; unload it before replacing it")
-        canon = self.store.copy(src, dst, replace=force)   # frees a replaced model's blobs
-        self.sources.changed()
-        log.info("tag %s as %s by uid %s%s", src, canon, ctx.uid, " (replaced)" if old else "")
-        ctx.ok({"model": canon, "source": src, "digest": digest})
+
+        def done(canon, error):
+            if error is not None:
+                ctx.error(write_error(f"tagging {src} as {dst}", error))
+                return
+            log.info("tag %s as %s by uid %s%s", src, canon, ctx.uid, " (replaced)" if old else "")
+            ctx.ok({"model": canon, "source": src, "digest": digest})
+        # frees a replaced model's blobs no other model uses
+        self.store.writer.submit(lambda: self.store.copy(src, dst, replace=force), done)
 
     # -- uploads --------------------------------------------------------------------------
     def op_upload(self, ctx: Ctx) -> None:
@@ -123,7 +138,18 @@ class StoreOps:
         b = ctx.body
         if b["offset"] < 0 or not 0 < b["size"] <= protocol.UPLOAD_CHUNK:
             raise InvalidArgument(f"download: offset must be >= 0 and size in 1..{protocol.UPLOAD_CHUNK}")
-        if not any(b["digest"] in self.store.blob_digests(man) for _, _, man in self.store.list()):
+        if not self.store.referenced(b["digest"]):
             raise ModelNotFound(f"no model in the store refers to blob {b['digest']}")
         data, total = self.store.read_range(b["digest"], b["offset"], b["size"])
         ctx.ok({"data": data, "total": total})
+
+
+
+def write_error(what: str, e: Exception, other: type[LlmosdError] = Internal) -> LlmosdError:
+    """What a client is told when a store write (run on the store's writer) failed: a refusal
+    as it is; a disk error as StoreCorrupt naming the cause; anything else as ``other``."""
+    if isinstance(e, LlmosdError):
+        return e
+    cls = StoreCorrupt if isinstance(e, OSError) else other
+    return cls(f"{what} failed: {getattr(e, 'strerror', None) or e}",
+               hint="check the free space and permissions of the state directory, then try again")

@@ -24,7 +24,9 @@ import time
 from typing import Callable, Hashable
 
 from llmctl.errors import Busy, InvalidArgument, StoreCorrupt, TooLarge
-from llmosd.store.store import Store, fsync_dir
+from llmosd.store.manifest import import_sources
+from llmosd.store.paths import commit_file
+from llmosd.store.store import Store
 
 MAX_BLOB = 1 << 40
 FD_RESERVE = 64          # descriptors kept free for connections, the store and `status`
@@ -146,12 +148,7 @@ class Uploads:
 
     def _finish(self, slot: Slot, done) -> None:
         try:
-            slot.f.flush()
-            os.fsync(slot.f.fileno())
-            slot.f.close()
-            os.chmod(slot.tmp, 0o640)
-            os.rename(slot.tmp, self.store.blob_path(slot.digest))
-            fsync_dir(self.store.blobs)
+            commit_file(slot.f, slot.tmp, self.store.blob_path(slot.digest), dir_path=self.store.blobs)
             self.post(done, {"received": slot.received, "complete": True}, None)
         except OSError as e:
             slot.discard()
@@ -181,38 +178,30 @@ class Uploads:
 
 # -- files the daemon need not receive again -------------------------------------------------
 
-def import_sources(manifest: dict) -> dict:
-    """{file name: digest} a model was imported from (its lineage), or {} if not recorded."""
-    lin = manifest.get("lineage") or {}
-    src = (lin.get("args") or {}).get("sources") if lin.get("method") == "import" else None
-    return src if isinstance(src, dict) and all(isinstance(v, str) for v in src.values()) else {}
-
-
 class Sources:
     """The files stored models were imported from, by digest.  Raw uploads are discarded once
     converted, but a re-import of exactly the same files (format, dtype) can copy the model,
     so ``upload`` of a known source answers ``have`` and nothing is sent.
 
-    Built from the manifests at first use; ``changed()`` after any store change rebuilds it
-    then (only ops changes the store).  ``resend`` holds sources an import needed the content
-    of after all (other files or dtype): those are uploaded for real next time."""
+    Derived from the store's index (never from the disk), again whenever the store's
+    ``generation`` says it changed.  ``resend`` holds sources an import needed the content of
+    after all (other files or dtype): those are uploaded for real next time."""
 
     def __init__(self, store: Store):
         self.store = store
-        self._index: dict | None = None
+        self._index: dict = {}
+        self._generation: int | None = None
         self.resend: set[str] = set()
-
-    def changed(self) -> None:
-        self._index = None
 
     def models(self, digest: str) -> list[tuple[str, dict]]:
         """[(model, manifest)] imported from ``digest``."""
-        if self._index is None:
+        gen = self.store.generation            # read first: a change while building is seen next time
+        if self._generation != gen:
             idx: dict = {}
             for ref, _, man in self.store.list():
                 for d in set(import_sources(man).values()):
                     idx.setdefault(d, []).append((ref, man))
-            self._index = idx
+            self._index, self._generation = idx, gen
         return self._index.get(digest, [])
 
     def known(self, digest: str) -> bool:

@@ -1,0 +1,112 @@
+"""One builder for the manifests that jobs publish (create, import; later train, finetune), so
+every model records the same fields and its lineage the same way.
+
+The JSON is the store's format since schema 1, unchanged (stores written before this module
+load as they are)::
+
+    {"schema": 1, "architecture": "llama", "created": "2025-01-01T00:00:00Z", "parameters": N,
+     "config":    {"digest", "size", "media": "application/json"},
+     "tokenizer": {"digest", "size", "type", "vocab_size"[, "add_bos"]},
+     "weights":   {"digest", "size", "format": "safetensors", "dtype"},
+     ["chat_template": str | null, "defaults": {sampling key: value},]
+     "lineage":   {"method", "parent", "args": {...[, "sources": {file: digest}]}}}
+
+Pure and torch-free: the daemon reads lineage with it, workers build manifests with it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+SCHEMA = 1
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A stored blob as a manifest names it."""
+    digest: str
+    size: int
+
+
+@dataclass
+class Lineage:
+    """Where a model came from.  ``method``: create, import (later train, finetune);
+    ``parent``: the model it was made from, if any; ``args``: what it was made with;
+    ``sources``: the files it was made from (name -> blob digest), kept in ``args`` as
+    imports have always recorded them."""
+    method: str
+    parent: str | None = None
+    args: dict = field(default_factory=dict)
+    sources: dict[str, str] | None = None
+
+    def to_dict(self) -> dict:
+        args = dict(self.args)
+        if self.sources is not None:
+            args["sources"] = dict(self.sources)
+        return {"parent": self.parent, "method": self.method, "args": args}
+
+    @classmethod
+    def of(cls, manifest: dict) -> "Lineage":
+        """The lineage a stored manifest records (tolerant: old or odd manifests give what
+        they have; ``sources`` only when it is a {name: digest} mapping)."""
+        lin = manifest.get("lineage")
+        lin = lin if isinstance(lin, dict) else {}
+        args = lin.get("args")
+        args = dict(args) if isinstance(args, dict) else {}
+        src = args.pop("sources", None)
+        ok = isinstance(src, dict) and all(isinstance(v, str) for v in src.values())
+        return cls(str(lin.get("method") or ""), lin.get("parent"), args, src if ok else None)
+
+
+@dataclass
+class Serving:
+    """What a source checkpoint says about serving the model: its chat template (or None)
+    and sampling defaults (keys of ``llmctl.protocol.SAMPLING_KEYS``)."""
+    chat_template: str | None = None
+    defaults: dict = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """A model about to be published: its blobs, what they are, and its lineage."""
+    parameters: int
+    config: Blob
+    tokenizer: Blob
+    tokenizer_type: str                     # sentencepiece | hf-tokenizers
+    vocab_size: int
+    weights: Blob
+    weights_dtype: str                      # "float32", or "bfloat16,float32" when mixed
+    lineage: Lineage
+    add_bos: bool | None = None             # None: not recorded (the tokenizer's own default)
+    serving: Serving | None = None          # None: nothing recorded (a model made here)
+    architecture: str = "llama"
+    created: str = field(default_factory=now_iso)
+
+    def to_dict(self) -> dict:
+        tok = {"digest": self.tokenizer.digest, "size": self.tokenizer.size,
+               "type": self.tokenizer_type, "vocab_size": self.vocab_size}
+        if self.add_bos is not None:
+            tok["add_bos"] = bool(self.add_bos)
+        out = {
+            "schema": SCHEMA, "architecture": self.architecture, "created": self.created,
+            "parameters": self.parameters,
+            "config": {"digest": self.config.digest, "size": self.config.size, "media": "application/json"},
+            "tokenizer": tok,
+            "weights": {"digest": self.weights.digest, "size": self.weights.size,
+                        "format": "safetensors", "dtype": self.weights_dtype},
+            "lineage": self.lineage.to_dict(),
+        }
+        if self.serving is not None:
+            out["chat_template"] = self.serving.chat_template
+            out["defaults"] = dict(self.serving.defaults)
+        return out
+
+
+def import_sources(manifest: dict) -> dict[str, str]:
+    """{file name: digest} a model was imported from (its lineage), or {} if not recorded."""
+    lin = Lineage.of(manifest)
+    return dict(lin.sources) if lin.method == "import" and lin.sources is not None else {}
