@@ -439,7 +439,7 @@ def test_i7_12_socket_permission_denied(tmp_path):
     prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
     if prefix and not shutil.which("setpriv"):
         pytest.skip("running as root without setpriv: cannot act as a normal user")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     def run(*args):
         return subprocess.run(prefix + [sys.executable, *args], cwd=root, capture_output=True,

@@ -23,7 +23,7 @@ from llmosd.serve import engine as engine_mod
 from llmosd.serve.engine import Engine
 from llmosd.serve.request import Call, Request, SamplingParams, Task
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class LetterTok:
