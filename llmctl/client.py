@@ -7,6 +7,8 @@
             print(text, end="")
         print(gen.stats)
 
+Jobs (train, jobs, job, job_rm, job_cancel/pause/resume, job_logs) come from
+``llmctl.jobs.JobsMixin``; file uploads from ``llmctl.upload``.
 Every daemon error arrives as the matching ``llmctl.errors`` subclass.  A daemon that is not
 running raises ``DaemonUnavailable`` within ``connect_timeout`` seconds instead of hanging.
 """
@@ -23,24 +25,15 @@ import zmq
 from . import protocol
 from .access import check_socket_path
 from .errors import Cancelled, DaemonUnavailable, LlmosdError, Timeout, from_wire
+from .jobs import JobsMixin
 from .paths import client_default_socket, ipc_path, normalize_socket
+from .upload import RESEND, upload_file
 
 __all__ = ["Client", "Generation"]
 
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
-            "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json")
-
-
-def _sha256_file(path: str) -> tuple[str, int]:
-    import hashlib
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-            n += len(block)
-    return "sha256:" + h.hexdigest(), n
-
-
+            "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json",
+            "llmosd_lineage.json")         # an exported training run's lineage (llmctl train --export)
 
 
 class Generation:
@@ -124,7 +117,7 @@ class Generation:
             self._done = self._abandoned = True
 
 
-class Client:
+class Client(JobsMixin):
     """A connection to llmosd.  Not thread-safe: use one per thread."""
 
     def __init__(self, socket: str | None = None, *, timeout: float = 60.0,
@@ -348,24 +341,7 @@ class Client:
     # -- imports ----------------------------------------------------------------------------
     def upload_file(self, path: str, progress: Callable[[dict], None] | None = None) -> str:
         """Send one file's content to the daemon's store (skipped if it has it); returns its digest."""
-        digest, size = _sha256_file(path)
-        if self._call("upload", {"digest": digest, "size": size})["have"]:
-            if progress:
-                progress({"file": os.path.basename(path), "sent": size, "size": size, "skipped": True})
-            return digest
-        with open(path, "rb") as f:
-            offset = 0
-            while True:
-                data = f.read(protocol.UPLOAD_CHUNK)
-                if not data and offset:
-                    break
-                r = self._call("upload_chunk", {"digest": digest, "offset": offset, "data": data})
-                offset += len(data)
-                if progress:
-                    progress({"file": os.path.basename(path), "sent": offset, "size": size})
-                if r.get("complete") or not data:
-                    break
-        return digest
+        return upload_file(self, path, progress)
 
     def import_path(self, path: str, name: str, *, force: bool = False, dtype: str | None = None,
                     progress: Callable[[dict], None] | None = None) -> dict:
@@ -415,7 +391,7 @@ class Client:
             try:
                 return self._run_job("import", body, progress)
             except InvalidArgument as e:
-                if attempt == 2 or "were not sent because llmosd knew them" not in str(e):
+                if attempt == 2 or RESEND not in str(e):
                     raise
 
     def export(self, model: str, dest: str, *, force: bool = False,

@@ -158,3 +158,72 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+# -- jobs -----------------------------------------------------------------------------------
+def duration(secs: float | None) -> str:
+    """A span of time as people read it: 45s, 3m12s, 2h05m, 3d04h ('-' when unknown)."""
+    if secs is None:
+        return "-"
+    s = max(0, int(round(secs)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def rate(tokens_per_s: float | None) -> str:
+    """Tokens per second, short: 950 tok/s, 12.3k tok/s, 1.2M tok/s."""
+    if tokens_per_s is None:
+        return "-"
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if tokens_per_s >= div:
+            return f"{tokens_per_s / div:.1f}{unit} tok/s"
+    return f"{tokens_per_s:.0f} tok/s"
+
+
+def loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def steps(step: int | None, max_steps: int | None) -> str:
+    if step is None:
+        return "-"
+    return f"{step}/{max_steps}" if max_steps else str(step)
+
+
+def job_state(row: dict, width: int = 40) -> str:
+    """The state, with a failed job's reason cut to ``width`` characters."""
+    state, reason = row.get("state") or "-", row.get("reason")
+    if not reason:
+        return state
+    reason = " ".join(str(reason).split())
+    return f"{state}: {reason if len(reason) <= width else reason[:width - 1] + '…'}"
+
+
+def job_table(rows: list[dict], now: float | None = None) -> str:
+    """Jobs as ``llmctl jobs`` lists them, like ps: newest last."""
+    cells = [[r.get("job_id"), r.get("kind") or "-", r.get("model") or "-", job_state(r),
+              steps(r.get("step"), r.get("max_steps")), loss(r.get("loss")), r.get("device") or "-",
+              "-" if r.get("owner") is None else r["owner"], ago(r.get("created"), now)]
+             for r in rows]
+    return table(["ID", "KIND", "MODEL", "STATE", "STEP", "LOSS", "DEVICE", "OWNER", "AGE"], cells)
+
+
+def train_progress(m: dict, max_steps: int | None = None, lr: bool = False) -> str:
+    """One metrics report as one line: step 120/2000  loss 2.3141  val 2.4012  12.3k tok/s  ETA 3m12s
+    (with ``lr``, the learning rate after the losses)."""
+    parts = [f"step {steps(m.get('step'), max_steps or m.get('max_steps'))}",
+             f"loss {loss(m.get('loss'))}"]
+    if m.get("val_loss") is not None:
+        parts.append(f"val {loss(m['val_loss'])}")
+    if lr and m.get("lr") is not None:
+        parts.append(f"lr {m['lr']:.2e}")
+    if m.get("tokens_per_s") is not None:
+        parts.append(rate(m["tokens_per_s"]))
+    if m.get("eta_s") is not None:
+        parts.append(f"ETA {duration(m['eta_s'])}")
+    return "  ".join(parts)

@@ -23,7 +23,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 4              # additions that old peers can ignore bump only this
+MINOR = 5              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
@@ -93,6 +93,11 @@ _GEN = {"max_tokens": Field(_I, lo=1, hi=1_000_000), "temperature": Field(_F, lo
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")   # model defaults may set these
 _DIGEST = Field(_S, True, max_len=80)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+_JOB = Field(_I, True, lo=1, hi=U64)
+# Job states (1.5): queued -> running -> succeeded | failed | cancelled, running -> pausing ->
+# paused -> queued (resume); see llmosd-protocol(7) for every legal move.
+JOB_STATES = ("queued", "running", "pausing", "paused", "succeeded", "failed", "cancelled")
+JOB_KINDS = ("create", "import", "train")
 
 # Request body schemas: one per message type, every field typed and ranged (see Field).
 SCHEMAS: dict[str, dict[str, Field]] = {
@@ -133,8 +138,19 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "import": {"name": _name(), "files": Field((dict,), True, max_len=1000, items=(str,)),
                "format": Field(_S, choices=("hf", "gguf")), "force": Field(_B),
                "dtype": Field(_S, choices=DTYPES)},
+    # jobs (1.5): the spec's keys and values are checked by the daemon against the data
+    "train": {"name": _name(), "data": Field((dict,), True, max_len=1000, items=(str,)),
+              "spec": Field((dict,), True, max_len=64), "priority": Field(_I, lo=-1000, hi=1000),
+              "force": Field(_B)},
+    "jobs": {"all": Field(_B)},
+    "job": {"job": _JOB},
+    "job_rm": {"job": _JOB},
+    "job_cancel": {"job": _JOB},
+    "job_pause": {"job": _JOB},
+    "job_resume": {"job": _JOB},
+    "job_logs": {"job": _JOB, "follow": Field(_B)},
 }
-STREAMING = frozenset({"create", "generate", "chat", "import"})
+STREAMING = frozenset({"create", "generate", "chat", "import", "job_logs"})
 
 
 def encode(msg: dict) -> bytes:

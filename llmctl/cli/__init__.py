@@ -2,8 +2,9 @@
 
 The commands live by subject, each a module-level click command: ``store`` (ls, show, rm, tag,
 create, import, export), ``table`` (status, ps, load, unload), ``infer`` (run, generate, chat,
-score, classify, embed); ``repl`` is the conversation loop of chat and run.  This module is the
-group and the entry point.
+score, classify, embed), ``jobs`` (train, jobs, logs, cancel, pause, resume; ``job_export``
+writes ``train --export``'s cluster jobs); ``repl`` is the conversation loop of chat and run.
+This module is the group and the entry point.
 
 Exit statuses follow sysexits(3): 64 usage, 65 bad data, 66 no such model, 69 daemon
 unavailable, 70 internal error, 73 already exists / cannot create an output file, 74 I/O error,
@@ -21,14 +22,15 @@ import zmq
 
 from ..errors import EX_IOERR, EX_PROTOCOL, EX_UNAVAILABLE, EX_USAGE, LlmosdError
 from ..paths import normalize_socket
-from . import infer, store, table
+from . import infer, jobs, store, table
 
 # What users of other tools type, and what llmctl calls it.
 ALIASES = {
     "pull": "there is no registry to pull from: use 'llmctl import FILE.gguf' (or a Hugging Face directory)",
     "list": "use 'llmctl ls'", "images": "use 'llmctl ls'",
     "rmi": "use 'llmctl rm'", "remove": "use 'llmctl rm'", "delete": "use 'llmctl rm'",
-    "stop": "use 'llmctl unload'", "cp": "use 'llmctl tag'", "copy": "use 'llmctl tag'",
+    "stop": "use 'llmctl unload MODEL' (a loaded model) or 'llmctl cancel JOB' (a job)",
+    "kill": "use 'llmctl cancel JOB' (a job) or 'llmctl unload --force MODEL'", "cp": "use 'llmctl tag'", "copy": "use 'llmctl tag'",
     "serve": "start the daemon with 'llmosd' (or 'llmosd --user')",
     "start": "start the daemon with 'llmosd' (or 'llmosd --user'); 'llmctl load MODEL' loads a model",
 }
@@ -89,21 +91,25 @@ def cli(ctx, socket, timeout):
       echo "Hello" | llmctl generate tiny --temperature 0
       llmctl score smollm2 "To be, or not to be"
       llmctl classify smollm2 --labels positive,negative < reviews.txt
+      llmctl train tiny-char --data input.txt --tokenizer char --max-steps 2000 --wait
+      llmctl jobs --all
+      llmctl logs -f 3
       llmctl ps
     """
     ctx.obj = {**(ctx.obj or {}), "socket": socket, "timeout": timeout}   # a given obj may hold a client
 
 
-for _module in (store, table, infer):
+for _module in (store, table, infer, jobs):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 
 
-def main(argv=None) -> int:
+def main(argv=None, obj: dict | None = None) -> int:
     """Entry point: runs the CLI and maps every error to one line and a sysexits status.
-    A reader that goes away (``| head``) is no error: exit 0, even at the final flush."""
+    A reader that goes away (``| head``) is no error: exit 0, even at the final flush.
+    ``obj`` seeds the root context (tests put a fake ``client`` in it)."""
     try:
-        status = _main(argv)
+        status = _main(argv, obj)
         sys.stdout.flush()
         return status
     except BrokenPipeError:
@@ -119,9 +125,9 @@ def _silence_stdout() -> None:
         pass
 
 
-def _main(argv) -> int:
+def _main(argv, obj=None) -> int:
     try:
-        cli.main(args=argv, prog_name="llmctl", standalone_mode=False)
+        cli.main(args=argv, prog_name="llmctl", standalone_mode=False, obj=obj)
         return 0
     except click.exceptions.Abort:
         click.echo("cancelled", err=True)

@@ -48,6 +48,8 @@ def show(ctx, model, as_json):
         click.echo("defaults:      " + ", ".join(f"{k}={v}" for k, v in sorted(man["defaults"].items())))
     if lin.get("method") == "import":
         click.echo(f"imported from: {lin.get('args', {}).get('format')} ({', '.join(lin.get('args', {}).get('files', []))})")
+    if lin.get("method") == "train":
+        click.echo(f"trained by:    {trained(lin)}")
     click.echo("config:")
     for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta",
@@ -55,6 +57,16 @@ def show(ctx, model, as_json):
         click.echo(f"  {k:<25}{cfg.get(k)}")
     if s["instances"]:
         click.echo("instances:     " + ", ".join(f"{i['id']} ({i['state']})" for i in s["instances"]))
+
+
+def trained(lin: dict) -> str:
+    """A training lineage in a line: job 3 on a.txt, b.jsonl: step 2000, loss 1.71, val 1.88 (best 1.87)."""
+    fin, files = lin.get("final") or {}, sorted((lin.get("args") or {}).get("sources") or {})
+    text = f"job {lin.get('job', '?')}" + (f" on {', '.join(files)}" if files else "")
+    if fin:
+        text += (f": step {fin.get('step')}, loss {fmt.loss(fin.get('loss'))}, "
+                 f"val {fmt.loss(fin.get('val_loss'))} (best {fmt.loss(fin.get('best_val_loss'))})")
+    return text
 
 
 @click.command()

@@ -43,9 +43,19 @@ def ps(ctx, as_json):
                           "LOADED", "LAST USED", "UID"], rows))
     if body["jobs"]:
         click.echo()
-        click.echo(fmt.table(["JOB", "KIND", "TARGET", "STATE", "PROGRESS", "PID"],
-                             [[j["id"], j["kind"], j["target"], j["state"],
-                               j["progress"].get("message", ""), j["pid"]] for j in body["jobs"]]))
+        click.echo(fmt.table(["JOB", "KIND", "MODEL", "STATE", "PROGRESS", "PID"],
+                             [job_cells(j) for j in body["jobs"]]))
+
+
+def job_cells(j: dict) -> list:
+    """A running job under the model table: a training job's steps and loss, another job's
+    progress message (rows before protocol 1.5 said id/target/progress)."""
+    if j.get("step") is not None:
+        progress = f"step {fmt.steps(j['step'], j.get('max_steps'))}, loss {fmt.loss(j.get('loss'))}"
+    else:
+        progress = (j.get("progress") or {}).get("message", "")
+    return [j.get("job_id", j.get("id")), j.get("kind"), j.get("model", j.get("target")),
+            fmt.job_state(j), progress, j.get("pid")]
 
 
 @click.command()

@@ -28,7 +28,8 @@ def test_i9_cli_is_a_package_of_module_level_commands():
     import llmctl.cli
     subjects = {"store": ["ls", "show", "rm", "tag", "create", "import", "export"],
                 "table": ["status", "ps", "load", "unload"],
-                "infer": ["run", "generate", "chat", "score", "classify", "embed"]}
+                "infer": ["run", "generate", "chat", "score", "classify", "embed"],
+                "jobs": ["train", "jobs", "logs", "cancel", "pause", "resume"]}
     for module, names in subjects.items():
         mod = importlib.import_module(f"llmctl.cli.{module}")
         assert sorted(c.name for c in mod.COMMANDS) == sorted(names)
