@@ -35,6 +35,8 @@ class Config:
     max_uploads: int = 64            # open uploads in the whole daemon (each holds a descriptor)
     max_uploads_per_client: int = 8  # open uploads per client connection
     max_kv_bytes: int = 0            # KV-cache bytes all admitted requests may reserve; 0 = auto (RAM/4)
+    max_jobs: int = 1                # jobs (create, import, train) running at once per device
+    job_stop_timeout_s: float = 30.0  # pause/cancel: how long a worker may take before SIGKILL
     config_file: str = field(default="", metadata={"internal": True})
 
     def resolved(self) -> "Config":
@@ -161,6 +163,11 @@ def load(config_file: str | None = None, flags: dict | None = None,
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {resolved.device!r}")
     if resolved.dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {resolved.dtype!r}")
+    if resolved.max_jobs < 1:
+        raise ConfigError(f"max_jobs must be at least 1, got {resolved.max_jobs}")
+    if not 0 <= resolved.job_stop_timeout_s <= 86400:
+        raise ConfigError(f"job_stop_timeout_s must be between 0 and 86400 seconds, "
+                          f"got {resolved.job_stop_timeout_s:g}")
     return resolved, sources
 
 

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
 
 
 def serve(cfg) -> int:
+    from llmosd.jobs.records import Records
     from llmosd.store.store import Store
     from llmosd.system import PidLock, sd_notify
 
@@ -79,7 +80,10 @@ def serve(cfg) -> int:
     sock_lock = PidLock(sock_path + ".lock").acquire() if sock_path else None
     server = None
     try:
+        records = Records(os.path.join(cfg.state_dir, "jobs"))
+        loaded = records.load()                 # before recovery: jobs keep their data blobs
         store = Store(os.path.join(cfg.state_dir, "store"))
+        store.extra_refs = lambda: frozenset(r for j in loaded for r in j.refs)
         rec = store.recover()
         if any(rec.values()):
             log.info("store recovery: removed %d temp file(s), %d orphan blob(s), %d stray link(s)",
@@ -104,7 +108,9 @@ def serve(cfg) -> int:
         store.writer = StoreWriter(server.post)    # manifest, rm and tag writes (fsync) off the loop
         manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
                                   stream_buffer=cfg.stream_buffer, max_kv_bytes=cfg.max_kv_bytes)
-        jobs = JobRunner(server.post, store.root, threads)
+        jobs = JobRunner(server.post, store.root, records, threads, max_jobs=cfg.max_jobs,
+                         stop_timeout=cfg.job_stop_timeout_s, jobs=loaded, write=store.writer.submit)
+        store.extra_refs = jobs.refs
         ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
         server.handler = ops.dispatch
         server.on_peer_gone.append(ops.peer_gone)
@@ -115,10 +121,11 @@ def serve(cfg) -> int:
         log.info("llmosd %s listening on %s (state %s, device %s, %s, %d thread(s))",
                  llmosd.__version__, cfg.socket, cfg.state_dir, device,
                  str(dtype).replace("torch.", ""), threads)
+        ops.job_ops.adopt()                     # train jobs from the records resume
         sd_notify(f"READY=1\nSTATUS=listening on {cfg.socket}\nMAINPID={os.getpid()}")
 
         def on_stop():
-            log.info("stopping: cancelling requests and unloading models")
+            log.info("stopping: cancelling requests, pausing train jobs, unloading models")
             sd_notify("STOPPING=1\nSTATUS=stopping")
             ops.shutdown()
         server.run(on_stop, cfg.shutdown_grace_s)

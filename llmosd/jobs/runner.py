@@ -1,137 +1,408 @@
-"""Jobs: long work (create now; pretraining and fine-tuning later) in worker processes.
+"""The daemon's jobs: the queue, the worker processes, the records, and who listens.
 
-A job runs ``func(spec, store_root, progress)`` in a fresh ``spawn`` process, so a
-crash or an out-of-memory kill there never takes the daemon down.  A monitor thread relays the
-worker's progress and result to the control loop through ``post``.  Workers die with the
-daemon (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan writing into the store.
+Every job (create, import, train) is queued, started by ``queue.next_to_start`` when its
+device has room (``max_jobs`` per device) and run as ``func(spec, store_root, ctl)`` in a
+fresh ``spawn`` process (``jobs.worker``), so a crash or an out-of-memory kill there never
+takes the daemon down.  A monitor thread per worker relays its messages to the control loop
+through ``post``; everything else here runs on the loop.  Pause and cancel are signals the
+worker honours between steps (SIGUSR1, SIGTERM), with SIGKILL after ``stop_timeout`` seconds.
+Workers die with the daemon (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan writing
+into the store; the records let the next daemon resume its train jobs.
+
+A job that returns a manifest stays ``running`` until the caller has published it and says
+so with ``settle``.
 """
 from __future__ import annotations
 
-import ctypes
-import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
 import threading
-import traceback
+import time
+from dataclasses import dataclass
 from typing import Callable
 
-from llmosd.jobs.queue import Job, JobState
+from llmctl.errors import InvalidState
+from llmosd.jobs import worker
+from llmosd.jobs.queue import (ACTIVE, Job, JobState, after_restart, next_to_start, outcome,
+                               running_by_device)
+from llmosd.jobs.records import Records, to_record
 
 log = logging.getLogger("llmosd.jobs")
 
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)          # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+C, F, P, PG, Q, R, S = (JobState.CANCELLED, JobState.FAILED, JobState.PAUSED, JobState.PAUSING,
+                        JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED)
+SAVE_EVERY_S = 10.0          # the record's last metrics are at most this old
 
 
-def _report_new_blobs(conn) -> None:
-    """In the worker: tell the daemon of each blob the job adds, so that a job that fails (or
-    whose manifest cannot be published) leaves no orphan blobs behind."""
-    from llmosd.store.store import Store
-    put = Store.put_blob
-
-    def put_blob(self, data):
-        digest, size = put(self, data)
-        conn.send(("blob", digest))
-        return digest, size
-    Store.put_blob = put_blob
-
-
-def _worker_main(conn, func: Callable, spec: dict, store_root: str, threads: int) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the daemon decides when we stop
-    try:
-        _report_new_blobs(conn)
-        import torch
-        torch.set_num_threads(threads)
-        result = func(spec, store_root, lambda p: conn.send(("progress", p)))
-        conn.send(("result", result))
-    except ValueError as e:       # bad input the job found: the message is for the user
-        conn.send(("error", {"message": str(e), "invalid": True}, traceback.format_exc()))
-    except BaseException as e:
-        conn.send(("error", {"message": f"{e.__class__.__name__}: {e}", "invalid": False},
-                   traceback.format_exc()))
-    finally:
-        conn.close()
+@dataclass
+class Hooks:
+    """What a job runs and who hears of it: ``on_progress(job, p)``; ``on_done(job, manifest,
+    error)`` once the worker has ended with a result (manifest), an error (dict) or a cancel."""
+    func: Callable | str
+    on_progress: Callable | None = None
+    on_done: Callable | None = None
 
 
 class JobRunner:
-    def __init__(self, post: Callable, store_root: str, threads: int = 1):
-        self.post, self.store_root, self.threads = post, store_root, threads
+    def __init__(self, post: Callable, store_root: str, records: Records, threads: int = 1, *,
+                 max_jobs: int = 1, stop_timeout: float = 30.0, jobs=(), write: Callable | None = None):
+        """``jobs``: those loaded from the records (``after_restart`` is applied here);
+        ``write(fn, done, *args)``: where record saves run (the store's writer), else at once."""
+        self.post, self.store_root, self.records, self.threads = post, store_root, records, threads
+        self.max_jobs, self.stop_timeout, self.write = max_jobs, stop_timeout, write
         self.jobs: dict[int, Job] = {}
-        self._ids = itertools.count(1)
+        self.hooks: dict[int, Hooks] = {}
+        self.listeners: dict[int, list[Callable[[dict, Job], None]]] = {}
+        self.waiters: dict[int, list[Callable[[Job], None]]] = {}
+        self.stopping = False
+        self._reserved: dict[object, frozenset] = {}
+        self._refs: frozenset = frozenset()
+        self._saved_at: dict[int, float] = {}
+        self._pidfds: dict[int, int] = {}
         self._mp = mp.get_context("spawn")
+        for job in jobs:
+            self.jobs[job.id] = job
+            was = job.state.value
+            if after_restart(job):
+                self._log(job, f"{was} when the daemon stopped: "
+                          + ("queued again, to resume" if job.state is Q else job.reason))
+                self._save(job)
+        self._next_id = max([records.last_id(), *self.jobs]) + 1
+        self._update_refs()
 
-    def start(self, kind: str, target: str, func: Callable, spec: dict, uid: int | None,
-              on_progress: Callable[[Job, dict], None],
-              on_done: Callable[[Job, dict | None, dict | None], None]) -> Job:
-        """Start ``func(spec, store_root, progress)`` in a worker.  ``func`` must be a
-        module-level function: spawn sends it to the worker by reference (its module's name
-        and its own), so its module should import torch inside the function, not at the top,
-        for the daemon to name it cheaply.  Callbacks run on the control loop thread."""
-        job = Job(next(self._ids), kind, target, uid)
-        parent, child = self._mp.Pipe(duplex=False)
-        job.process = self._mp.Process(target=_worker_main, name=f"llmosd-{kind}-{job.id}",
-                                       args=(child, func, spec, self.store_root, self.threads),
-                                       daemon=True)
-        job.process.start()
-        child.close()
+    # -- submitting ---------------------------------------------------------------------------
+    def start(self, kind: str, target: str, func: Callable | str, spec: dict, uid: int | None,
+              on_progress: Callable | None = None, on_done: Callable | None = None, *,
+              data: dict | None = None, refs=(), priority: int = 0, device: str = "cpu") -> Job:
+        """Queue a job making model ``target`` with ``func`` (a module-level function, sent to
+        the worker by reference, or "module:function" imported only there); it starts at once
+        when its device has room.  Callbacks run on the loop."""
+        job = Job(self._next_id, kind, target, uid, spec=spec, data=dict(data or {}),
+                  refs=sorted(set(refs) | set((data or {}).values())), priority=priority, device=device)
+        self._next_id += 1
+        self.records.make_dir(job.id)
         self.jobs[job.id] = job
-        threading.Thread(target=self._monitor, args=(job, parent, on_progress, on_done),
-                         name=f"job-{job.id}", daemon=True).start()
+        self.hooks[job.id] = Hooks(func, on_progress, on_done)
+        self._update_refs()
+        self._log(job, f"queued: {kind} of {target} on {device} (priority {priority})")
+        self._changed(job)
+        self.schedule()
         return job
 
-    def _monitor(self, job: Job, conn, on_progress, on_done) -> None:
-        result, error = None, None
+    def attach(self, job: Job, func: Callable | str, on_progress=None, on_done=None) -> None:
+        """Give a job loaded from its record what it runs (before ``schedule``)."""
+        self.hooks[job.id] = Hooks(func, on_progress, on_done)
+
+    def reserve(self, key, digests) -> None:
+        """Keep ``digests`` in the store under ``key`` (a submission being checked) until
+        ``release(key)``: the store's clean-ups see them as referenced."""
+        self._reserved[key] = frozenset(digests)
+        self._update_refs()
+
+    def release(self, key) -> None:
+        self._reserved.pop(key, None)
+        self._update_refs()
+
+    def refs(self) -> frozenset:
+        """Blobs that jobs need kept (thread-safe: the store's writer asks)."""
+        return self._refs
+
+    def _update_refs(self) -> None:
+        refs = {r for j in self.jobs.values() for r in j.refs}
+        for digests in self._reserved.values():
+            refs |= digests
+        self._refs = frozenset(refs)          # one reference swap: readers see old or new
+
+    # -- scheduling and workers ---------------------------------------------------------------
+    def schedule(self) -> None:
+        """Start the queued jobs whose device has room (not while the daemon stops)."""
+        if self.stopping:
+            return
+        ready = [j for j in self.jobs.values() if j.id in self.hooks]
+        for job in next_to_start(ready, running_by_device(self.jobs.values()), self.max_jobs):
+            self._launch(job)
+
+    def _launch(self, job: Job) -> None:
+        hooks = self.hooks[job.id]
+        job.transition(R)
+        job.blobs = set()
+        parent, child = self._mp.Pipe(duplex=False)
+        job_dir = self.records.make_dir(job.id)
+        try:
+            proc = self._mp.Process(target=worker.main, name=f"llmosd-{job.kind}-{job.id}",
+                                    args=(child, hooks.func, job.spec, self.store_root,
+                                          self.threads, job.id, job_dir), daemon=True)
+            proc.start()
+        except Exception as e:     # noqa: BLE001 - fork limits, memory: the job fails, we go on
+            child.close()
+            parent.close()
+            self._end(job, F, f"could not start a worker: {e}", {"message": str(e), "invalid": False})
+            return
+        child.close()
+        job.process = proc
+        try:                       # before anyone waits for it, so the pid cannot be reused yet
+            self._pidfds[job.id] = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            pass
+        self._log(job, f"started on {job.device} (worker pid {proc.pid})"
+                  + (f", from the checkpoint of step {job.checkpoint_step}" if job.checkpoint_step else ""))
+        self._changed(job)
+        threading.Thread(target=self._monitor, args=(job, parent, proc),
+                         name=f"job-{job.id}", daemon=True).start()
+
+    def _monitor(self, job: Job, conn, proc) -> None:
+        """On the job's thread: relay the worker's messages; when it ends, say how."""
+        end = None
         try:
             while True:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):
                     break
-                if msg[0] == "progress":
-                    self.post(on_progress, job, msg[1])
-                elif msg[0] == "blob":
+                except Exception as e:     # noqa: BLE001 - an unpicklable message
+                    end = ("error", {"message": f"bad message from the worker: {e}", "invalid": False})
+                    break
+                if msg[0] == "blob":
                     job.blobs.add(msg[1])
-                elif msg[0] == "result":
-                    result = msg[1]
-                elif msg[0] == "error":
-                    error = msg[1]
-                    log.warning("job %d failed: %s", job.id, msg[2])
+                elif msg[0] in ("result", "stopped", "error"):
+                    end = msg[:2]
+                    if msg[0] == "error" and len(msg) > 2:
+                        log.warning("job %d failed: %s", job.id, msg[2])
+                else:
+                    self.post(self._message, job, msg)
         finally:
-            job.process.join()
-            code = job.process.exitcode
-            if result is None and error is None:
-                error = {"message": f"worker process was killed by signal {-code}" if code and code < 0
-                         else f"worker process exited with status {code}", "invalid": False}
-            self.post(self._finish, job, result, error, on_done)
+            conn.close()
+            proc.join()
+            if end is None:
+                end = ("exit", proc.exitcode)
+            self.post(self._ended, job, proc, *end)
 
-    def _finish(self, job: Job, result, error, on_done) -> None:
-        if job.state is JobState.RUNNING:
-            job.transition(JobState.DONE if error is None else JobState.FAILED)
-        job.error = error["message"] if error else ""
-        self.jobs.pop(job.id, None)
-        on_done(job, result, error)
+    def _message(self, job: Job, msg: tuple) -> None:
+        kind, value = msg[0], msg[1]
+        hooks = self.hooks.get(job.id)
+        if kind == "progress" and isinstance(value, dict):
+            text = value.get("message") or value.get("stage")
+            if text and text != (job.progress.get("message") or job.progress.get("stage")):
+                self._log(job, str(text))
+            job.progress = value
+            if hooks and hooks.on_progress:
+                hooks.on_progress(job, value)
+        elif kind == "metrics" and isinstance(value, dict):
+            job.update_metrics(value)
+            self.records.append_metrics(job.id, value)
+            self._notify(job, {"metrics": value})
+            if time.monotonic() - self._saved_at.get(job.id, 0.0) > SAVE_EVERY_S:
+                self._save(job)
+        elif kind == "log":
+            self._log(job, str(value))
+        elif kind == "checkpoint":
+            job.checkpoint_step = int(value)
+            self._save(job)
+
+    def _ended(self, job: Job, proc, kind: str, detail) -> None:
+        """The worker ``proc`` of ``job`` is gone (on the loop)."""
+        fd = self._pidfds.pop(job.id, None)
+        if fd is not None:
+            os.close(fd)
+        if job.process is not proc or job.state not in ACTIVE:
+            return                              # a stale report (the job was removed or restarted)
+        message = detail.get("message", "") if isinstance(detail, dict) else detail
+        new, reason = outcome(job, kind, message)
+        if new is None:                         # a manifest: the caller publishes, then settles
+            self._log(job, "the worker finished; publishing the result")
+            hooks = self.hooks.get(job.id)
+            if hooks and hooks.on_done:
+                hooks.on_done(job, detail, None)
+            else:
+                self.settle(job, "nothing publishes this job's result")
+            return
+        self._end(job, new, reason, detail if kind == "error" else None)
+
+    def _end(self, job: Job, new: JobState, reason: str, error: dict | None) -> None:
+        """Move a job whose worker is gone to ``new`` and tell whoever waits."""
+        job.transition(new, reason if new in (F, C) else "")
+        self._log(job, {P: lambda: f"paused (checkpoint of step {job.checkpoint_step})",
+                        Q: lambda: "stopped with the daemon: queued again, to resume",
+                        C: lambda: "cancelled",
+                        F: lambda: f"failed: {reason}"}[new]())
+        self._changed(job)
+        if new in (F, C):
+            hooks = self.hooks.get(job.id)
+            if hooks and hooks.on_done:
+                hooks.on_done(job, None, error or ({"message": reason, "invalid": False} if new is F else None))
+        self._wake(job)
+        self.schedule()
+
+    def settle(self, job: Job, reason: str | None) -> None:
+        """Publishing a finished worker's result is over: the job succeeded (``reason`` None)
+        or failed with ``reason``.  Nothing for a job already settled."""
+        if job.state not in ACTIVE:
+            return
+        job.transition(S if reason is None else F, reason)
+        self._log(job, f"succeeded: {job.model} published" if reason is None else f"failed: {reason}")
+        self._changed(job)
+        self._wake(job)
+        self.schedule()
+
+    # -- stopping -------------------------------------------------------------------------------
+    def stop(self, job: Job, what: str, reply: Callable[[Job], None] | None = None) -> None:
+        """Pause (train jobs only) or cancel ``job``; ``reply(job)`` once it has stopped (at once
+        when no worker runs).  InvalidState when that is not possible in its state."""
+        if what == "pause" and job.kind != "train":
+            raise InvalidState(f"job {job.id} is a {job.kind} job; only train jobs can be paused",
+                               hint=f"cancel it instead: llmctl cancel {job.id}")
+        if job.is_finished():
+            raise InvalidState(f"job {job.id} is {job.state.value}; it cannot be "
+                               + ("paused" if what == "pause" else "cancelled"))
+        if job.state in (Q, P):                   # no worker: the move is made now
+            if what == "cancel":
+                job.transition(C, "cancelled")
+                self._log(job, "cancelled")
+                self._changed(job)
+                hooks = self.hooks.get(job.id)
+                if hooks and hooks.on_done:
+                    hooks.on_done(job, None, None)
+            elif job.state is Q:
+                job.transition(P)
+                self._log(job, "paused before it started")
+                self._changed(job)
+            if reply:
+                reply(job)
+            return
+        if reply:
+            self.waiters.setdefault(job.id, []).append(reply)
+        if job.stop == "cancel" or job.stop == what:
+            return                                # asked already
+        job.stop = what
+        if what == "pause":
+            job.transition(PG)
+            self._changed(job)
+        self._log(job, f"{what} requested")
+        self._signal(job, what)
+
+    def _signal(self, job: Job, what: str) -> None:
+        """Ask the worker to stop; create and import cannot stop cleanly, so they are killed.
+        A worker that has not stopped after ``stop_timeout`` seconds is killed."""
+        if job.kind != "train":
+            self._kill(job, signal.SIGKILL)
+            return
+        self._kill(job, signal.SIGUSR1 if what == "pause" else signal.SIGTERM)
+        timer = threading.Timer(self.stop_timeout, self.post, (self._deadline, job, job.process))
+        timer.daemon = True
+        timer.start()
+
+    def _kill(self, job: Job, sig: int) -> None:
+        """Send ``sig`` to the job's worker through its pidfd (never to a reused pid)."""
+        fd = self._pidfds.get(job.id)
+        try:
+            if fd is not None:
+                signal.pidfd_send_signal(fd, sig)
+            elif job.process is not None and job.state in ACTIVE:
+                os.kill(job.process.pid, sig)
+        except (ProcessLookupError, OSError):
+            pass                                  # it has just ended: the monitor says so
+
+    def _deadline(self, job: Job, proc) -> None:
+        if job.process is proc and job.state in ACTIVE:
+            self._log(job, f"the worker did not stop within {self.stop_timeout:g}s: killed")
+            self._kill(job, signal.SIGKILL)
 
     def cancel(self, job_id: int) -> None:
+        """Cancel a job if it is not finished (its client went away)."""
         job = self.jobs.get(job_id)
-        if job is not None and job.state is JobState.RUNNING:
-            job.transition(JobState.CANCELLED)
-            if job.process and job.process.is_alive():
-                job.process.kill()
+        if job is not None and not job.is_finished() and not job.stop == "cancel":
+            self.stop(job, "cancel")
 
-    def cancel_all(self) -> None:
-        for jid in list(self.jobs):
-            self.cancel(jid)
+    def shutdown(self) -> None:
+        """The daemon stops: running train jobs pause (checkpoint) and are queued again for
+        the next start; create and import jobs are cancelled; nothing new starts."""
+        self.stopping = True
+        for job in list(self.jobs.values()):
+            if job.kind == "train":
+                if job.state is R and job.stop is None:
+                    job.requeue = True
+                    self.stop(job, "pause")
+            elif job.state in (Q, R):
+                self.stop(job, "cancel")
 
+    cancel_all = shutdown
+
+    def _wake(self, job: Job) -> None:
+        for reply in self.waiters.pop(job.id, []):
+            reply(job)
+
+    # -- queries and removal --------------------------------------------------------------------
     def idle(self) -> bool:
-        return not self.jobs
+        """No worker is running (shutdown waits for this)."""
+        return not any(j.state in ACTIVE for j in self.jobs.values())
 
     def writing(self, target: str) -> bool:
-        """Whether a running job is making model ``target``."""
-        return any(j.target == target for j in self.jobs.values())
+        """Whether an unfinished job (queued, running, paused) makes model ``target``."""
+        return any(j.model == target and not j.is_finished() for j in self.jobs.values())
+
+    def resume(self, job: Job) -> None:
+        """Queue a paused job (or a train job that failed) again: it goes on from its last
+        checkpoint.  InvalidState otherwise."""
+        if not job.resumable():
+            raise InvalidState(f"job {job.id} is {job.state.value}; only a paused job, or a train "
+                               "job that failed, can be resumed")
+        job.transition(Q, "")
+        self._log(job, "resumed: queued" + (f" (from the checkpoint of step {job.checkpoint_step})"
+                                            if job.checkpoint_step else ""))
+        self._changed(job)
+        self.schedule()
+
+    def remove(self, job: Job, done: Callable) -> None:
+        """Forget a finished job and delete its directory (off the loop, like record saves);
+        ``done(result, error)`` on the loop afterwards.  Its blobs are no longer kept."""
+        if not job.is_finished():
+            raise InvalidState(f"job {job.id} is {job.state.value}; only finished jobs can be removed",
+                               hint=f"cancel it first: llmctl cancel {job.id}")
+        self.jobs.pop(job.id, None)
+        self.hooks.pop(job.id, None)
+        self.listeners.pop(job.id, None)
+        self._saved_at.pop(job.id, None)
+        self._update_refs()
+        (self.write or _now)(self.records.remove, done, job.id)
+
+    # -- listeners, log, record ---------------------------------------------------------------
+    def subscribe(self, job_id: int, fn: Callable[[dict, Job], None]) -> None:
+        self.listeners.setdefault(job_id, []).append(fn)
+
+    def unsubscribe(self, job_id: int, fn) -> None:
+        fns = self.listeners.get(job_id, [])
+        if fn in fns:
+            fns.remove(fn)
+
+    def _notify(self, job: Job, chunk: dict) -> None:
+        for fn in list(self.listeners.get(job.id, [])):
+            fn(chunk, job)
+
+    def _log(self, job: Job, text: str) -> None:
+        for line in self.records.append_line(job.id, text):
+            self._notify(job, {"line": line})
+
+    def _changed(self, job: Job) -> None:
+        """A state change: saved, and told to listeners as a row."""
+        self._save(job)
+        self._notify(job, {"row": job.row()})
+
+    def _save(self, job: Job) -> None:
+        self._saved_at[job.id] = time.monotonic()
+        (self.write or _now)(self.records.save, _save_done, to_record(job))
+
+
+def _now(fn, done, *args) -> None:
+    """A write run at once (no store writer): the same contract, synchronously."""
+    try:
+        result, error = fn(*args), None
+    except Exception as e:     # noqa: BLE001
+        result, error = None, e
+    done(result, error)
+
+
+def _save_done(result, error) -> None:
+    if error is not None:
+        log.warning("jobs: saving a job record failed: %s", error)

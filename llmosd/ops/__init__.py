@@ -1,5 +1,5 @@
 """Request handlers: one ``op_<type>`` method per protocol message type, split by domain
-(``store``, ``serve``, ``jobs``; the session's own messages are here).
+(``store``, ``serve``, ``jobs`` and ``jobctl``; the session's own messages are here).
 
 Handlers run on the control loop thread and must return quickly: anything slow is handed to
 the instance manager (loader/engine threads) or the job runner (worker processes).  Nothing
@@ -14,6 +14,7 @@ import llmosd
 from llmctl import protocol
 from llmctl.errors import ShuttingDown, UnsupportedVersion
 from llmosd.ops.export import ExportOps
+from llmosd.ops.jobctl import JobCtlOps
 from llmosd.ops.jobs import JobOps
 from llmosd.ops.serve import ServeOps
 from llmosd.ops.store import StoreOps
@@ -32,10 +33,12 @@ class Ops:
         sources = Sources(store)      # what re-imports need not send
         self.store_ops = StoreOps(store, manager, jobs, uploads, sources)
         self.job_ops = JobOps(store, manager, jobs, sources)
+        self.jobctl_ops = JobCtlOps(store, jobs)
         self.serve_ops = ServeOps(cfg, store, manager)
         self.export_ops = ExportOps(store)
         self.routes = {name[3:]: getattr(h, name)
-                       for h in (self, self.store_ops, self.job_ops, self.serve_ops, self.export_ops)
+                       for h in (self, self.store_ops, self.job_ops, self.jobctl_ops, self.serve_ops,
+                                 self.export_ops)
                        for name in dir(h) if name.startswith("op_")}
         missing = set(protocol.SCHEMAS) - set(self.routes)
         assert not missing, f"no handler for {missing}"
@@ -68,13 +71,16 @@ class Ops:
             "instances": len(table), "active_requests": sum(i.active_requests for i in table),
             "tokens_served": sum(i.tokens_served for i in table),
             "resident_bytes": sum(i.resident_bytes for i in table),
-            "rss_bytes": _rss(), "jobs": [j.row() for j in self.jobs.jobs.values()],
+            "rss_bytes": _rss(), "jobs": self._job_rows(),
         }
         ctx.ok(body)
 
     def op_ps(self, ctx: Ctx) -> None:
-        ctx.ok({"instances": self.manager.table.rows(),
-                "jobs": [j.row() for j in self.jobs.jobs.values()]})
+        ctx.ok({"instances": self.manager.table.rows(), "jobs": self._job_rows()})
+
+    def _job_rows(self) -> list[dict]:
+        """The jobs not finished (queued, running, pausing, paused), as job rows."""
+        return [j.row() for _, j in sorted(self.jobs.jobs.items()) if not j.is_finished()]
 
     def op_cancel(self, ctx: Ctx) -> None:
         stream = ctx.peer.streams.get(ctx.body["target"])
@@ -84,9 +90,11 @@ class Ops:
 
     # -- shutdown -------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """SIGTERM: every open stream gets a clean error, jobs stop, instances unload."""
+        """SIGTERM: every open stream gets a clean error; running train jobs pause (to resume
+        at the next start), other jobs are cancelled; instances unload."""
         self.job_ops.stopping = True
-        self.jobs.cancel_all()
+        self.jobctl_ops.shutdown()
+        self.jobs.shutdown()
         self.manager.shutdown(ShuttingDown("llmosd is shutting down; the request was cancelled"))
 
 

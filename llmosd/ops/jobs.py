@@ -1,15 +1,21 @@
-"""Handlers for jobs that make models: create and import; publishing their manifests."""
+"""Handlers for the jobs that make models: create, import and train; publishing their manifests.
+
+Every one is a job of ``jobs.runner.JobRunner`` (queued, run in a worker, recorded).  create
+and import stream their progress to the requesting client; train answers with the job's row
+at once and goes on without a client (it survives daemon restarts: ``adopt``).
+"""
 from __future__ import annotations
 
 import logging
+import threading
 from functools import partial
 from typing import Callable
 
 from llmctl import protocol
-from llmctl.errors import (AlreadyExists, Busy, Cancelled, InvalidArgument, JobFailed,
+from llmctl.errors import (AlreadyExists, Busy, Cancelled, Internal, InvalidArgument, JobFailed,
                            LlmosdError, ModelNotFound, ShuttingDown)
 from llmosd.formats.importer import import_model
-from llmosd.jobs.queue import JobState
+from llmosd.jobs.queue import ACTIVE, FINISHED, JobState
 from llmosd.ops.store import write_error
 from llmosd.server import Ctx
 from llmosd.store.store import Store, canonical
@@ -18,6 +24,10 @@ from llmosd.train.create import create
 from llmosd.train.spec import check_spec
 
 log = logging.getLogger("llmosd.ops")
+
+# The train job function, named rather than imported: its module imports torch, the daemon's
+# loop never does (the worker imports it).
+TRAIN = "llmosd.train.pretrain:run"
 
 
 def invalid_input(check: Callable[[dict], None], spec: dict) -> None:
@@ -28,8 +38,16 @@ def invalid_input(check: Callable[[dict], None], spec: dict) -> None:
         raise InvalidArgument(str(e)) from None
 
 
+def check_train(spec: dict, data: dict, parent: dict | None) -> dict:
+    """The train spec checked against its data (``llmosd.train.spec.check_train_spec``);
+    returns the spec with its defaults filled in.  ValueError naming the problem."""
+    from llmosd.train.spec import check_train_spec
+    full = check_train_spec(spec, data, parent)
+    return full if isinstance(full, dict) else dict(spec)
+
+
 class JobOps:
-    """``op_create`` and ``op_import``: check the request, run the job in a worker process,
+    """``op_create``, ``op_import`` and ``op_train``: check the request, queue the job,
     publish the result (on the store's writer, off the loop).  ``stopping`` is set at shutdown
     (cancelled jobs then say so).  ``publishing``: models whose manifest is being written."""
 
@@ -54,32 +72,40 @@ class JobOps:
             raise InvalidArgument(f"dtype {spec['dtype']!r} is not one of {', '.join(protocol.DTYPES)}")
         if fmt == "gguf" and len(files) != 1:
             raise InvalidArgument(f"a gguf import takes exactly one file, got {len(files)}")
-        for rel, digest in files.items():
-            if not isinstance(rel, str) or not isinstance(digest, str) or "/" in rel or rel.startswith("."):
-                raise InvalidArgument(f"files: bad entry {rel!r}")
-            self.store.blob_path(digest)                  # a well-formed digest, or StoreCorrupt
+        self._check_names("files", files)
         same = self.sources.same_import(files, fmt, spec.get("dtype") or "auto")
         if same is not None:
             self._reimport(ctx, same, spec)
             return
         try:
-            missing = {rel: d for rel, d in files.items() if not self.store.has_blob(d)}
-            known = {rel: d for rel, d in missing.items() if self.sources.models(d)}
-            if known:                                     # we said "have" for them: ask for them
-                self.sources.resend.update(known.values())
-                rel, digest = next(iter(known.items()))
-                raise InvalidArgument(
-                    f"files: {', '.join(known)} were not sent because llmosd knew them as the source "
-                    f"of {self.sources.models(digest)[0][0]}, but this import differs (other files "
-                    "or dtype) and needs their content",
-                    hint="run the import again: this time the files are sent")
-            for rel, digest in missing.items():
-                raise InvalidArgument(f"files: {rel} ({digest}) has not been uploaded",
-                                      hint="upload each file with 'upload'/'upload_chunk' first")
+            self._check_uploaded("files", files,
+                                 "this import differs (other files or dtype) and needs their content")
             self._job(ctx, "import", import_model, spec, cleanup=set(files.values()))
         except LlmosdError:                               # refused (name taken, busy...): no orphans
             self.store.discard_unreferenced(set(files.values()))
             raise
+
+    def _check_names(self, field: str, files: dict) -> None:
+        for rel, digest in files.items():
+            if not isinstance(rel, str) or not isinstance(digest, str) or "/" in rel or rel.startswith("."):
+                raise InvalidArgument(f"{field}: bad entry {rel!r}")
+            self.store.blob_path(digest)                  # a well-formed digest, or StoreCorrupt
+
+    def _check_uploaded(self, field: str, files: dict, why: str) -> None:
+        """InvalidArgument unless every file's blob is stored.  One the client did not send
+        because it is a stored model's import source is asked for (the client retries)."""
+        missing = {rel: d for rel, d in files.items() if not self.store.has_blob(d)}
+        known = {rel: d for rel, d in missing.items() if self.sources.models(d)}
+        if known:                                         # we said "have" for them: ask for them
+            self.sources.resend.update(known.values())
+            rel, digest = next(iter(known.items()))
+            raise InvalidArgument(
+                f"{field}: {', '.join(known)} were not sent because llmosd knew them as the source "
+                f"of {self.sources.models(digest)[0][0]}, but {why}",
+                hint="run it again: this time the files are sent")
+        for rel, digest in missing.items():
+            raise InvalidArgument(f"{field}: {rel} ({digest}) has not been uploaded",
+                                  hint="upload each file with 'upload'/'upload_chunk' first")
 
     def _reimport(self, ctx: Ctx, same: str, spec: dict) -> None:
         """Publish ``same``'s manifest as the new name (a copy, as tag makes), off the loop."""
@@ -120,28 +146,122 @@ class JobOps:
         self.store.check_free(canon, replace=force)    # a name/namespace clash, refused up front
         if self.manager.table.ids_of(canon):
             raise Busy(f"{canon} is loaded; unload it before replacing it")
+        self._check_no_job(canon)
+
+    def _check_no_job(self, canon: str) -> None:
         if self.jobs.writing(canon) or canon in self.publishing:
-            raise Busy(f"a job is already writing {canon}")
+            raise Busy(f"a job is already writing {canon}",
+                       hint="wait for it, or cancel it ('llmctl jobs' lists the jobs)")
 
+    # -- train --------------------------------------------------------------------------------
+    def op_train(self, ctx: Ctx) -> None:
+        """Check the spec against the uploaded data (reading the data off the loop), then queue
+        the job and answer with its row.  If the model exists, training continues from it.
+        Refused: nothing is queued.  The data blobs stay in the store while the job's record
+        exists (``job_rm`` releases them)."""
+        b = ctx.body
+        canon, force = canonical(b["name"]), b.get("force", False)
+        data, spec = dict(b["data"]), dict(b["spec"])
+        if not data:
+            raise InvalidArgument("train needs at least one data file", hint="give --data FILE")
+        self._check_names("data", data)
+        self._check_uploaded("data", data, "training needs their content")
+        try:
+            _, parent_man, parent_digest = self.store.get(canon)
+        except ModelNotFound:
+            parent_man = parent_digest = None
+        if parent_man is None:
+            self._check_target(canon, force)
+        else:
+            self._check_no_job(canon)
+        refs = set(data.values()) | (self.store.blob_digests(parent_man) if parent_man else set())
+        key = object()
+        self.jobs.reserve(key, refs)              # nothing may remove them while we check
+
+        parent = None
+        if parent_man is not None:    # what the worker needs of it: the manifest's entries
+            parent = {"name": canon, "digest": parent_digest,
+                      **{k: parent_man[k] for k in ("config", "tokenizer", "weights", "chat_template",
+                                                    "defaults") if k in parent_man}}
+
+        def check():                              # on a short thread: reads the data
+            texts = {rel: self.store.read_blob(d) for rel, d in data.items()}
+            return check_train(spec, texts, parent)
+
+        def checked(result, error):              # on the loop
+            try:
+                if error is not None:
+                    raise (InvalidArgument(str(error)) if isinstance(error, ValueError) else
+                           error if isinstance(error, LlmosdError) else
+                           Internal(f"checking the train spec failed: {error!r}"))
+                full = result
+                if parent is None:
+                    self._check_target(canon, force)   # again: things may have changed meanwhile
+                else:
+                    self._check_no_job(canon)
+                device = full.get("device")
+                if device in (None, "auto"):
+                    device = str(self.manager.device)
+                wspec = {**full, "device": device, "data": data, "_force": force}
+                if parent is not None:
+                    wspec["_parent"] = parent
+                job = self.jobs.start("train", canon, TRAIN, wspec, ctx.uid,
+                                      *self._hooks("train", canon, parent is not None or force),
+                                      data=data, refs=refs, priority=b.get("priority", 0), device=device)
+            except Exception as e:     # noqa: BLE001 - a refusal, or the disk (the job's directory)
+                ctx.error(write_error(f"queueing the training of {canon}", e))
+                return
+            finally:
+                self.jobs.release(key)
+            log.info("train %s by uid %s: job %d queued", canon, ctx.uid, job.id)
+            ctx.ok({"job": job.row()})
+
+        def run():
+            try:
+                result, error = check(), None
+            except Exception as e:        # noqa: BLE001 - handed to the loop
+                result, error = None, e
+            self.jobs.post(checked, result, error)
+        threading.Thread(target=run, name="train-check", daemon=True).start()
+
+    def adopt(self) -> None:
+        """At start-up: give the train jobs loaded from their records what they run and how
+        their result is published, then start those that may run."""
+        for job in self.jobs.jobs.values():
+            if job.kind == "train" and job.state not in (JobState.SUCCEEDED, JobState.CANCELLED):
+                replace = "_parent" in job.spec or bool(job.spec.get("_force"))
+                self.jobs.attach(job, TRAIN, *self._hooks("train", job.model, replace))
+        self.jobs.schedule()
+
+    # -- the life of a job ------------------------------------------------------------------------
     def _job(self, ctx: Ctx, kind: str, func: Callable, spec: dict, cleanup: set | None = None) -> None:
-        """Run job ``func`` that makes model ``spec['name']``; publish its manifest when it returns.
-
-        Whatever happens, the stream ends (``end`` or one error), and the blobs the job wrote and
-        the raw uploads in ``cleanup`` go unless a manifest names them; the reply comes once the
-        store is written (on the store's writer, off the loop).
-        """
+        """Queue job ``func`` that makes model ``spec['name']`` for a streaming client; publish
+        its manifest when it returns.  Whatever happens, the stream ends (``end`` or one
+        error); the reply comes once the store is written."""
         canon, force = canonical(spec.pop("name")), spec.pop("force", False)
         self._check_target(canon, force)
         job_ref = []
         stream = ctx.stream(lambda reason: self.jobs.cancel(job_ref[0].id))
+        progress, finished = self._hooks(kind, canon, force, cleanup or set(), stream)
+        job_ref.append(self.jobs.start(kind, canon, func, spec, ctx.uid, progress, finished))
+        if job_ref[0].state is JobState.QUEUED:
+            stream.chunk({"stage": "queued", "message": f"job {job_ref[0].id} is queued: other jobs "
+                          "use the device (max_jobs)"})
 
+    def _hooks(self, kind: str, canon: str, replace: bool, cleanup: set = frozenset(),
+               stream=None) -> tuple[Callable, Callable]:
+        """(on_progress, on_done) of a job making ``canon``: progress goes to ``stream`` (if a
+        client waits); a result is published (replacing the model if ``replace``), and the
+        blobs the job wrote and the raw uploads in ``cleanup`` go unless a manifest names them.
+        Then the job is settled (succeeded or failed) and the stream ends."""
         def progress(job, p):
             job.progress = p
-            stream.chunk(p)
+            if stream is not None:
+                stream.chunk(p)
 
         def finished(job, manifest, error):           # on the loop: the worker has ended
             refusal = self._refusal(kind, canon, job, manifest, error)
-            unneeded = set(cleanup or ()) | set(job.blobs)
+            unneeded = set(cleanup) | set(job.blobs)
             if isinstance(manifest, dict):
                 unneeded |= self.store.blob_digests(manifest)
             if refusal is None:
@@ -150,8 +270,8 @@ class JobOps:
                                      None if refusal else manifest, unneeded)
 
         def publish(manifest, unneeded):               # on the store's writer
-            try:    # replacing (force) frees the old model's blobs no other manifest names
-                return self.store.write_manifest(canon, manifest, replace=force) if manifest else None
+            try:    # replacing frees the old model's blobs no other manifest (or job) names
+                return self.store.write_manifest(canon, manifest, replace=replace) if manifest else None
             finally:
                 try:
                     self.store.discard_unreferenced(unneeded)
@@ -161,14 +281,25 @@ class JobOps:
         def published(job, manifest, refusal, digest, error):   # on the loop again
             self.publishing.discard(canon)
             if refusal is not None or error is not None:
-                stream.error(refusal or write_error(f"publishing {canon}", error, JobFailed))
+                err = refusal or write_error(f"publishing {canon}", error, JobFailed)
+                self._settle(job, err.message)
+                if stream is not None:
+                    stream.error(err)
                 return
-            self.sources.resend.difference_update(set(cleanup or ()))
+            if kind == "import":
+                self.sources.resend.difference_update(set(cleanup))
             size = self.store.size(manifest)
             log.info("%s %s by uid %s (%d bytes)", kind, canon, job.uid, size)
-            stream.end({"model": canon, "digest": digest, "parameters": manifest["parameters"],
-                        "size": size, "job": job.id})
-        job_ref.append(self.jobs.start(kind, canon, func, spec, ctx.uid, progress, finished))
+            self._settle(job, None)
+            if stream is not None:
+                stream.end({"model": canon, "digest": digest, "parameters": manifest["parameters"],
+                            "size": size, "job": job.id})
+        return progress, finished
+
+    def _settle(self, job, reason: str | None) -> None:
+        """Tell the job system how publishing ended (only a job still waiting for it)."""
+        if job.state in ACTIVE:
+            self.jobs.settle(job, reason)
 
     def _refusal(self, kind: str, canon: str, job, manifest, error: dict | None) -> LlmosdError | None:
         """The error a finished job ends its stream with (cancelled, failed, or no manifest),
@@ -177,8 +308,10 @@ class JobOps:
             return (ShuttingDown("llmosd is shutting down") if self.stopping
                     else Cancelled(f"{kind} of {canon} was cancelled"))
         if error:
-            cls = InvalidArgument if error["invalid"] else JobFailed
+            cls = InvalidArgument if error.get("invalid") else JobFailed
             return cls(f"{kind} of {canon} failed: {error['message']}")
+        if job.state in FINISHED and job.state is not JobState.SUCCEEDED:
+            return JobFailed(f"{kind} of {canon} failed: {job.reason}")
         if not isinstance(manifest, dict):
             return JobFailed(f"{kind} of {canon} failed: the job returned no manifest")
         return None

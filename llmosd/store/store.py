@@ -29,7 +29,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Collection, Iterator
 
 from llmctl.errors import AlreadyExists, InvalidArgument, LlmosdError, ModelNotFound, StoreCorrupt
 from llmosd.store.index import Index, blob_digests
@@ -112,6 +112,9 @@ class Store:
         self.index = Index()                    # read from the disk at ``recover`` or first use
         self._warned: set[str] = set()
         self.writer = StoreWriter()
+        # Blobs that something besides the manifests needs (job records: their data files and
+        # parents): recover() and the clean-ups keep them.  Called from any thread.
+        self.extra_refs: Callable[[], Collection[str]] = frozenset
 
     def _warn_once(self, entry: str, why: str) -> None:
         if entry not in self._warned:
@@ -120,8 +123,8 @@ class Store:
 
     # -- recovery -------------------------------------------------------------------------
     def recover(self) -> dict:
-        """Start-up only (nothing else may be writing): drop temp files, orphan blobs and
-        symbolic links among the blobs (a link is removed itself, never its target); (re)build
+        """Start-up only (nothing else may be writing): drop temp files, orphan blobs (those no
+        manifest names and no job needs: set ``extra_refs`` first) and symbolic links among the blobs (a link is removed itself, never its target); (re)build
         the index from the manifests."""
         removed_tmp = orphans = links = 0
         with os.scandir(self.tmp) as entries:
@@ -133,6 +136,7 @@ class Store:
                 removed_tmp += 1
         with self._lock:
             self.index.load(self._iter_manifests())
+            kept = self.extra_refs()
             with os.scandir(self.blobs) as entries:
                 for e in entries:
                     if e.is_symlink():
@@ -141,7 +145,7 @@ class Store:
                         links += 1
                     elif not e.is_file(follow_symlinks=False):
                         log.warning("store: leaving blob entry %s alone: not a regular file", shown(e.name))
-                    elif not self.referenced(e.name.replace("-", ":", 1)):
+                    elif not self._kept(e.name.replace("-", ":", 1), kept):
                         os.unlink(e.path)
                         orphans += 1
         return {"temp_files": removed_tmp, "orphan_blobs": orphans, "links": links}
@@ -235,11 +239,12 @@ class Store:
         return b"".join(blocks)
 
     def _free_unreferenced(self, digests: set[str]) -> int:
-        """Delete those of ``digests`` that no manifest names; returns the bytes freed.
+        """Delete those of ``digests`` that no manifest names and no job needs; returns the
+        bytes freed.
         Caller holds the lock."""
-        freed = 0
+        freed, kept = 0, self.extra_refs()
         for d in set(digests):
-            if self.referenced(d):
+            if self._kept(d, kept):
                 continue
             path = self.blob_path(d)
             try:
@@ -251,8 +256,12 @@ class Store:
                 pass
         return freed
 
+    def _kept(self, digest: str, extra: Collection[str]) -> bool:
+        return self.referenced(digest) or digest in extra
+
     def discard_unreferenced(self, digests: set[str]) -> None:
-        """Delete those of ``digests`` that no manifest names (e.g. raw uploads after import)."""
+        """Delete those of ``digests`` that no manifest names and no job needs (``extra_refs``),
+        e.g. raw uploads after import."""
         with self._lock:
             self._free_unreferenced(digests)
 

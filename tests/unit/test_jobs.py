@@ -1,8 +1,8 @@
-"""Issue 9: job states are pure logic (``jobs/queue.py``: no torch, no processes), and the
-runner takes jobs as function references (sent to a spawned worker by reference)."""
+"""Jobs as pure data (``jobs/queue.py``): states and their legal moves, the scheduling decision,
+what a restart and a worker's end do to a job, its row.  Tables, no processes, no torch."""
 from __future__ import annotations
 
-import queue
+import signal
 import subprocess
 import sys
 
@@ -10,64 +10,145 @@ import pytest
 
 from conftest import ROOT
 from llmctl.errors import InvalidState
-from llmosd.jobs.queue import LEGAL, Job, JobState
+from llmosd.jobs.queue import (LEGAL, Job, JobState, after_restart, exit_reason, next_to_start,
+                               order, outcome, running_by_device)
+
+Q, R, PG, P, S, F, C = (JobState.QUEUED, JobState.RUNNING, JobState.PAUSING, JobState.PAUSED,
+                        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+# every legal move (the contract's table and the three a real run needs); all else is refused
+MOVES = {(Q, R), (Q, C), (Q, P), (R, S), (R, F), (R, C), (R, PG), (R, Q), (PG, P), (PG, F),
+         (PG, C), (PG, S), (PG, Q), (P, Q), (P, C), (F, Q)}
 
 
-def echo_job(spec, store_root, progress):
-    """A job for the runner test: reports once, returns what it was given."""
-    progress({"stage": "echo"})
-    return {"spec": spec, "store_root": store_root}
+def job(id_=1, state=Q, priority=0, device="cpu", kind="train", **kw) -> Job:
+    return Job(id_, kind, "m:latest", 1000, state=state, priority=priority, device=device, **kw)
 
 
-def test_i9_5_legal_transitions_only():
-    for start in JobState:
-        for new in JobState:
-            job = Job(1, "create", "m:latest", 1000, state=start)
-            if new in LEGAL.get(start, set()):
-                job.transition(new)
-                assert job.state is new and job.finished()
-            else:
-                with pytest.raises(InvalidState, match=f"job 1 cannot go from {start.value} to {new.value}"):
-                    job.transition(new)
-                assert job.state is start
-    assert not Job(2, "import", "m", None).finished()
+@pytest.mark.parametrize("start", list(dict.fromkeys(JobState)))
+@pytest.mark.parametrize("new", list(dict.fromkeys(JobState)))
+def test_i10_states_legal_transitions_only(start, new):
+    j = job(state=start)
+    if (start, new) in MOVES:
+        j.transition(new, now=5.0)
+        assert j.state is new
+        assert j.finished == (5.0 if new in (S, F, C) else None)
+        assert j.started == (5.0 if new is R else None)
+    else:
+        with pytest.raises(InvalidState, match=f"job 1 cannot go from {start.value} to {new.value}"):
+            j.transition(new)
+        assert j.state is start
 
 
-def test_i9_5_row():
-    job = Job(3, "import", "m:latest", 1000, started=12.5, progress={"stage": "weights"})
-    assert job.row() == {"id": 3, "kind": "import", "target": "m:latest", "uid": 1000,
-                         "state": "running", "started": 12.5, "progress": {"stage": "weights"},
-                         "pid": None, "error": ""}
-    job.process = type("P", (), {"pid": 4242})()
-    job.transition(JobState.FAILED)
-    job.error = "boom"
-    assert job.row()["pid"] == 4242 and job.row()["state"] == "failed" and job.row()["error"] == "boom"
+def test_i10_states_table_is_the_one_tested():
+    assert {(a, b) for a, bs in LEGAL.items() for b in bs} == MOVES
+    assert JobState.DONE is S                         # the old name still works
+
+
+@pytest.mark.parametrize("state,kind,resumable", [
+    (P, "train", True), (F, "train", True), (F, "create", False), (F, "import", False),
+    (Q, "train", False), (R, "train", False), (S, "train", False), (C, "train", False)])
+def test_i10_2_resumable(state, kind, resumable):
+    assert job(state=state, kind=kind).resumable() is resumable
+
+
+# (jobs as (id, state, priority, device), running_by_device, max_jobs) -> ids to start
+SCHEDULE = [
+    ([(1, Q, 0, "cpu"), (2, Q, 0, "cpu")], {}, 1, [1]),                 # FIFO
+    ([(1, Q, 0, "cpu"), (2, Q, 0, "cpu")], {}, 2, [1, 2]),
+    ([(1, Q, 0, "cpu"), (2, Q, 5, "cpu")], {}, 1, [2]),                 # priority first
+    ([(1, Q, 0, "cpu"), (2, Q, 0, "cpu")], {"cpu": 1}, 1, []),          # device full
+    ([(1, R, 0, "cpu"), (2, Q, 0, "cpu")], {"cpu": 1}, 2, [2]),
+    ([(1, Q, 0, "cpu"), (2, Q, 0, "cuda:0")], {"cpu": 1}, 1, [2]),      # per device
+    ([(3, Q, 0, "cpu"), (1, P, 9, "cpu"), (2, F, 9, "cpu")], {}, 1, [3]),  # only queued ones
+    ([(2, Q, -1, "cpu"), (5, Q, 3, "cpu"), (4, Q, 3, "cpu")], {}, 3, [4, 5, 2]),
+    ([], {}, 1, []),
+]
+
+
+@pytest.mark.parametrize("jobs,running,max_jobs,want", SCHEDULE)
+def test_i10_6_next_to_start(jobs, running, max_jobs, want):
+    js = [job(i, s, p, d) for i, s, p, d in jobs]
+    assert [j.id for j in next_to_start(js, running, max_jobs)] == want
+
+
+def test_i10_6_running_by_device_and_order():
+    js = [job(1, R, device="cpu"), job(2, PG, device="cpu"), job(3, R, device="cuda"),
+          job(4, Q, device="cpu"), job(5, P, device="cpu")]
+    assert running_by_device(js) == {"cpu": 2, "cuda": 1}
+    assert [j.id for j in order([job(3, Q, 1), job(1, Q), job(2, Q, 1)])] == [2, 3, 1]
+
+
+# (kind, state before the restart) -> (state after, changed, reason)
+RESTART = [
+    ("train", R, Q, True, ""), ("train", PG, Q, True, ""), ("train", Q, Q, False, ""),
+    ("train", P, P, False, ""), ("train", S, S, False, ""), ("train", F, F, False, ""),
+    ("create", R, F, True, "interrupted by a daemon restart; run it again"),
+    ("import", Q, F, True, "interrupted by a daemon restart; run it again"),
+    ("import", C, C, False, ""),
+]
+
+
+@pytest.mark.parametrize("kind,before,after,changed,reason", RESTART)
+def test_i10_2_after_restart(kind, before, after, changed, reason):
+    j = job(kind=kind, state=before)
+    assert after_restart(j, now=9.0) is changed
+    assert j.state is after and j.reason == reason
+    if after is F and changed:
+        assert j.finished == 9.0
+
+
+# (stop asked, requeue, how the worker ended, detail) -> (state, reason)
+OUTCOMES = [
+    (None, False, "result", {}, (None, "")),
+    (None, False, "error", "boom", (F, "boom")),
+    (None, False, "exit", -9, (F, "worker killed by signal 9 (SIGKILL; out of memory, or killed)")),
+    (None, False, "exit", 1, (F, "worker exited with status 1 without a result")),
+    ("pause", False, "stopped", "paused", (P, "")),
+    ("pause", True, "stopped", "paused", (Q, "")),       # the daemon stops: queued again
+    ("pause", False, "exit", -9, (P, "")),               # killed after the timeout: last checkpoint
+    ("pause", False, "error", "disk full", (F, "disk full")),
+    ("pause", False, "result", {}, (None, "")),          # done before the pause was seen
+    ("cancel", False, "stopped", "cancelled", (C, "cancelled")),
+    ("cancel", False, "exit", -9, (C, "cancelled")),
+    ("cancel", False, "result", {}, (C, "cancelled")),   # a cancel wins: nothing is published
+    ("cancel", False, "error", "x", (C, "cancelled")),
+]
+
+
+@pytest.mark.parametrize("stop,requeue,kind,detail,want", OUTCOMES)
+def test_i10_3_outcome_of_a_worker(stop, requeue, kind, detail, want):
+    j = job(state=PG if stop == "pause" else R)
+    j.stop, j.requeue = stop, requeue
+    assert outcome(j, kind, detail) == want
+
+
+def test_i10_3_exit_reason_names_the_signal():
+    assert exit_reason(-signal.SIGSEGV).startswith("worker killed by signal 11 (SIGSEGV")
+
+
+def test_i10_row():
+    j = job(7, R, 2, "cpu", spec={"max_steps": 100, "nproc": 1}, created=1.0)
+    j.transition(PG, now=3.0)
+    j.update_metrics({"step": 10, "loss": 2.5, "val_loss": 2.7, "tokens_per_s": 1000.0, "eta_s": 9.0})
+    j.update_metrics({"step": 20, "loss": 2.4, "tokens_per_s": 1100.0, "eta_s": 8.0})
+    j.process = type("P", (), {"pid": 4242})()
+    j.checkpoint_step = 20
+    assert j.row() == {
+        "job_id": 7, "kind": "train", "model": "m:latest", "state": "pausing", "reason": None,
+        "step": 20, "max_steps": 100, "loss": 2.4, "val_loss": 2.7, "tokens_per_s": 1100.0,
+        "eta_s": 8.0, "device": "cpu", "owner": 1000, "priority": 2, "created": 1.0,
+        "started": None, "finished": None, "checkpoint_step": 20, "nproc": 1, "pid": 4242,
+        "progress": {}}
+    j.transition(F, "worker killed by signal 9", now=4.0)
+    row = j.row()
+    assert row["state"] == "failed" and row["reason"] == "worker killed by signal 9"
+    assert row["pid"] is None and row["eta_s"] is None and row["finished"] == 4.0
+    assert job(kind="create").row()["nproc"] is None and j.target == j.model == "m:latest"
 
 
 def test_i9_5_queue_needs_no_torch_nor_processes():
-    code = ("import sys\nimport llmosd.jobs.queue\n"
+    code = ("import sys\nimport llmosd.jobs.queue, llmosd.jobs.records\n"
             "print(sorted(m for m in ('torch', 'multiprocessing') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
-
-
-def test_i9_5_runner_runs_a_function_reference(tmp_path):
-    from llmosd.jobs.runner import JobRunner
-    calls = queue.SimpleQueue()
-    runner = JobRunner(lambda fn, *a: calls.put((fn, a)), str(tmp_path))
-    seen = []
-    job = runner.start("echo", "m:latest", echo_job, {"x": 1}, 1000,
-                       lambda j, p: seen.append(("progress", p)),
-                       lambda j, result, error: seen.append(("done", result, error)))
-    assert runner.writing("m:latest") and not runner.idle()
-    try:
-        while not seen or seen[-1][0] != "done":
-            fn, args = calls.get(timeout=60)
-            fn(*args)
-    finally:
-        if job.process.is_alive():
-            job.process.kill()
-        job.process.join(10)
-    assert seen == [("progress", {"stage": "echo"}),
-                    ("done", {"spec": {"x": 1}, "store_root": str(tmp_path)}, None)]
-    assert job.state is JobState.DONE and runner.idle()

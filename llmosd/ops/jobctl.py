@@ -1,0 +1,142 @@
+"""Handlers that look at and steer jobs: jobs, job, job_rm, job_cancel, job_pause, job_resume
+and job_logs (protocol 1.5).  Making jobs is ``ops.jobs``; running them ``jobs.runner``."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from llmctl.errors import Cancelled, InvalidArgument, PermissionDenied, ShuttingDown
+from llmosd.jobs.queue import Job
+from llmosd.ops.store import write_error
+from llmosd.server import Ctx
+
+log = logging.getLogger("llmosd.ops")
+
+
+def public_spec(spec: dict) -> dict:
+    """The spec as ``job`` shows it: without the daemon's own keys (``_parent``...) and the
+    data map (shown on its own), bytes (a create's text) by their length."""
+    from llmosd.jobs.records import json_safe
+    return json_safe({k: v for k, v in spec.items() if not str(k).startswith("_") and k != "data"})
+
+
+class JobCtlOps:
+    """``op_<type>`` for the job listing and control messages.  Changing a job (rm, cancel,
+    pause, resume) is for its owner, root and the daemon's own user."""
+
+    def __init__(self, store, jobs):
+        self.store, self.jobs = store, jobs
+        self.followers: set = set()          # the open job_logs streams (ended at shutdown)
+
+    def _job(self, ctx: Ctx, change: bool = False) -> Job:
+        job_id = ctx.body["job"]
+        job = self.jobs.jobs.get(job_id)
+        if job is None:
+            raise InvalidArgument(f"there is no job {job_id}",
+                                  hint="'llmctl jobs --all' lists the jobs")
+        if change and ctx.uid not in (None, 0, os.getuid(), job.owner):
+            raise PermissionDenied(f"job {job.id} belongs to uid {job.owner}",
+                                   hint="only its owner (or root) may change it")
+        return job
+
+    def op_jobs(self, ctx: Ctx) -> None:
+        every = ctx.body.get("all", False)
+        ctx.ok({"jobs": [j.row() for _, j in sorted(self.jobs.jobs.items())
+                         if every or not j.is_finished()]})
+
+    def op_job(self, ctx: Ctx) -> None:
+        job = self._job(ctx)
+        ctx.ok({"job": job.row(), "spec": public_spec(job.spec), "data": dict(job.data)})
+
+    def op_job_cancel(self, ctx: Ctx) -> None:
+        """Answered once the job has stopped (at once when no worker runs)."""
+        self.jobs.stop(self._job(ctx, change=True), "cancel", lambda j: ctx.ok({"job": j.row()}))
+
+    def op_job_pause(self, ctx: Ctx) -> None:
+        """Answered once the worker has checkpointed and stopped (or was killed)."""
+        self.jobs.stop(self._job(ctx, change=True), "pause", lambda j: ctx.ok({"job": j.row()}))
+
+    def op_job_resume(self, ctx: Ctx) -> None:
+        job = self._job(ctx, change=True)
+        self.jobs.resume(job)
+        ctx.ok({"job": job.row()})
+
+    def op_job_rm(self, ctx: Ctx) -> None:
+        """Delete a finished job's directory; then its data blobs go unless a model or another
+        job still names them."""
+        job = self._job(ctx, change=True)
+        refs = set(job.refs)
+
+        def removed(_, error):
+            if error is not None:
+                ctx.error(write_error(f"removing job {job.id}", error))
+                return
+            self.store.writer.submit(self.store.discard_unreferenced, released, refs)
+
+        def released(_, error):
+            if error is not None:
+                log.warning("job %d: releasing its data blobs failed: %s", job.id, error)
+            log.info("job %d removed by uid %s", job.id, ctx.uid)
+            ctx.ok({"removed": job.id})
+        self.jobs.remove(job, removed)
+
+    # -- logs ---------------------------------------------------------------------------------
+    def op_job_logs(self, ctx: Ctx) -> None:
+        """Stream the stored log lines and metrics (read off the loop), then, with ``follow``,
+        the live ones and state changes until the job finishes; end with the job's row.  What
+        happens while the stored part is read is held back and sent after it, so nothing is
+        lost or repeated."""
+        job = self._job(ctx)
+        follow = ctx.body.get("follow", False) and not job.is_finished()
+        sizes = self.jobs.records.sizes(job.id)
+        held: list[dict] | None = []            # None once the stored part is out
+
+        def live(chunk: dict, j: Job) -> None:
+            if held is not None:
+                held.append(chunk)
+                return
+            stream.chunk(chunk)
+            if "row" in chunk and j.is_finished():
+                end()
+
+        def end() -> None:
+            self.jobs.unsubscribe(job.id, live)
+            self.followers.discard(stop)
+            stream.end({"job": job.row()})
+
+        def stop(err) -> None:                   # the client cancelled, left, or we stop
+            self.jobs.unsubscribe(job.id, live)
+            self.followers.discard(stop)
+            stream.error(err)
+
+        def replay(chunks: list[dict]) -> None:  # on the loop
+            nonlocal held
+            if stream.closed:
+                return
+            for c in chunks:
+                stream.chunk(c)
+            pending, held = held, None
+            for c in pending:
+                live(c, job)
+                if stream.closed:
+                    return
+            if not follow or job.is_finished():
+                end()
+
+        def read() -> None:
+            try:
+                chunks = self.jobs.records.read_events(job.id, sizes)
+            except OSError as e:
+                chunks = [{"line": f"(the stored log could not be read: {e})"}]
+            self.jobs.post(replay, chunks)
+
+        stream = ctx.stream(lambda reason: stop(Cancelled(f"job_logs of job {job.id}: {reason}")))
+        if follow:
+            self.jobs.subscribe(job.id, live)
+            self.followers.add(stop)
+        threading.Thread(target=read, name=f"job-{job.id}-logs", daemon=True).start()
+
+    def shutdown(self) -> None:
+        for stop in list(self.followers):
+            stop(ShuttingDown("llmosd is shutting down"))
