@@ -89,6 +89,11 @@ class InstanceNotFound(LlmosdError):
     default_hint = "run 'llmctl ps' to see the loaded instances"
 
 
+class JobNotFound(LlmosdError):
+    code, name, exit_status = 15, "job_not_found", EX_NOINPUT
+    default_hint = "run 'llmctl jobs --all' to see the jobs"
+
+
 class InvalidState(LlmosdError):
     """An illegal state transition was asked for (a daemon bug or a race the caller lost)."""
     code, name, exit_status = 14, "invalid_state", EX_TEMPFAIL

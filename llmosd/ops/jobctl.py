@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 
-from llmctl.errors import Cancelled, InvalidArgument, PermissionDenied, ShuttingDown
+from llmctl.errors import Cancelled, JobNotFound, PermissionDenied, ShuttingDown
 from llmosd.jobs.queue import Job
 from llmosd.ops.store import write_error
 from llmosd.server import Ctx
@@ -33,8 +33,7 @@ class JobCtlOps:
         job_id = ctx.body["job"]
         job = self.jobs.jobs.get(job_id)
         if job is None:
-            raise InvalidArgument(f"there is no job {job_id}",
-                                  hint="'llmctl jobs --all' lists the jobs")
+            raise JobNotFound(f"there is no job {job_id}")
         if change and ctx.uid not in (None, 0, os.getuid(), job.owner):
             raise PermissionDenied(f"job {job.id} belongs to uid {job.owner}",
                                    hint="only its owner (or root) may change it")

@@ -99,7 +99,7 @@ def test_i10_3_cancel_leaves_no_model_and_sigkill_fails_with_reason(daemon):
         assert blobs(daemon) == before | {data}                        # no partial blobs
         with pytest.raises(errors.InvalidState):
             c._call("job_pause", {"job": a["job_id"]})
-        with pytest.raises(errors.InvalidArgument, match="there is no job 99"):
+        with pytest.raises(errors.JobNotFound, match="there is no job 99"):
             c._call("job_cancel", {"job": 99})
         logs = "\n".join(ch.get("line", "") for ch in c._start_stream("job_logs", {"job": a["job_id"]})[1])
         assert "cancel requested" in logs and "cancelled" in logs

@@ -80,7 +80,7 @@ def test_i10_jobs_job_and_owners(setup):
     assert got["job"]["state"] == "paused"
     with pytest.raises(errors.PermissionDenied, match="job 2 belongs to uid 1000"):
         call(ops, "job_cancel", {"job": 2}, uid=4321)
-    with pytest.raises(errors.InvalidArgument, match="there is no job 3"):
+    with pytest.raises(errors.JobNotFound, match="there is no job 3"):
         call(ops, "job", {"job": 3})
     with pytest.raises(errors.InvalidState):
         call(ops, "job_resume", {"job": 1})
