@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directories in: ``config.json`` (model_type llama or mistral), one or
 many ``*.safetensors`` shards (with ``model.safetensors.index.json``), ``tokenizer.json`` (HF
 tokenizers) or ``tokenizer.model`` (SentencePiece), ``tokenizer_config.json`` (special tokens,
-chat template) and ``generation_config.json`` (end-of-sequence ids, sampling defaults).
+chat template), ``generation_config.json`` (end-of-sequence ids, sampling defaults) and, from
+an exported llmosd training run, ``llmosd_lineage.json`` (``hf_lineage``).
 
 The files arrive as uploaded blobs.  Every check runs before anything is built or allocated:
 the config's types and ranges (``llama.check_config``), then the shapes it implies against the
@@ -122,6 +123,21 @@ def hf_tensors(store: Store, files: dict, where: dict[str, str], progress) -> di
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise CheckpointError(f"{shard} is not a readable safetensors file: {e}") from None
     return out
+
+
+LINEAGE_FILE = "llmosd_lineage.json"
+
+
+def hf_lineage(store: Store, files: dict) -> dict | None:
+    """The lineage an exported llmosd training run wrote beside its weights
+    (``llmosd_lineage.json``: method, parent, args, job, final), or None without that file."""
+    lin = _json(store, files, LINEAGE_FILE)
+    if lin is None:
+        return None
+    if not isinstance(lin.get("method"), str) or not isinstance(lin.get("args", {}), dict):
+        raise CheckpointError(f"{LINEAGE_FILE} must hold a lineage: a \"method\" string and an "
+                              "\"args\" object")
+    return lin
 
 
 def read_hf(store: Store, files: dict, progress) -> tuple[LlamaConfig, dict, dict, dict]:

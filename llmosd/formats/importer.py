@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import Callable
 
-from llmosd.store.manifest import Blob, Lineage, Manifest, Serving
+from llmosd.store.manifest import Blob, Manifest, Serving, imported_lineage
 from llmosd.store.store import Store
 
 
@@ -53,8 +53,11 @@ def import_model(spec: dict, store_root: str, progress: Callable[[dict], None]) 
     config = Blob(*store.put_blob(json.dumps(cfg.to_dict(), sort_keys=True, indent=1).encode()))
     tokenizer = Blob(*store.put_blob(tok["data"]))
     info = tok.get("info") or {}
-    lineage = Lineage("import", args={"format": fmt, "files": sorted(files), "dtype": dtype},
-                      sources=dict(files))
+    exported = None
+    if fmt != "gguf":                   # an exported training run keeps its lineage
+        from llmosd.formats.hf import hf_lineage
+        exported = hf_lineage(store, files)
+    lineage = imported_lineage(exported, fmt, files, dtype)
     return Manifest(parameters=sum(t.numel() for t in sd.values()), config=config,
                     tokenizer=tokenizer, tokenizer_type=tok["type"], vocab_size=cfg.vocab_size,
                     weights=weights, weights_dtype=",".join(dtypes), lineage=lineage,

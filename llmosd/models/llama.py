@@ -36,6 +36,7 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     pad_token_id: int | None = None
+    dropout: float = 0.0            # training only (nanoGPT's places); inference never drops
     architectures: list = field(default_factory=lambda: ["LlamaForCausalLM"])
     model_type: str = "llama"
 
@@ -120,6 +121,9 @@ def check_config(d, names: dict[str, str] | None = None) -> None:
         v = d.get(k, defaults[k].default)
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
             raise ValueError(f"{key(k)} must be a finite number greater than 0, got {_short(v)}")
+    p = d.get("dropout", 0.0)
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1):
+        raise ValueError(f"{key('dropout')} must be a number from 0 to below 1, got {_short(p)}")
     for k in CONFIG_BOOLS:
         if not isinstance(d.get(k, False), bool):
             raise ValueError(f"{key(k)} must be true or false, got {_short(d[k])}")
@@ -212,6 +216,12 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return inv.float()
 
 
+def drop(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout in training only, and only when p > 0: inference (and p = 0) is left untouched,
+    without a kernel launch or a draw from the random generator."""
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
@@ -248,6 +258,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.h, self.k, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.p = cfg.dropout
         c, b = cfg.hidden_size, cfg.attention_bias
         self.q_proj = nn.Linear(c, self.h * self.d, bias=b)
         self.k_proj = nn.Linear(c, self.k * self.d, bias=b)
@@ -274,21 +285,23 @@ class Attention(nn.Module):
             S = start + T
             mask = torch.arange(S, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        p = self.p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p,
                                            enable_gqa=self.h != self.k)   # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.h * self.d))
+        return drop(self.o_proj(y.transpose(1, 2).reshape(B, T, self.h * self.d)), p, self.training)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         c, i, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.p = cfg.dropout
         self.gate_proj = nn.Linear(c, i, bias=b)
         self.up_proj = nn.Linear(c, i, bias=b)
         self.down_proj = nn.Linear(i, c, bias=b)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.p, self.training)
 
 
 class Block(nn.Module):
@@ -346,7 +359,7 @@ class Llama(nn.Module):
         B, T = tokens.shape
         if start + T > (cache.capacity if cache is not None else self.config.max_position_embeddings):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context")
-        x = self.model.embed_tokens(tokens)
+        x = drop(self.model.embed_tokens(tokens), self.config.dropout, self.training)
         cos, sin = self.rope(start, T, tokens.device)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache, i, start)

@@ -1,8 +1,9 @@
 """Tokenizers behind one small interface (encode, decode, special ids, piece count).
 
 ``SentencePieceTokenizer`` wraps a serialized SentencePiece model (the store keeps its bytes).
-``train_sentencepiece`` builds one from text: BPE with byte fallback, so any input encodes and
-no character is lost; newline is a piece of its own so generated text keeps its lines.
+``train_sentencepiece`` builds one from text: BPE or unigram with byte fallback, so any input
+encodes and no character is lost, or one piece per character; newline is a piece of its own so
+generated text keeps its lines.
 """
 from __future__ import annotations
 
@@ -49,27 +50,33 @@ class SentencePieceTokenizer:
         return {self.eos_id} if self.eos_id is not None else set()
 
 
-def train_sentencepiece(text: str, vocab_size: int, seed: int = 0) -> bytes:
-    """Train a BPE SentencePiece model on ``text``; returns the serialized model.
+def train_sentencepiece(text: str, vocab_size: int, seed: int = 0, model_type: str = "bpe") -> bytes:
+    """Train a SentencePiece model on ``text``; returns the serialized model.
 
-    The vocabulary is at most ``vocab_size`` (smaller if the text is too small to fill it).
+    ``model_type`` "bpe" or "unigram": byte fallback, so any input encodes; the vocabulary is at
+    most ``vocab_size`` (smaller if the text is too small to fill it).  "char": one piece per
+    character of the text (``vocab_size`` is not used) and no byte pieces, as classic
+    character-level baselines count them; unseen characters encode to ``<unk>``.
     Raises ValueError when the text is empty or the size is impossible.
     """
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError("the vocabulary text is empty")
-    if vocab_size < 300:
+    char = model_type == "char"
+    if char:
+        vocab_size = len(set(text)) + 8          # every character; hard_vocab_limit=False trims
+    elif vocab_size < 300:
         raise ValueError(f"vocab_size {vocab_size} is too small: 256 byte pieces, 3 specials and "
                          "the text's characters need at least 300")
     out = io.BytesIO()
     spm.set_random_generator_seed(seed or 1)   # training shuffles: make it reproducible
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        model_type=model_type, byte_fallback=not char, character_coverage=1.0,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         split_digits=True, allow_whitespace_only_pieces=True, user_defined_symbols=["\n"],
         hard_vocab_limit=False, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-        num_threads=1, minloglevel=2,
+        num_threads=1, minloglevel=2, add_dummy_prefix=not char,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     return out.getvalue()
 

@@ -9,7 +9,10 @@ load as they are)::
      "tokenizer": {"digest", "size", "type", "vocab_size"[, "add_bos"]},
      "weights":   {"digest", "size", "format": "safetensors", "dtype"},
      ["chat_template": str | null, "defaults": {sampling key: value},]
-     "lineage":   {"method", "parent", "args": {...[, "sources": {file: digest}]}}}
+     "lineage":   {"method", "parent", "args": {...[, "sources": {file: digest}]}
+                   [, "job": id, "final": {step, loss, val_loss, best_val_loss}]}}
+
+(``job`` and ``final`` only for models a training job made.)
 
 Pure and torch-free: the daemon reads lineage with it, workers build manifests with it.
 """
@@ -34,20 +37,28 @@ class Blob:
 
 @dataclass
 class Lineage:
-    """Where a model came from.  ``method``: create, import (later train, finetune);
+    """Where a model came from.  ``method``: create, import, train (later finetune);
     ``parent``: the model it was made from, if any; ``args``: what it was made with;
     ``sources``: the files it was made from (name -> blob digest), kept in ``args`` as
-    imports have always recorded them."""
+    imports have always recorded them; ``job``: the training job's id; ``final``: where its
+    training ended (step, loss, val_loss, best_val_loss)."""
     method: str
     parent: str | None = None
     args: dict = field(default_factory=dict)
     sources: dict[str, str] | None = None
+    job: int | None = None
+    final: dict | None = None
 
     def to_dict(self) -> dict:
         args = dict(self.args)
         if self.sources is not None:
             args["sources"] = dict(self.sources)
-        return {"parent": self.parent, "method": self.method, "args": args}
+        out = {"parent": self.parent, "method": self.method, "args": args}
+        if self.job is not None:
+            out["job"] = self.job
+        if self.final is not None:
+            out["final"] = dict(self.final)
+        return out
 
     @classmethod
     def of(cls, manifest: dict) -> "Lineage":
@@ -59,7 +70,35 @@ class Lineage:
         args = dict(args) if isinstance(args, dict) else {}
         src = args.pop("sources", None)
         ok = isinstance(src, dict) and all(isinstance(v, str) for v in src.values())
-        return cls(str(lin.get("method") or ""), lin.get("parent"), args, src if ok else None)
+        parent, job, final = lin.get("parent"), lin.get("job"), lin.get("final")
+        return cls(str(lin.get("method") or ""), parent if isinstance(parent, str) else None,
+                   args, src if ok else None,
+                   job if isinstance(job, int) and not isinstance(job, bool) else None,
+                   dict(final) if isinstance(final, dict) else None)
+
+
+def train_lineage(spec: dict, sources: dict[str, str], parent: dict | None, job: int | None,
+                  final: dict) -> Lineage:
+    """A trained model's lineage: ``parent`` (the daemon's ``{name, digest, ...}`` of the model
+    training continued from, or None), ``args`` the train spec without the daemon's ``_`` keys
+    and the data mapping (which ``sources`` records), the job id and the final losses."""
+    args = {k: v for k, v in spec.items() if not k.startswith("_") and k != "data"}
+    if parent:
+        args["parent_digest"] = parent.get("digest")
+    return Lineage("train", parent.get("name") if parent else None, args, dict(sources), job,
+                   dict(final))
+
+
+def imported_lineage(exported: dict | None, fmt: str, files: dict[str, str], dtype: str) -> Lineage:
+    """The lineage of an import: ``exported`` is the lineage a directory carries (an exported
+    training run's ``llmosd_lineage.json``), kept with the import's own facts under
+    ``args["imported"]``; without it, a plain import of ``files``."""
+    if not exported:
+        return Lineage("import", args={"format": fmt, "files": sorted(files), "dtype": dtype},
+                       sources=dict(files))
+    lin = Lineage.of({"lineage": exported})
+    lin.args["imported"] = {"format": fmt, "files": dict(files), "dtype": dtype}
+    return lin
 
 
 @dataclass

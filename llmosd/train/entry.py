@@ -1,0 +1,189 @@
+"""``python -m llmosd.train.entry RUN_DIR``: one rank of a training run, torchrun-compatible.
+
+It reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
+RUN_DIR: ``spec.json`` (the train spec; ``data`` names the data files, a list or a
+``{file: digest}`` mapping), the data files (in RUN_DIR or RUN_DIR/data/) and, to continue a
+model, ``parent/`` (meta.json, config.json, tokenizer.bin, model.safetensors).  Checkpoints go to
+``$LLMOSD_CHECKPOINT_DIR`` or RUN_DIR/checkpoints/; running the same command again resumes.
+
+Launched by the daemon's worker (``LLMOSD_RELAY=1``), rank 0 reports as JSON lines on stdout
+and the worker publishes the result from the final checkpoint.  Run by hand, torchrun or srun,
+rank 0 prints plain progress lines and at the end writes RUN_DIR/output/: a Hugging Face
+directory with ``llmosd_lineage.json``, which ``llmctl import RUN_DIR/output NAME`` brings back
+with its lineage.  SIGUSR1 or SIGTERM: checkpoint and stop (exit status 75; run again to resume).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+
+EXIT_USAGE, EXIT_SOFTWARE = 64, 70
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class RankCtl:
+    """The ``ctl`` of a rank: rank 0 relays JSON lines (under the worker) or prints plain lines;
+    the other ranks say nothing.  A signal asks for a pause (checkpoint, then stop)."""
+
+    job_id = None
+
+    def __init__(self, rank: int, relay: bool):
+        self.rank, self.relay, self.want, self.max_steps = rank, relay, None, None
+
+    def _out(self, event: dict, plain: str | None) -> None:
+        if self.rank == 0 and (self.relay or plain is not None):
+            print(json.dumps(event) if self.relay else plain, flush=True)
+
+    def progress(self, p: dict) -> None:
+        self._out({"progress": p}, p.get("message"))
+
+    __call__ = progress
+
+    def log(self, line: str) -> None:
+        self._out({"log": line}, line)
+
+    def metrics(self, m: dict) -> None:
+        val = f"  val {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""
+        self._out({"metrics": m}, f"step {m['step']:,}/{self.max_steps:,}  loss {m['loss']:.4f}{val}  "
+                                  f"lr {m['lr']:.2e}  {m['tokens_per_s']:,.0f} tok/s  "
+                                  f"eta {_duration(m['eta_s'])}")
+
+    def checkpoint_saved(self, step: int) -> None:
+        self._out({"checkpoint": step}, None)
+
+    def stop_requested(self):
+        return self.want
+
+    def on_signal(self, signum, frame) -> None:
+        self.want = "pause"
+
+
+def read_data(run_dir: str, names) -> tuple[dict, dict]:
+    """({file: digest}, {file: bytes}) of the data files ``spec.json`` names (the digests are
+    computed: they are what the lineage records)."""
+    if isinstance(names, dict):
+        names = list(names)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError("spec.json must name the data files: \"data\": [\"file.txt\", ...]")
+    data = {}
+    for name in names:
+        where = [os.path.join(run_dir, name), os.path.join(run_dir, "data", name)]
+        found = next((p for p in where if "/" not in name and os.path.isfile(p)), None)
+        if found is None:
+            raise ValueError(f"data file {name} is not in {run_dir} or {run_dir}/data")
+        with open(found, "rb") as f:
+            data[name] = f.read()
+    return {n: sha(d) for n, d in data.items()}, data
+
+
+def read_parent(run_dir: str) -> dict | None:
+    """The model training continues from (RUN_DIR/parent/), as ``pretrain.load_parent`` gives."""
+    pdir = os.path.join(run_dir, "parent")
+    if not os.path.isdir(pdir):
+        return None
+    with open(os.path.join(pdir, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(pdir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(pdir, "tokenizer.bin"), "rb") as f:
+        tok = f.read()
+    return {"name": meta.get("name"), "digest": meta.get("digest"), "config": config,
+            "tokenizer": tok, "tokenizer_type": meta["tokenizer_type"], "add_bos": meta.get("add_bos"),
+            "weights": os.path.join(pdir, "model.safetensors")}
+
+
+def write_output(out_dir: str, s: dict, sources: dict, parent: dict | None, ck: dict) -> None:
+    """The trained model as a Hugging Face directory (``formats.hf_export``'s files) with
+    ``llmosd_lineage.json``; written beside, then renamed into place."""
+    from safetensors.torch import save as save_safetensors
+
+    from llmosd.formats.hf_export import hf_files
+    from llmosd.store.manifest import train_lineage
+    from llmosd.train.pretrain import model_weights
+    weights = save_safetensors(model_weights(ck), metadata={"format": "pt"})
+    tok = {"type": ck["tokenizer_type"], "digest": sha(ck["tokenizer"]), "size": len(ck["tokenizer"]),
+           "add_bos": ck["add_bos"]}
+    manifest = {"tokenizer": tok, "weights": {"digest": sha(weights), "size": len(weights), "dtype": "float32"}}
+    blobs = {tok["digest"]: ck["tokenizer"], sha(weights): weights}
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    lineage = train_lineage(s, sources, parent, None, ck["final"]).to_dict()
+    files = hf_files(manifest, ck["config"], ck["tokenizer"])
+    files.append({"name": "llmosd_lineage.json", "data": (json.dumps(lineage, indent=2) + "\n").encode()})
+    for f in files:
+        with open(os.path.join(tmp, f["name"]), "wb") as out:
+            out.write(f["data"] if "data" in f else blobs[f["digest"]])
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.rename(tmp, out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m llmosd.train.entry RUN_DIR", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
+    from llmosd.train.distributed import ERROR_PREFIX, EXIT_INVALID, EXIT_PAUSED, Group, Solo
+    from llmosd.train.pretrain import Paused, Trainer, pick_device, user_spec
+    from llmosd.train.spec import check_train_spec
+    env = os.environ
+    run_dir = os.path.abspath(args[0])
+    rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    local, relay = int(env.get("LOCAL_RANK", "0")), env.get("LLMOSD_RELAY") == "1"
+    if env.get("LLMOSD_TRAIN_THREADS"):
+        torch.set_num_threads(int(env["LLMOSD_TRAIN_THREADS"]))
+    ctl, group = RankCtl(rank, relay), None
+    signal.signal(signal.SIGUSR1, ctl.on_signal)
+    signal.signal(signal.SIGTERM, ctl.on_signal)
+    try:
+        ckpt_dir = env.get("LLMOSD_CHECKPOINT_DIR") or os.path.join(run_dir, "checkpoints")
+        os.makedirs(ckpt_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "spec.json")) as f:
+            spec = json.load(f)
+        if not isinstance(spec, dict):
+            raise ValueError("spec.json must hold a JSON object")
+        parent = read_parent(run_dir)
+        sources, data = read_data(run_dir, spec.get("data"))
+        s = check_train_spec({**user_spec(spec), "data": sources}, data, parent)
+        ctl.max_steps = s["max_steps"]
+        group = Group(rank, world, local, pick_device(s["device"], local)) if world > 1 else Solo()
+        t0 = time.time()
+        ck = Trainer(s, data, parent, ckpt_dir, ctl, group).fit()
+        if rank == 0 and not relay:
+            out = os.path.join(run_dir, "output")
+            write_output(out, s, sources, parent, ck)
+            ctl.log(f"done in {_duration(time.time() - t0)}: {out} "
+                    f"(bring it in with: llmctl import {out} NAME)")
+        return 0
+    except Paused:
+        ctl.log("run the same command again to resume")
+        return EXIT_PAUSED
+    except ValueError as e:
+        print(ERROR_PREFIX + str(e).replace("\n", " "), file=sys.stderr, flush=True)
+        return EXIT_INVALID
+    except Exception:
+        traceback.print_exc()
+        return EXIT_SOFTWARE
+    finally:
+        if group is not None:
+            group.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
