@@ -127,9 +127,10 @@ def data_files(paths) -> dict[str, str]:
     """{name in the job: path} for the data files ``paths``, each checked to be a readable
     regular file (OSError naming it, before anything is sent).  The same file given twice counts
     once; two different files with the same base name are refused (the job names files by it)."""
-    if not paths:
-        raise InvalidArgument("no data: give at least one --data FILE",
-                              hint="text files, or JSONL with one {\"text\": ...} per line")
+    if not paths:                       # a usage error (64), not bad data
+        import click
+        raise click.UsageError("no data: give at least one --data FILE (text files, or JSONL "
+                               "with one {\"text\": ...} per line)")
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for path in paths:

@@ -151,6 +151,9 @@ def stream_out(gen, as_json: bool, verbose: bool, newline: bool = False) -> dict
             click.echo("\n".join(["   logprob  token   [alternatives]"] + lines), err=True)
         if verbose:
             click.echo(stats_line(stats), err=True)
+        elif stats.get("finish_reason") == "context":      # never a silent truncation
+            used = (stats.get("prompt_tokens") or 0) + (stats.get("generated_tokens") or 0)
+            click.echo(f"note: stopped because the model's context ({used} tokens) is full", err=True)
     return stats
 
 

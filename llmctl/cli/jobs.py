@@ -73,7 +73,7 @@ def _spec_options(f):
         click.option("--eval-batches", type=int, metavar="N", help="Batches per validation loss."),
         click.option("--checkpoint-every", type=int, metavar="N", help="Steps between checkpoints."),
         click.option("--nproc", type=int, metavar="N", help="Data-parallel processes (per node)."),
-        click.option("--seed", type=click.IntRange(0, 2**64 - 1), metavar="N", help="Seed (weights, batches, split)."),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), metavar="N", help="Seed (weights, batches, split)."),
         click.option("--device", metavar="D", help="auto, cpu, cuda or cuda:N [daemon default: auto]."),
         click.option("--dtype", type=click.Choice(DTYPES), help="Training precision: float32, or bfloat16 autocast (auto: bf16 where supported)."),
     ]

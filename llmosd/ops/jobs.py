@@ -6,6 +6,7 @@ at once and goes on without a client (it survives daemon restarts: ``adopt``).
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from functools import partial
@@ -43,7 +44,12 @@ def check_train(spec: dict, data: dict, parent: dict | None) -> dict:
     returns the spec with its defaults filled in.  ValueError naming the problem."""
     from llmosd.train.spec import check_train_spec
     full = check_train_spec(spec, data, parent)
-    return full if isinstance(full, dict) else dict(spec)
+    # what the devices allow (torch: this runs on the checking thread, never on the loop)
+    from llmosd.train.distributed import check_nproc
+    from llmosd.train.pretrain import pick_device
+    pick_device(full["device"])
+    check_nproc(full)
+    return full
 
 
 class JobOps:
@@ -186,7 +192,11 @@ class JobOps:
 
         def check():                              # on a short thread: reads the data
             texts = {rel: self.store.read_blob(d) for rel, d in data.items()}
-            return check_train(spec, texts, parent)
+            seen = parent
+            if parent is not None:                # the parent's context bounds block_size
+                cfg = json.loads(self.store.read_blob(parent["config"]["digest"]))
+                seen = {**parent, "context": cfg.get("max_position_embeddings")}
+            return check_train(spec, texts, seen)
 
         def checked(result, error):              # on the loop
             try:

@@ -176,7 +176,9 @@ def check_train_spec(spec: dict, data: dict, parent: dict | None = None) -> dict
     if parent is not None:
         for k in ARCH_KEYS:
             s[k] = None            # the parent's, read by the worker
-        ctx = (parent.get("config") or {}).get("max_position_embeddings")
+        ctx = parent.get("context")    # the parent's max_position_embeddings (the daemon reads it)
+        if isinstance(ctx, int) and "block_size" not in given:
+            s["block_size"] = min(s["block_size"], ctx)    # a model trained at 64 goes on at 64
         if isinstance(ctx, int) and s["block_size"] > ctx:
             raise ValueError(f"block_size ({s['block_size']:,}) exceeds the context of "
                              f"{parent.get('name') or 'the model'} ({ctx:,})")

@@ -184,7 +184,7 @@ def test_i8_3_unknown_command_suggests():
     assert "llmctl import FILE.gguf" in suggest_command("pull", cmds)
     assert "'llmctl ls'" in suggest_command("list", cmds)
     assert "'llmctl rm'" in suggest_command("rmi", cmds) and "'llmctl rm'" in suggest_command("remove", cmds)
-    assert "'llmctl unload'" in suggest_command("stop", cmds)
+    assert "'llmctl unload MODEL'" in suggest_command("stop", cmds)
     assert "llmosd" in suggest_command("serve", cmds)
     r = llmctl("pull", "smollm2")
     assert r.returncode == errors.EX_USAGE and "llmctl import" in r.stderr and "Traceback" not in r.stderr

@@ -156,7 +156,7 @@ def test_i10_missing_or_unreadable_data_file_exits_66_before_sending(tmp_path, d
         locked.chmod(0)
         assert run(c, "train", "m", "--data", str(locked)) == 66
         assert c.calls == []
-    assert run(c, "train", "m") == 65                                    # no data at all
+    assert run(c, "train", "m") == 64                                    # no data at all: usage
     assert "--data" in capsys.readouterr().err and c.calls == []
 
 

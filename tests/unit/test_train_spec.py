@@ -95,9 +95,10 @@ def test_i10_invalid_spec_architecture_keys_of_an_existing_model():
             check_train_spec({key: value, "max_steps": 10}, TEXT, PARENT)
     s = check_train_spec({"max_steps": 10, "lr": 1e-4}, TEXT, PARENT)
     assert s["layers"] is None and s["tokenizer"] is None and s["lr"] == 1e-4
-    with_ctx = {**PARENT, "config": {"max_position_embeddings": 64}}
+    with_ctx = {**PARENT, "context": 64}
+    assert check_train_spec({}, TEXT, with_ctx)["block_size"] == 64
     with pytest.raises(ValueError, match=r"block_size \(128\) exceeds the context of shakes:latest \(64\)"):
-        check_train_spec({}, TEXT, with_ctx)
+        check_train_spec({"block_size": 128}, TEXT, with_ctx)
 
 
 def test_i10_spec_check_is_torch_free():
@@ -123,3 +124,28 @@ def test_i10_spec_check_is_idempotent():
                          ({"max_steps": 10}, PARENT)):
         once = check_train_spec(spec, TEXT, parent)
         assert check_train_spec(once, TEXT, parent) == once
+
+
+def test_i10_continuing_takes_the_parents_context_as_block_size():
+    """Review: a model trained at block 32 continued without --block-size trains at 32 (not
+    the default 128, which the worker would refuse after queueing); more than its context is
+    refused at submit."""
+    parent = {**PARENT, "context": 32}
+    assert check_train_spec({"max_steps": 10}, TEXT, parent)["block_size"] == 32
+    assert check_train_spec({"max_steps": 10, "block_size": 16}, TEXT, parent)["block_size"] == 16
+    with pytest.raises(ValueError, match=r"block_size \(64\) exceeds the context of shakes:latest \(32\)"):
+        check_train_spec({"max_steps": 10, "block_size": 64}, TEXT, parent)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"nproc": 64}, "nproc 64 is more than the"),
+    ({"device": "cuda"}, "no CUDA device"),
+])
+def test_i10_devices_checked_at_submit(spec, message):
+    """Review: what the devices cannot run is refused when the job is submitted."""
+    torch = pytest.importorskip("torch")
+    if spec.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from llmosd.ops.jobs import check_train
+    with pytest.raises(ValueError, match=message):
+        check_train({"max_steps": 10, **spec}, TEXT, None)
