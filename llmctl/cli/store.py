@@ -41,7 +41,9 @@ def show(ctx, model, as_json):
     click.echo(f"digest:        {s['digest']}")
     click.echo(f"architecture:  {man.get('architecture')}  ({fmt.count(man.get('parameters'))} parameters, {fmt.size(s['size'])})")
     click.echo(f"created:       {man.get('created')}  by {lin.get('method')}"
-               + (f" from {lin['parent']}" if lin.get("parent") else ""))
+               + (f" from {lin['parent']}" if lin.get("parent") else "")
+               + (f" ({fmt.short_digest(lin['args']['parent_digest'])})"       # the name may be this model's own
+                  if (lin.get("args") or {}).get("parent_digest") else ""))
     click.echo(f"tokenizer:     {man['tokenizer']['type']}, {man['tokenizer'].get('vocab_size')} pieces"
                + (", chat template" if man.get("chat_template") else ""))
     if man.get("defaults"):
