@@ -150,3 +150,27 @@ def test_i10_2_daemon_kill9_resumes_job(tmp_path):
             assert weights(c, "a") == weights(c, "c") == weights(c, "ref")
     finally:
         d.stop()
+
+
+def test_i10_2_killed_worker_resumed_with_llmctl_resume_is_bitwise(tmp_path):
+    """A worker killed with SIGKILL fails its job with the reason; `llmctl resume` takes it up
+    from its last checkpoint, and it ends with the weights of an uninterrupted run."""
+    d = Daemon(tmp_path / "d", env={"LLMOSD_MAX_JOBS": "2"})
+    try:
+        d.start()
+        spec = {"max_steps": 120}
+        with d.client() as c:
+            ref = train(c, "ref", **spec)
+            w = train(c, "w", **spec)
+        r = wait_row(d, w["job_id"], lambda r: (r["checkpoint_step"] or 0) >= 10 and r["pid"])
+        os.kill(r["pid"], signal.SIGKILL)
+        r = wait_row(d, w["job_id"], lambda r: r["state"] in FINISHED)
+        assert r["state"] == "failed" and "signal 9" in r["reason"], r
+        out = d.cli("resume", str(w["job_id"])).stdout
+        assert str(w["job_id"]) in out
+        assert wait_row(d, w["job_id"], lambda r: r["state"] in FINISHED)["state"] == "succeeded"
+        assert wait_row(d, ref["job_id"], lambda r: r["state"] in FINISHED)["state"] == "succeeded"
+        with d.client() as c:
+            assert weights(c, "w") == weights(c, "ref")
+    finally:
+        d.stop()
