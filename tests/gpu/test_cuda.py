@@ -56,3 +56,22 @@ def test_smollm2_gguf_on_cuda(tmp_path):
         assert len(json.loads(vec)) == 576
     finally:
         assert d.stop() == 0
+
+
+def test_train_job_on_cuda_bf16_loss_falls(tmp_path):
+    """Issue 10 on CUDA: a char model pretrained through the daemon with bf16 autocast; the
+    validation loss falls below the unigram entropy and the model generates on the GPU."""
+    from conftest import SHAKESPEARE, Daemon
+    data = tmp_path / "input.txt"
+    data.write_text(SHAKESPEARE.read_text()[:200_000])
+    d = Daemon(tmp_path / "d", env={"LLMOSD_DEVICE": "cuda"}).start()
+    try:
+        r = d.cli("train", "gpu-char", "--data", str(data), "--tokenizer", "char", "--layers", "2",
+                  "--dim", "128", "--heads", "4", "--block-size", "64", "--batch-size", "32",
+                  "--max-steps", "300", "--eval-every", "100", "--device", "cuda", "--wait", "--json",
+                  timeout=600)
+        last = json.loads(r.stdout.splitlines()[-1])
+        assert last["state"] == "succeeded" and last["val_loss"] < 3.0, last
+        assert d.cli("generate", "gpu-char", "ROMEO:", "--max-tokens", "20").returncode == 0
+    finally:
+        assert d.stop() == 0
