@@ -198,7 +198,7 @@ def steps(step: int | None, max_steps: int | None) -> str:
 def job_state(row: dict, width: int = 40) -> str:
     """The state, with a failed job's reason cut to ``width`` characters."""
     state, reason = row.get("state") or "-", row.get("reason")
-    if not reason:
+    if not reason or str(reason).strip() == state:      # "cancelled: cancelled" says nothing
         return state
     reason = " ".join(str(reason).split())
     return f"{state}: {reason if len(reason) <= width else reason[:width - 1] + '…'}"

@@ -55,7 +55,8 @@ class StoreOps:
             raise Busy(f"{canon} is loaded (instance {', '.join(map(str, ids))})",
                        hint=f"unload it first: llmctl unload {canon}")
         if self.jobs.writing(canon):
-            raise Busy(f"{canon} is being written by a running job")
+            raise Busy(f"{canon} is the target of a job that is queued or running",
+                       hint="wait for it to finish, or cancel it (llmctl jobs; llmctl cancel JOB)")
 
         def done(r, error):
             self.store.leaving(canon, gone=False)
