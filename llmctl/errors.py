@@ -122,7 +122,9 @@ class ShuttingDown(LlmosdError):
 
 
 class Cancelled(LlmosdError):
-    code, name, exit_status = 31, "cancelled", 130
+    """Ended by someone else (a forced unload, a cancelled job).  Exit 75, not 130: 130 says the
+    user pressed Ctrl-C here, which the CLI reports by itself."""
+    code, name, exit_status = 31, "cancelled", EX_TEMPFAIL
 
 
 class PermissionDenied(LlmosdError):

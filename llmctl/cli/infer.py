@@ -246,6 +246,17 @@ def chat(ctx, model, system, as_json, verbose, **opts):
                 verbose=verbose, stats_line=stats_line).run(sys.stdin, sys.stdout)
 
 
+def _note_file_arguments(texts, command: str) -> None:
+    """TEXT arguments are the text itself; one naming a file is probably meant as its content,
+    so say how to send that (on stderr) instead of silently scoring the file's name."""
+    for t in texts:
+        if t and len(t) < 4096 and "\n" not in t and os.path.isfile(t):
+            click.echo(f"note: {t!r} is used as the text itself; to use the file's content: "
+                       f"llmctl {command} MODEL - < {t}" if command == "score" else
+                       f"note: {t!r} is used as the text itself; to {command} the file's lines: "
+                       f"llmctl {command} MODEL ... < {t}", err=True)
+
+
 @click.command()
 @click.argument("model")
 @click.argument("text", required=False)
@@ -262,6 +273,8 @@ def score(ctx, model, text, no_bos, as_json):
         if text is None and sys.stdin.isatty():
             raise click.UsageError("give TEXT, or pipe it in")
         text = sys.stdin.read()
+    else:
+        _note_file_arguments([text], "score")
     r = common.client(ctx).score(model, text, add_bos=False if no_bos else None)
     if as_json:
         return echo_json(r)
@@ -291,6 +304,7 @@ def classify(ctx, model, texts, labels, template, as_json):
         raise click.UsageError("--labels needs at least two comma-separated labels")
     c = common.client(ctx)
     if texts:
+        _note_file_arguments(texts, "classify")
         _classify_batch(c, model, list(texts), labs, template, as_json)
         return
     if sys.stdin.isatty():
@@ -336,6 +350,8 @@ def embed(ctx, model, texts, pooling, no_normalize, output):
         if sys.stdin.isatty():
             raise click.UsageError("give TEXTS, or pipe lines in")
         texts = [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+    else:
+        _note_file_arguments(texts, "embed")
     if output:
         check_output_file(output)       # before the work, not after it
     vecs = common.client(ctx).embed(model, list(texts), pooling=pooling, normalize=not no_normalize)

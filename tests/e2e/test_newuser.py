@@ -460,3 +460,19 @@ def test_i7_12_socket_permission_denied(tmp_path):
     finally:
         os.chmod(os.path.join(base, "closed"), 0o700)
         shutil.rmtree(base)
+
+
+def test_review_a_file_name_as_text_gets_a_note(shared_daemon, tmp_path):
+    """score/classify/embed take TEXT arguments as text; one that names a file says how to send
+    the file's content instead of silently scoring its name."""
+    f = tmp_path / "p.txt"
+    f.write_text("To be, or not to be\n")
+    r = shared_daemon.cli("score", "tiny", str(f))
+    assert "is used as the text itself" in r.stderr and f"- < {f}" in r.stderr
+    r = shared_daemon.cli("score", "tiny", "-", input=f.read_text())
+    assert "note:" not in r.stderr
+
+
+def test_review_a_forced_unload_is_not_a_ctrl_c():
+    """A request ended by someone else's forced unload exits 75 (try again), not 130."""
+    assert errors.Cancelled("x").exit_status == errors.EX_TEMPFAIL == 75
