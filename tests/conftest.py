@@ -38,6 +38,23 @@ def train_bpe(vocab_size: int = 400):
 STARTED: list["Daemon"] = []
 
 
+class FakeStream:
+    """A stream as a handler sees it (``server.Stream``), recording what it was given; for unit
+    tests that inject it."""
+
+    def __init__(self):
+        self.chunks, self.result, self.err = [], None, None
+
+    def chunk(self, body, on_sent=None):
+        self.chunks.append(body)
+
+    def end(self, body):
+        self.result = body
+
+    def error(self, err):
+        self.err = err
+
+
 class Daemon:
     """One llmosd process, in its own session (process group = its pid, with its job workers).
     ``cli()`` runs llmctl against it; ``client()`` gives a Client; ``stop()`` always cleans up."""

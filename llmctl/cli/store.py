@@ -12,6 +12,12 @@ from .common import OutputError
 VOCAB_TEXT_LIMIT = 8 * 1024 * 1024
 
 
+def _made(verb: str, r: dict) -> str:
+    """The line create and import print for the model they made."""
+    return (f"{verb} {r['model']} ({fmt.count(r['parameters'])} parameters, "
+            f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -124,8 +130,7 @@ def create(ctx, name, vocab_from, as_json, **opts):
         line.done()
     if as_json:
         return fmt.echo_json(r)
-    click.echo(f"created {r['model']} ({fmt.count(r['parameters'])} parameters, "
-               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+    click.echo(_made("created", r))
 
 
 @click.command("import")
@@ -159,8 +164,7 @@ def import_(ctx, path, name, force, dtype, as_json):
         line.done()
     if as_json:
         return fmt.echo_json(r)
-    click.echo(f"imported {r['model']} ({fmt.count(r['parameters'])} parameters, "
-               f"{fmt.size(r['size'])}, {fmt.short_digest(r['digest'])})")
+    click.echo(_made("imported", r))
 
 
 @click.command()

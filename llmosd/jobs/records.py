@@ -19,13 +19,11 @@ import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
 import time
 
-from llmctl.errors import StoreCorrupt
 from llmosd.jobs.queue import Job, JobState
-from llmosd.store.paths import commit_file
+from llmosd.store.paths import commit_file, own_dir
 
 log = logging.getLogger("llmosd.jobs")
 
@@ -92,14 +90,7 @@ class Records:
 
     def __init__(self, root: str):
         self.root = root
-        try:
-            os.mkdir(root, 0o750)
-        except FileExistsError:
-            pass
-        mode = os.lstat(root).st_mode
-        if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
-            raise StoreCorrupt(f"job directory {root} is not a directory (or is a symbolic link)",
-                               hint=f"move {root} aside and start again")
+        own_dir(root, "job directory")
 
     def path(self, job_id: int, name: str | None = None) -> str:
         d = os.path.join(self.root, str(int(job_id)))
@@ -108,11 +99,7 @@ class Records:
     def make_dir(self, job_id: int) -> str:
         """Create the job's private directory (it may exist: a resumed job keeps it)."""
         d = self.path(job_id)
-        try:
-            os.mkdir(d, 0o750)
-        except FileExistsError:
-            if os.path.islink(d) or not os.path.isdir(d):
-                raise StoreCorrupt(f"job directory {d} is not a directory") from None
+        own_dir(d, "job directory")
         return d
 
     # -- the record ---------------------------------------------------------------------------

@@ -25,6 +25,20 @@ def shown(text: str, limit: int = 100) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def own_dir(path: str, what: str) -> None:
+    """Make directory ``path`` (mode 0750) unless it exists; StoreCorrupt when what is there is
+    a symbolic link or not a directory (never followed: the daemon stays in its own tree)."""
+    try:
+        os.mkdir(path, 0o750)
+    except FileExistsError:
+        pass
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
+        kind_ = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
+        raise StoreCorrupt(f"{what} {path} is {kind_}; llmosd never follows links out of its own tree",
+                           hint=f"move {path} aside (its target is left alone) and start again")
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

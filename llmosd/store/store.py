@@ -33,7 +33,7 @@ from typing import BinaryIO, Callable, Collection, Iterator
 
 from llmctl.errors import AlreadyExists, InvalidArgument, LlmosdError, ModelNotFound, StoreCorrupt
 from llmosd.store.index import Index, blob_digests
-from llmosd.store.paths import (LINK_HINT, READ_FLAGS, Blocked, blocked_error, clash_error,
+from llmosd.store.paths import (LINK_HINT, own_dir, READ_FLAGS, Blocked, blocked_error, clash_error,
                                 commit_file, fsync_dir, kind, open_parent, read_entry, shown)
 from llmosd.store.writer import StoreWriter
 
@@ -98,16 +98,7 @@ class Store:
         self.tmp = os.path.join(root, "tmp")
         os.makedirs(root, mode=0o750, exist_ok=True)
         for d in (self.blobs, self.manifests, self.tmp):
-            try:
-                os.mkdir(d, 0o750)
-            except FileExistsError:
-                pass
-            mode = os.lstat(d).st_mode
-            if stat.S_ISLNK(mode) or not stat.S_ISDIR(mode):
-                what = "a symbolic link" if stat.S_ISLNK(mode) else "not a directory"
-                raise StoreCorrupt(f"store directory {d} is {what}; the store never follows links "
-                                   "out of its own tree",
-                                   hint=f"move {d} aside (its target is left alone) and start again")
+            own_dir(d, "store directory")
         self._lock = threading.RLock()          # one disk write at a time
         self.index = Index()                    # read from the disk at ``recover`` or first use
         self._warned: set[str] = set()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FakeStream
 from llmctl import errors
 from llmosd.models.llama import KVCache, Llama, LlamaConfig
 from llmosd.serve import engine as engine_mod
@@ -163,20 +164,6 @@ def test_i9_3_runner_step_equals_a_plain_forward_pass():
 
 
 # -- 4 and 8: the task registry's one owner; queued requests counted ----------------------------
-
-class FakeStream:
-    def __init__(self):
-        self.chunks, self.ended, self.err = [], None, None
-
-    def chunk(self, body, on_sent=None):
-        self.chunks.append(body)
-
-    def end(self, body):
-        self.ended = body
-
-    def error(self, err):
-        self.err = err
-
 
 def manager_without_store():
     """An InstanceManager whose loads fail (no store) and whose posted callbacks wait in a

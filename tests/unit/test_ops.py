@@ -11,6 +11,7 @@ import types
 
 import pytest
 
+from conftest import FakeStream
 from llmctl import errors
 from llmosd.jobs.queue import JobState
 from llmosd.ops import Ops
@@ -18,20 +19,6 @@ from llmosd.store.store import Store
 from llmosd.store.uploads import Uploads
 from llmosd.store.writer import StoreWriter
 from llmosd.table import ModelTable
-
-
-class FakeStream:
-    def __init__(self):
-        self.chunks, self.result, self.err = [], None, None
-
-    def chunk(self, body, on_sent=None):
-        self.chunks.append(body)
-
-    def end(self, body):
-        self.result = body
-
-    def error(self, err):
-        self.err = err
 
 
 class FakeCtx:
