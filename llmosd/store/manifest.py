@@ -14,6 +14,22 @@ load as they are)::
 
 (``job`` and ``final`` only for models a training job made.)
 
+Adapters and classifiers (issue 11) are manifests of the same schema whose weights are their
+base's: they carry ``kind`` and ``base`` and no ``weights``::
+
+    {..., "kind": "adapter" | "classifier",
+     "base":    {"model": "name:tag", "manifest": base manifest digest, "weights": its weights blob},
+     "config", "tokenizer": the base's blobs (content-addressed: stored once),
+     ["adapter": {"digest", "size", "format": "peft-lora", "rank", "alpha", "dropout",
+                  "targets": [...], "rslora": bool},]        PEFT-named LoRA tensors, float32
+     ["head":    {"digest", "size", "format": "safetensors", "labels": [...]},]   {"score.weight"}
+     "chat_template", "defaults": the base's,
+     "lineage": {"method": "finetune" | "import", "parent": base name, ...}}
+
+``base`` has no ``digest`` key on purpose: ``blob_digests`` (every dict with a digest) must
+not take the base's manifest for a blob.  A merged classifier is a full model (``weights``)
+with ``kind`` "classifier" and a ``head``, and no ``base``.
+
 Pure and torch-free: the daemon reads lineage with it, workers build manifests with it.
 """
 from __future__ import annotations
@@ -89,6 +105,17 @@ def train_lineage(spec: dict, sources: dict[str, str], parent: dict | None, job:
                    dict(final))
 
 
+def finetune_lineage(spec: dict, sources: dict[str, str], base: dict, job: int | None,
+                     final: dict) -> Lineage:
+    """A fine-tuned model's lineage: ``parent`` is the base's name, ``args`` the spec without
+    the daemon's ``_`` keys and the data (``sources`` records it), plus the base's digest."""
+    args = {k: v for k, v in spec.items() if not k.startswith("_") and k not in ("data", "val_data")}
+    args["parent_digest"] = base.get("digest")
+    if spec.get("val_data"):
+        args["val_sources"] = dict(spec["val_data"])
+    return Lineage("finetune", base.get("name"), args, dict(sources), job, dict(final))
+
+
 def imported_lineage(exported: dict | None, fmt: str, files: dict[str, str], dtype: str) -> Lineage:
     """The lineage of an import: ``exported`` is the lineage a directory carries (an exported
     training run's ``llmosd_lineage.json``), kept with the import's own facts under
@@ -142,6 +169,67 @@ class Manifest:
         if self.serving is not None:
             out["chat_template"] = self.serving.chat_template
             out["defaults"] = dict(self.serving.defaults)
+        return out
+
+
+KINDS = ("model", "adapter", "classifier")
+
+
+def kind_of(manifest: dict) -> str:
+    """model, adapter or classifier (a manifest without ``kind`` is a model)."""
+    k = manifest.get("kind")
+    return k if k in KINDS else "model"
+
+
+def base_of(manifest: dict) -> dict | None:
+    """``{"model", "manifest", "weights"}`` of the base whose weights this model uses, or None
+    for a model with its own weights."""
+    b = manifest.get("base")
+    return dict(b) if isinstance(b, dict) and isinstance(b.get("model"), str) else None
+
+
+@dataclass
+class AdapterManifest:
+    """An adapter or classifier about to be published: its own blobs (``adapter``: LoRA
+    tensors with ``lora`` = {rank, alpha, dropout, targets, rslora}; ``head``: a classifier's
+    ``score.weight`` with its ``labels``) on top of a base.  ``base`` is the base's manifest
+    (its config, tokenizer and serving settings are shared) with ``base_name`` and
+    ``base_digest`` naming it.  ``weights``: for a merged classifier, its own full weights
+    (then no base is recorded)."""
+    base: dict
+    base_name: str
+    base_digest: str
+    lineage: Lineage
+    parameters: int                          # the adapter's (and head's) own parameters
+    adapter: Blob | None = None
+    lora: dict | None = None
+    head: Blob | None = None
+    labels: list | None = None
+    created: str = field(default_factory=now_iso)
+
+    def to_dict(self) -> dict:
+        if self.adapter is None and self.head is None:
+            raise ValueError("an adapter manifest needs LoRA weights or a classification head")
+        b = self.base
+        out = {"schema": SCHEMA, "architecture": b.get("architecture", "llama"),
+               "created": self.created, "parameters": self.parameters,
+               "kind": "classifier" if self.head is not None else "adapter",
+               "base": {"model": self.base_name, "manifest": self.base_digest,
+                        "weights": b["weights"]["digest"]},
+               "config": dict(b["config"]), "tokenizer": dict(b["tokenizer"])}
+        if self.adapter is not None:
+            lora = self.lora or {}
+            out["adapter"] = {"digest": self.adapter.digest, "size": self.adapter.size,
+                              "format": "peft-lora", "rank": int(lora["rank"]),
+                              "alpha": float(lora["alpha"]), "dropout": float(lora.get("dropout", 0.0)),
+                              "targets": list(lora["targets"]), "rslora": bool(lora.get("rslora", False))}
+        if self.head is not None:
+            out["head"] = {"digest": self.head.digest, "size": self.head.size,
+                           "format": "safetensors", "labels": list(self.labels or [])}
+        if "chat_template" in b or "defaults" in b:
+            out["chat_template"] = b.get("chat_template")
+            out["defaults"] = dict(b.get("defaults") or {})
+        out["lineage"] = self.lineage.to_dict()
         return out
 
 
