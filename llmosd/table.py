@@ -9,6 +9,12 @@ An instance is one copy of a model's weights on a device, with an id like a PID.
 
 Every state change goes through ``Instance.transition``, which refuses illegal ones.  The table
 is touched only by the daemon's control loop thread, so it needs no lock.
+
+Adapters (LoRA weights, classification heads) live inside their base's instance, the way a
+forked process shares its parent's pages: an ``Attached`` row per adapter, keyed by the
+adapter's manifest digest, ``loading`` while it is read and installed, then ``ready``/``busy``
+like an instance.  An instance's ``resident_bytes`` is its base's plus its adapters'; its
+request counts include the requests its adapters serve.
 """
 from __future__ import annotations
 
@@ -38,6 +44,34 @@ LEGAL = {
 
 
 @dataclass
+class Attached:
+    """An adapter (or classifier head) installed on a base instance."""
+    model: str                     # the adapter's canonical name:tag
+    digest: str                    # its manifest digest: the key requests name it by
+    uid: int | None
+    kind: str = "adapter"          # adapter | classifier
+    ready: bool = False            # installed on the engine (before: loading)
+    resident_bytes: int = 0
+    active_requests: int = 0
+    tokens_served: int = 0
+    requests_served: int = 0
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+
+    @property
+    def state(self) -> str:
+        if not self.ready:
+            return State.LOADING.value
+        return (State.BUSY if self.active_requests else State.READY).value
+
+    def row(self) -> dict:
+        return {"model": self.model, "digest": self.digest, "kind": self.kind, "state": self.state,
+                "resident_bytes": self.resident_bytes, "active_requests": self.active_requests,
+                "requests_served": self.requests_served, "tokens_served": self.tokens_served,
+                "loaded_at": self.loaded_at, "last_used": self.last_used, "uid": self.uid}
+
+
+@dataclass
 class Instance:
     id: int
     model: str                     # canonical name:tag it was loaded as
@@ -46,7 +80,7 @@ class Instance:
     uid: int | None
     state: State = State.LOADING
     reason: str = ""               # why it failed
-    resident_bytes: int = 0
+    base_bytes: int = 0            # the base model's own tensors (see resident_bytes)
     active_requests: int = 0
     tokens_served: int = 0
     requests_served: int = 0
@@ -54,6 +88,29 @@ class Instance:
     last_used: float = field(default_factory=time.time)
     engine: Any = None             # the engine thread once ready (opaque here)
     queued_requests: int = 0       # requests waiting for it to finish loading (instance manager counts)
+    adapters: dict[str, Attached] = field(default_factory=dict)   # digest -> adapter, attach order
+
+    @property
+    def resident_bytes(self) -> int:
+        """The base's bytes plus those of every adapter installed on it."""
+        return self.base_bytes + sum(a.resident_bytes for a in self.adapters.values())
+
+    @resident_bytes.setter
+    def resident_bytes(self, n: int) -> None:
+        self.base_bytes = n
+
+    def attach(self, model: str, digest: str, uid: int | None, kind: str = "adapter") -> Attached:
+        """Add an adapter row (loading); the one already there if this digest is attached."""
+        if digest not in self.adapters:
+            self.adapters[digest] = Attached(model, digest, uid, kind)
+        return self.adapters[digest]
+
+    def detach(self, digest: str) -> Attached | None:
+        return self.adapters.pop(digest, None)
+
+    def adapter_named(self, model: str) -> Attached | None:
+        """The attached adapter loaded as ``model`` (canonical name:tag), if any."""
+        return next((a for a in self.adapters.values() if a.model == model), None)
 
     def transition(self, new: State, reason: str = "") -> None:
         if new not in LEGAL[self.state]:
@@ -66,19 +123,35 @@ class Instance:
     def serving(self) -> bool:
         return self.state in (State.READY, State.BUSY)
 
-    def begin_request(self) -> None:
+    def begin_request(self, adapter: str | None = None) -> None:
+        """One more active request, on the base alone or with the attached ``adapter`` (which
+        must be installed)."""
         if not self.serving:
             raise InvalidState(f"instance {self.id} is {self.state.value}, not serving")
+        a = None
+        if adapter is not None:
+            a = self.adapters.get(adapter)
+            if a is None or not a.ready:
+                raise InvalidState(f"adapter {adapter} is not installed on instance {self.id}")
         self.active_requests += 1
         self.last_used = time.time()
+        if a is not None:
+            a.active_requests += 1
+            a.last_used = self.last_used
         if self.state is State.READY:
             self.transition(State.BUSY)
 
-    def end_request(self, tokens: int) -> None:
+    def end_request(self, tokens: int, adapter: str | None = None) -> None:
         self.active_requests = max(0, self.active_requests - 1)
         self.tokens_served += tokens
         self.requests_served += 1
         self.last_used = time.time()
+        a = self.adapters.get(adapter) if adapter is not None else None
+        if a is not None:                 # (a force-detached adapter's requests count here only)
+            a.active_requests = max(0, a.active_requests - 1)
+            a.tokens_served += tokens
+            a.requests_served += 1
+            a.last_used = self.last_used
         if self.state is State.BUSY and self.active_requests == 0:
             self.transition(State.READY)
 
@@ -88,7 +161,7 @@ class Instance:
                 "active_requests": self.active_requests, "queued_requests": self.queued_requests,
                 "tokens_served": self.tokens_served, "requests_served": self.requests_served,
                 "loaded_at": self.loaded_at, "last_used": self.last_used, "uid": self.uid,
-                "reason": self.reason}
+                "reason": self.reason, "adapters": [a.row() for a in self.adapters.values()]}
 
 
 class ModelTable:
@@ -119,8 +192,14 @@ class ModelTable:
                 if i.model == model and (digest is None or i.digest == digest)]
 
     def ids_of(self, model: str) -> list[int]:
-        """Ids of the instances of ``model`` (canonical name:tag), in id order."""
-        return sorted(i.id for i in self._rows.values() if i.model == model)
+        """Ids of the instances of ``model`` (canonical name:tag), or that have the adapter
+        ``model`` attached, in id order."""
+        return sorted(i.id for i in self._rows.values()
+                      if i.model == model or i.adapter_named(model) is not None)
+
+    def with_adapter(self, model: str) -> list[Instance]:
+        """The instances that have the adapter ``model`` attached (loading or installed)."""
+        return [i for i in self if i.adapter_named(model) is not None]
 
     def usable(self, model: str, digest: str) -> Instance | None:
         """A loading or serving instance of exactly this model version (least busy first)."""

@@ -288,20 +288,25 @@ def score(ctx, model, text, no_bos, as_json):
 @click.command()
 @click.argument("model")
 @click.argument("texts", nargs=-1)
-@click.option("--labels", required=True, help="Comma-separated candidate labels, e.g. positive,negative.")
+@click.option("--labels", help="Comma-separated candidate labels, e.g. positive,negative (a "
+                                "classifier model uses its trained labels without it).")
 @click.option("--template", help="Prompt with {text} (and optionally {labels}) [default: a plain "
                                  "'Classify the text into one of these labels' prompt].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input, with every label's score.")
 @click.pass_context
 def classify(ctx, model, texts, labels, template, as_json):
-    """Classify each of TEXTS (or each stdin line) as one of --labels, zero-shot.
+    """Classify each of TEXTS (or each stdin line) as one of --labels, zero-shot, or with a
+    classifier model's trained head and labels.
 
-    Works with any causal LM: the label whose tokens the model finds most likely after the
-    prompt wins.  Output is one line per input, in input order: LABEL<TAB>PROBABILITY<TAB>TEXT.
+    Zero-shot works with any causal LM: the label whose tokens the model finds most likely
+    after the prompt wins.  A classifier (made by 'llmctl finetune --method classify') needs
+    no --labels.  Output is one line per input, in input order: LABEL<TAB>PROBABILITY<TAB>TEXT.
     """
-    labs = [x.strip() for x in labels.split(",") if x.strip()]
-    if len(labs) < 2:
-        raise click.UsageError("--labels needs at least two comma-separated labels")
+    labs = []             # none: the daemon uses a classifier's trained labels, or says to give them
+    if labels is not None:
+        labs = [x.strip() for x in labels.split(",") if x.strip()]
+        if len(labs) < 2:
+            raise click.UsageError("--labels needs at least two comma-separated labels")
     c = common.client(ctx)
     if texts:
         _note_file_arguments(texts, "classify")
@@ -322,7 +327,7 @@ def classify(ctx, model, texts, labels, template, as_json):
 
 
 def _classify_batch(c, model, batch, labs, template, as_json):
-    for text, r in zip(batch, c.classify(model, batch, labs, template=template)):
+    for text, r in zip(batch, c.classify(model, batch, labs or None, template=template)):
         if as_json:
             echo_json({"text": text, **r})
         else:

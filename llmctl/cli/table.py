@@ -35,16 +35,35 @@ def ps(ctx, as_json):
     body = c._call("ps")
     if as_json:
         return fmt.echo_json(body)
-    rows = [[i["id"], i["model"], i["state"] + (f" ({i['reason']})" if i["reason"] else ""),
-             i["device"], fmt.size(i["resident_bytes"]), i["active_requests"], i["tokens_served"],
-             fmt.ago(i["loaded_at"]), fmt.ago(i["last_used"]), "-" if i["uid"] is None else i["uid"]]
-            for i in body["instances"]]
-    click.echo(fmt.table(["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "ACTIVE", "TOKENS",
-                          "LOADED", "LAST USED", "UID"], rows))
+    click.echo(fmt.table(PS_HEADERS, ps_rows(body["instances"])))
     if body["jobs"]:
         click.echo()
         click.echo(fmt.table(["JOB", "KIND", "MODEL", "STATE", "PROGRESS", "PID"],
                              [job_cells(j) for j in body["jobs"]]))
+
+
+PS_HEADERS = ["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "ACTIVE", "TOKENS", "LOADED",
+              "LAST USED", "UID"]
+ADAPTER_MARK = "`- "          # an adapter under its base instance, as pstree -A draws a child
+
+
+def ps_rows(instances: list[dict]) -> list[list]:
+    """The table's rows: each instance, then its adapters indented under it (a process tree:
+    their bytes count in the instance's RESIDENT, which includes them)."""
+    rows = []
+    for i in instances:
+        rows.append([i["id"], i["model"], i["state"] + (f" ({i['reason']})" if i.get("reason") else ""),
+                     i["device"], fmt.size(i["resident_bytes"]), i["active_requests"], i["tokens_served"],
+                     fmt.ago(i["loaded_at"]), fmt.ago(i["last_used"]), _uid(i.get("uid"))])
+        for a in i.get("adapters") or []:
+            rows.append(["", ADAPTER_MARK + a["model"], a["state"], "", fmt.size(a.get("resident_bytes")),
+                         a.get("active_requests", 0), a.get("tokens_served", 0),
+                         fmt.ago(a.get("loaded_at")), fmt.ago(a.get("last_used")), _uid(a.get("uid"))])
+    return rows
+
+
+def _uid(uid) -> str:
+    return "-" if uid is None else str(uid)
 
 
 def job_cells(j: dict) -> list:
@@ -73,11 +92,24 @@ def load(ctx, model, as_json):
         line.clear()                       # the result (or the error) replaces the live line
     if as_json:
         return fmt.echo_json(r)
+    if r.get("adapter"):
+        click.echo(adapter_line(r))
+        return
     if r.get("already_loaded"):
         click.echo(f"{r['model']} already loaded (instance {r['id']}, {r['state']} on {r['device']})")
         return
     click.echo(f"instance {r['id']}: {r['model']} {r['state']} on {r['device']} "
                f"({fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s)")
+
+
+def adapter_line(r: dict) -> str:
+    """What ``load ADAPTER`` prints: the adapter, and the base instance it runs on."""
+    a = r["adapter"]
+    where = f"instance {r['id']} ({r['model']}, {r['state']} on {r['device']})"
+    if r.get("already_loaded"):
+        return f"{a['model']} already loaded on {where}"
+    return (f"{a['model']} {a['state']} on {where} "
+            f"({fmt.size(a['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s)")
 
 
 @click.command()
@@ -86,8 +118,12 @@ def load(ctx, model, as_json):
 @click.pass_context
 def unload(ctx, target, force):
     """Unload TARGET: an instance ID, or every instance of a model (a model that is not
-    loaded is no error, as with 'systemctl stop')."""
+    loaded is no error, as with 'systemctl stop').  An adapter is detached from the instances
+    of its base it runs on; the base stays loaded."""
     r = common.client(ctx).unload(target, force=force)
+    if r.get("detached"):
+        click.echo(f"unloaded {r.get('model', target)} from instance " + ", ".join(map(str, r["detached"])))
+        return
     if not r["unloaded"]:
         click.echo(f"{target} is not loaded")
         return

@@ -33,7 +33,13 @@ def build_tokenizer(kind: str, data: bytes, manifest: dict | None = None):
 
 def load_model(store: Store, manifest: dict, device: torch.device,
                dtype: torch.dtype = torch.float32) -> tuple[Llama, object]:
-    """Build the model of ``manifest`` with its weights, in eval mode, on ``device``."""
+    """Build the model of ``manifest`` with its weights, in eval mode, on ``device``.  An
+    adapter or classifier on a base has no weights of its own: LoadFailed (it is served on
+    its base's instance; ``lora.read_adapter`` reads its part)."""
+    if not isinstance(manifest.get("weights"), dict):
+        base = (manifest.get("base") or {}).get("model") if isinstance(manifest.get("base"), dict) else None
+        raise LoadFailed("the model has no weights of its own" + (f": it applies to {base}" if base else ""),
+                         hint="load it by name (llmctl load) so that it runs on its base model")
     arch = manifest.get("architecture", "llama")
     if arch != "llama":
         raise LoadFailed(f"architecture {arch!r} is not supported by this llmosd")

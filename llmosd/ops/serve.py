@@ -2,7 +2,12 @@
 checks of their settings.  They build immutable ``Request``/``Call`` values and hand them, as
 ``Task``s, to the instance manager (``run``, ``cancel``), which owns the task registry and the
 engines; nothing here runs a model or imports torch (the manager arrives through the
-constructor)."""
+constructor).
+
+An adapter or classifier on a base is served by its base's instance: ``_resolve`` finds the
+base (``bases.resolve_base``; its errors go to the client as they are) and requests carry the
+adapter's key, its manifest digest.  ``load``/``unload`` of an adapter attach it to / detach it
+from that instance."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +18,9 @@ from llmctl.errors import InstanceNotFound, InvalidArgument
 from llmctl.protocol import SAMPLING_KEYS
 from llmosd.server import Ctx
 from llmosd.serve.chat import TemplateError, check_messages
-from llmosd.serve.request import Call, Request, SamplingParams, Task, invalid_argument
+from llmosd.serve.request import Call, Request, SamplingParams, Task, check_head_labels, invalid_argument
+from llmosd.store.bases import resolve_base
+from llmosd.store.manifest import base_of
 from llmosd.store.store import Store, canonical
 from llmosd.table import State
 
@@ -77,12 +84,30 @@ class _Reply:
         self.ctx.error(err)
 
 
+def head_max_len(man: dict) -> int | None:
+    """The block size a classifier was trained with (its inputs were cut to it), if recorded."""
+    args = (man.get("lineage") or {}).get("args") or {}
+    n = args.get("block_size") if isinstance(args, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 class ServeOps:
     def __init__(self, cfg, store: Store, manager: InstanceManager):
         self.cfg, self.store, self.manager = cfg, store, manager
 
+    def _resolve(self, name: str) -> tuple[str, dict, str, tuple | None]:
+        """(name:tag, manifest, digest, base) of a model; ``base`` = (name, manifest, digest)
+        of the base an adapter or classifier runs on, None for a model with its own weights."""
+        canon, man, digest = self.store.find(name)
+        if base_of(man) is None:
+            return canon, man, digest, None
+        return canon, man, digest, resolve_base(self.store, canon, man)
+
     def op_load(self, ctx: Ctx) -> None:
-        canon, man, digest = self.store.find(ctx.body["model"])
+        canon, man, digest, base = self._resolve(ctx.body["model"])
+        if base is not None:
+            self._load_adapter(ctx, canon, man, digest, base)
+            return
         t0 = time.perf_counter()
         existing = self.manager.table.usable(canon, digest)
         already = existing is not None and existing.serving
@@ -97,6 +122,25 @@ class ServeOps:
                     "already_loaded": already})
         self.manager.acquire(canon, man, digest, ctx.uid, ready)
 
+    def _load_adapter(self, ctx: Ctx, canon: str, man: dict, digest: str, base: tuple) -> None:
+        """Attach an adapter to its base's instance (loading the base if needed): the reply is
+        the base instance's row with the adapter's row as ``adapter``."""
+        t0 = time.perf_counter()
+        existing = self.manager.table.usable(base[0], base[2])
+        a = existing.adapters.get(digest) if existing is not None else None
+        already = existing is not None and existing.serving and a is not None and a.ready
+
+        def ready(inst, err):
+            if err:
+                ctx.error(err)
+                return
+            if not already:
+                log.info("load %s on %s by uid %s (instance %d)", canon, inst.model, ctx.uid, inst.id)
+            got = inst.adapters.get(digest)
+            ctx.ok({**inst.row(), "adapter": got.row() if got is not None else None,
+                    "load_ms": round((time.perf_counter() - t0) * 1000, 3), "already_loaded": already})
+        self.manager.acquire_adapter(base, canon, man, digest, ctx.uid, ready)
+
     def op_unload(self, ctx: Ctx) -> None:
         target, force = ctx.body["target"], ctx.body.get("force", False)
         if target.isascii() and target.isdigit():
@@ -106,6 +150,10 @@ class ServeOps:
         else:
             canon = canonical(target)
             insts = [i for i in self.manager.table if i.model == canon]
+            hosts = self.manager.table.with_adapter(canon)
+            if not insts and hosts:   # an adapter: detach it from the instances it is on
+                self._detach(ctx, canon, hosts, force)
+                return
             if not insts:             # like 'systemctl stop' of a stopped unit: nothing to do
                 self.store.find(canon)      # ...but a model that does not exist is an error
                 ctx.ok({"unloaded": []})
@@ -126,6 +174,16 @@ class ServeOps:
         for inst in insts:
             self.manager.unload(inst, force, lambda iid=inst.id: done(iid))
 
+    def _detach(self, ctx: Ctx, canon: str, hosts: list, force: bool) -> None:
+        if not force:                 # check all first so a refusal detaches nothing
+            for inst in hosts:
+                self.manager.check_detachable(inst, inst.adapter_named(canon))
+        for inst in hosts:
+            self.manager.detach(inst, canon, force)
+        ids = [i.id for i in hosts]
+        log.info("unload %s by uid %s (detached from instance %s)", canon, ctx.uid, ", ".join(map(str, ids)))
+        ctx.ok({"unloaded": [], "detached": ids, "model": canon})
+
     # -- generation -----------------------------------------------------------------------
     def op_generate(self, ctx: Ctx) -> None:
         self._generate(ctx, prompt=ctx.body["prompt"], messages=None)
@@ -140,23 +198,26 @@ class ServeOps:
     def _generate(self, ctx: Ctx, prompt: str, messages: list | None) -> None:
         body = ctx.body
         opts = check_generate(body, self.cfg.default_max_tokens)
-        canon, man, digest = self.store.find(body["model"])
+        canon, man, digest, base = self._resolve(body["model"])
         sp = sampling_params(body, man.get("defaults"))
         key = (ctx.peer.ident, ctx.rid)
         req = Request(key, prompt, opts["max_tokens"], sp, opts["stops"],
-                      add_bos=body.get("add_bos", True), messages=messages, logprobs=opts["logprobs"])
-        self._run(ctx, canon, man, digest, Task(req, ctx.stream(lambda reason: self.manager.cancel(key, reason))))
+                      add_bos=body.get("add_bos", True), messages=messages, logprobs=opts["logprobs"],
+                      adapter=digest if base else None)
+        self._run(ctx, canon, man, digest, Task(req, ctx.stream(lambda reason: self.manager.cancel(key, reason))),
+                  base)
 
-    def _run(self, ctx: Ctx, canon: str, man: dict, digest: str, task: Task) -> None:
-        """Hand ``task`` to the instance manager.  A stream that must wait for a load first
-        gets one empty chunk saying so (``loading``)."""
+    def _run(self, ctx: Ctx, canon: str, man: dict, digest: str, task: Task,
+             base: tuple | None = None) -> None:
+        """Hand ``task`` to the instance manager (on ``base``'s instance for an adapter).  A
+        stream that must wait for a load first gets one empty chunk saying so (``loading``)."""
         def loading():
             if isinstance(task.req, Request):
                 first = {"text": "", "token_ids": [], "loading": canon}
                 if task.req.logprobs:
                     first["logprobs"] = []
                 task.stream.chunk(first)
-        self.manager.run(canon, man, digest, ctx.uid, task, loading)
+        self.manager.run(canon, man, digest, ctx.uid, task, loading, base=base)
 
     # -- evaluation -----------------------------------------------------------------------
     def op_score(self, ctx: Ctx) -> None:
@@ -170,14 +231,38 @@ class ServeOps:
                                       "normalize": b.get("normalize", True)})
 
     def op_classify(self, ctx: Ctx) -> None:
+        """Zero-shot with ``labels``; a classifier (a model with a head) uses its head and its
+        trained labels (``labels`` optional, and then the same ones).  An empty list counts as
+        no labels (clients before protocol 1.6 always sent the field)."""
         b = ctx.body
         if not all(isinstance(x, str) for x in b["inputs"]) or len(b["inputs"]) > MAX_BATCH_INPUTS:
             raise InvalidArgument(f"inputs must be a list of at most {MAX_BATCH_INPUTS} strings")
-        if not all(isinstance(x, str) and x.strip() for x in b["labels"]) or len(b["labels"]) > 64:
+        labels = b.get("labels") or None
+        if labels is not None and (not isinstance(labels, list) or len(labels) > 64 or
+                                   not all(isinstance(x, str) and x.strip() for x in labels)):
             raise InvalidArgument("labels must be a list of at most 64 non-empty strings")
-        self._evaluate(ctx, "classify", {"inputs": b["inputs"], "labels": b["labels"],
-                                         "template": b.get("template")})
+        resolved = self._resolve(b["model"])
+        head = resolved[1].get("head")
+        if head:
+            if b.get("template") is not None:
+                raise InvalidArgument(f"{resolved[0]} is a classifier: it classifies with its trained "
+                                      "head, and a prompt template is for zero-shot classification",
+                                      hint="leave out --template")
+            try:
+                check_head_labels(list(head.get("labels") or []), labels)
+            except ValueError as e:
+                raise invalid_argument(e, hint="leave out --labels to use the trained ones") from None
+            self._evaluate(ctx, "classify_head", {"inputs": b["inputs"], "labels": labels,
+                                                  "max_len": head_max_len(resolved[1])}, resolved)
+            return
+        if labels is None:
+            raise InvalidArgument("this model has no classification head: give --labels",
+                                  hint="zero-shot classification needs the candidate labels, "
+                                       "e.g. --labels positive,negative")
+        self._evaluate(ctx, "classify", {"inputs": b["inputs"], "labels": labels,
+                                         "template": b.get("template")}, resolved)
 
-    def _evaluate(self, ctx: Ctx, name: str, args: dict) -> None:
-        canon, man, digest = self.store.find(ctx.body["model"])
-        self._run(ctx, canon, man, digest, Task(Call((ctx.peer.ident, ctx.rid), name, args), _Reply(ctx)))
+    def _evaluate(self, ctx: Ctx, name: str, args: dict, resolved: tuple | None = None) -> None:
+        canon, man, digest, base = resolved or self._resolve(ctx.body["model"])
+        call = Call((ctx.peer.ident, ctx.rid), name, args, adapter=digest if base else None)
+        self._run(ctx, canon, man, digest, Task(call, _Reply(ctx)), base)

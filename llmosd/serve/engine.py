@@ -24,6 +24,12 @@ the reservation shrinks to it.  ``stop()`` is cooperative and prompt: the thread
 between sequences of a step and, through ``should_stop``, between the windows and inputs of a
 call, so shutting down waits for at most one forward pass.  As the thread ends it drops the
 model and gives its memory back (``Runner.close``), then emits ``stopped``.
+
+Adapters: ``add_adapter(key, adapter)`` installs one between steps (in inbox order, so a
+request submitted after it finds it) and answers with an ``adapter`` message, keyed by the
+adapter key, carrying its device ``bytes`` or the ``error``; ``drop_adapter(key)`` takes it
+out.  Each sequence and call runs with its request's adapter active; a request whose adapter
+is gone (detached meanwhile) ends with Cancelled.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ from llmosd.serve.scheduler import Scheduler, Seq
 log = logging.getLogger("llmosd.engine")
 
 Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error"|"kv"|"stopped", body)
+#                                                 or (adapter key, "adapter", {"bytes"} | {"error"})
 IDLE_WAIT = 1.0        # s: the longest sleep with nothing to do (every message also wakes it)
 
 
@@ -66,11 +73,22 @@ class _Live:
     credited: int = 0              # chunks the control loop has written to the socket
 
 
+@dataclass(frozen=True)
+class _AdapterOp:
+    """An adapter to install (``adapter`` given) or to drop (None), in the inbox's order."""
+    key: Hashable
+    adapter: Any = None
+
+
 class Engine(threading.Thread):
     def __init__(self, instance_id: int, model, tokenizer, device, emit: Emit, *,
-                 max_batch: int = 16, stream_buffer: int = 64):
+                 max_batch: int = 16, stream_buffer: int = 64, own_head=None):
+        """``own_head``: a merged classifier's head (a ``lora.Adapter`` without LoRA), used
+        by its requests that name no adapter; installed here, on the loader's thread, before
+        the engine's own starts."""
         super().__init__(name=f"engine-{instance_id}", daemon=True)
         self.runner = Runner(model, tokenizer, device)
+        self.own_head_bytes = self.runner.install(None, own_head) if own_head is not None else 0
         self.tok, self.emit = tokenizer, emit
         self.context = self.runner.context
         self.kv_position_bytes = self.runner.kv_position_bytes
@@ -78,7 +96,7 @@ class Engine(threading.Thread):
         self.stream_buffer = stream_buffer
         self.live: dict[Hashable, _Live] = {}
         self._cv = threading.Condition()
-        self._inbox: list[tuple] = []                 # (Request, kv_positions) or (Call, 0)
+        self._inbox: list[tuple] = []                 # (Request, kv_positions), (Call | _AdapterOp, 0)
         self._cancels: list[tuple] = []
         self._credits: dict[Hashable, int] = {}
         self._stopping = False
@@ -88,6 +106,15 @@ class Engine(threading.Thread):
     def submit(self, req: Request | Call, kv_positions: int = 0) -> None:
         """Run ``req``; a generation's KV cache holds at most ``kv_positions`` (0: no limit)."""
         self._send(lambda: self._inbox.append((req, kv_positions)))
+
+    def add_adapter(self, key: Hashable, adapter) -> None:
+        """Install ``adapter`` (a ``lora.Adapter``) as ``key``; answered by an ``adapter``
+        message: {"bytes": device bytes it holds} or {"error": wire error}."""
+        self._send(lambda: self._inbox.append((_AdapterOp(key, adapter), 0)))
+
+    def drop_adapter(self, key: Hashable) -> None:
+        """Uninstall the adapter ``key`` (its requests must have ended or been cancelled)."""
+        self._send(lambda: self._inbox.append((_AdapterOp(key), 0)))
 
     def cancel(self, key: Hashable, reason: str = "cancelled", error: LlmosdError | None = None) -> None:
         """Stop a sequence: it ends with finish_reason ``reason``, or fails with ``error``."""
@@ -145,10 +172,13 @@ class Engine(threading.Thread):
             stopping = self._stopping
         if stopping:
             for req, _ in inbox:
-                self.emit(req.key, "error", Cancelled("the instance stopped").to_wire())
+                if not isinstance(req, _AdapterOp):
+                    self.emit(req.key, "error", Cancelled("the instance stopped").to_wire())
             inbox = []
         for req, kv_positions in inbox:
-            if isinstance(req, Call):
+            if isinstance(req, _AdapterOp):
+                self._adapter(req)
+            elif isinstance(req, Call):
                 self._call(req)
             else:
                 self._start(req, kv_positions)
@@ -164,8 +194,22 @@ class Engine(threading.Thread):
                     self._end(key, reason, seq.generated)
         return not stopping
 
+    def _adapter(self, op: _AdapterOp) -> None:
+        if op.adapter is None:
+            self.runner.uninstall(op.key)
+            return
+        try:
+            n = self.runner.install(op.key, op.adapter)
+        except LlmosdError as e:
+            self.emit(op.key, "adapter", {"error": e.to_wire()})
+        else:
+            self.emit(op.key, "adapter", {"bytes": n})
+
     def _start(self, req: Request, kv_positions: int) -> None:
         """Tokenize ``req``, check it fits, allocate its cache and add it to the scheduler."""
+        if req.adapter is not None and req.adapter not in self.runner.adapters:
+            self._fail(req.key, Cancelled("the request's adapter was unloaded before it started"))
+            return
         try:
             ids, dropped = self._encode(req)
         except TemplateError as e:
@@ -233,7 +277,7 @@ class Engine(threading.Thread):
             ids, pos = [s.last_token], len(s.prompt_ids) + self.sched.seqs[key].generated - 1
         try:
             out = self.runner.step(s.cache, ids, pos, s.req.sampling, s.generator, s.history,
-                                   s.req.logprobs)
+                                   s.req.logprobs, s.req.adapter)
         except LlmosdError as e:
             self.sched.finish(key, "error")
             self._fail(key, e)

@@ -1,4 +1,6 @@
-"""One-shot model evaluations the engine runs between generation steps: score, embed, classify.
+"""One-shot model evaluations the engine runs between generation steps: score, embed, classify
+(zero-shot, from the language model's next-token probabilities) and classify_head (a trained
+classifier's head: the runner passes the installed ``head`` and its ``trained`` labels).
 
 Each is a plain function ``(model, tokenizer, device, *, should_stop=None, **args) -> result
 dict`` raising ``ValueError`` for input the model cannot take (the engine turns it into
@@ -15,6 +17,9 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from llmosd.models.classifier import head_logits
+from llmosd.serve.request import check_head_labels
 
 CHUNK = 512        # positions per lm_head call: bounds the (T, V) logits held at once
 MAX_SCORE_TOKENS = 65_536     # ~40 bytes of reply per token: ~2.6 MB, far below 16 MiB
@@ -147,4 +152,30 @@ def classify(model, tok, device, *, inputs: list[str], labels: list[str],
     return {"results": results}
 
 
-FUNCTIONS = {"score": score, "embed": embed, "classify": classify}
+def classify_head(model, tok, device, *, head: torch.Tensor, trained: list[str], inputs: list[str],
+                  labels: list[str] | None = None, max_len: int | None = None,
+                  should_stop: StopCheck = None) -> dict:
+    """A trained classifier: each input's logits from ``head`` on the final normalized hidden
+    state of its last token (``classifier.head_logits``), one input at a time so that the
+    result equals the fine-tuning job's validation predictions.  The input is encoded as the
+    job encodes it (the tokenizer's default BOS) and cut to ``max_len`` tokens (the job's
+    block size; default the context).  ``scores`` are the logits, ``probs`` their softmax;
+    the label is the first of the highest (in trained order), as argmax picks it."""
+    order = check_head_labels(trained, labels)
+    limit = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    results = []
+    for text in inputs:
+        _check(should_stop)
+        ids = tok.encode(text)[:limit]
+        if not ids:
+            raise ValueError("an input is empty; every line needs at least one token")
+        logits = head_logits(model, head, [ids], device)[0].float().cpu()          # (L,)
+        probs = logits.softmax(0)
+        best = int(logits.argmax())
+        j = {lab: i for i, lab in enumerate(trained)}
+        results.append({"label": trained[best], "scores": {lab: float(logits[j[lab]]) for lab in order},
+                        "probs": {lab: float(probs[j[lab]]) for lab in order}})
+    return {"results": results}
+
+
+FUNCTIONS = {"score": score, "embed": embed, "classify": classify, "classify_head": classify_head}

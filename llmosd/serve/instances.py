@@ -7,6 +7,13 @@ writes the registry or talks to an engine.  All of its methods run on the contro
 loader and engine threads report back via ``post``.  It never runs device work itself: loads
 run on loader threads, and an engine frees its model's memory on its own thread as it ends.
 
+Adapters and classifiers run on their base's instance, the way forked processes share their
+parent's pages: acquiring one acquires (loads if needed) the one instance of its base, then
+reads the adapter on a loader thread (``lora.read_adapter``) and has the engine install it
+(``Engine.add_adapter``, answered by an ``adapter`` message with its bytes) once, however many
+requests ask for it meanwhile; its requests carry its key (``Request.adapter``).  ``detach``
+takes one out again; an instance that unloads drops its adapters with it.
+
 It also admits generations against the KV-cache byte limit (``scheduler.KVBudget``, whose
 docstring gives the design): reserved at ``submit``, shrunk on the engine's ``kv`` report,
 released on the request's ``end``/``error`` or when its instance stops.  And it returns the
@@ -21,14 +28,16 @@ from typing import Callable
 
 import torch
 
-from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory
+from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory, from_wire
 from llmosd.mem.devices import device_memory
+from llmosd.models import lora
 from llmosd.models.loader import load_model, resident_bytes
 from llmosd.serve.engine import Engine
 from llmosd.serve.request import Request, Task
 from llmosd.serve.scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
+from llmosd.store.manifest import base_of, kind_of
 from llmosd.store.store import Store
-from llmosd.table import Instance, ModelTable, State
+from llmosd.table import Attached, Instance, ModelTable, State
 
 log = logging.getLogger("llmosd.instances")
 
@@ -52,6 +61,7 @@ class InstanceManager:
         self._tasks: dict = {}                      # request key -> Task: only these methods touch it
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
         self._ready_waiters: dict[int, list[Ready]] = {}
+        self._adapter_waiters: dict[tuple[int, str], list[Ready]] = {}   # (instance, adapter key)
 
     # -- loading ----------------------------------------------------------------------------
     def acquire(self, model: str, manifest: dict, digest: str, uid: int | None,
@@ -76,9 +86,13 @@ class InstanceManager:
         try:
             model, tok = load_model(self.store, manifest, self.device, self.dtype)
             resident = resident_bytes(model)          # its own tensors, whatever else runs
+            own = None                                # a merged classifier: its head
+            if manifest.get("head") and base_of(manifest) is None:
+                own = lora.read_adapter(self.store, manifest, inst.digest)
             engine = Engine(inst.id, model, tok, self.device,
                             lambda key, kind, body: self.post(self._on_engine, inst, engine, key, kind, body),
-                            max_batch=self.max_batch, stream_buffer=self.stream_buffer)
+                            max_batch=self.max_batch, stream_buffer=self.stream_buffer, own_head=own)
+            resident += engine.own_head_bytes
             del model                                 # the engine's runner holds the only reference
             self.post(self._loaded, inst, engine, resident, time.perf_counter() - t0, None)
         except torch.OutOfMemoryError:
@@ -111,19 +125,132 @@ class InstanceManager:
         for cb in waiters:
             cb(None if err else inst, err)
 
+    # -- adapters ---------------------------------------------------------------------------
+    def acquire_adapter(self, base: tuple[str, dict, str], model: str, manifest: dict, digest: str,
+                        uid: int | None, on_ready: Ready) -> Instance:
+        """Call ``on_ready(inst, None)`` once the adapter ``model`` (manifest ``manifest``,
+        key ``digest``) is installed on a serving instance of ``base`` = (name, manifest,
+        digest) (loading both if needed), or ``on_ready(None, err)``.  Returns the instance."""
+        bcanon, bman, bdigest = base
+
+        def base_ready(inst, err):
+            if err is not None:
+                on_ready(None, err)
+            else:
+                self._attach(inst, model, manifest, digest, uid, on_ready)
+        return self.acquire(bcanon, bman, bdigest, uid, base_ready)
+
+    def _attach(self, inst: Instance, model: str, manifest: dict, digest: str, uid: int | None,
+                on_ready: Ready) -> None:
+        if not inst.serving:                       # unloaded between its ready and this call
+            on_ready(None, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
+            return
+        a = inst.adapters.get(digest)
+        if a is not None and a.ready:
+            on_ready(inst, None)
+            return
+        self._adapter_waiters.setdefault((inst.id, digest), []).append(on_ready)
+        if a is None:                              # the first to ask reads and installs it
+            a = inst.attach(model, digest, uid, kind_of(manifest))
+            threading.Thread(target=self._read_adapter, args=(inst, a, manifest),
+                             name=f"load-{inst.id}-adapter", daemon=True).start()
+            log.info("attaching %s to instance %d (%s)", model, inst.id, inst.model)
+
+    def _read_adapter(self, inst: Instance, a: Attached, manifest: dict) -> None:
+        """Loader thread: the adapter's tensors (on the CPU) for the engine to install."""
+        adapter, err = None, None
+        try:
+            adapter = lora.read_adapter(self.store, manifest, a.digest)
+        except LlmosdError as e:
+            err = e
+        except ValueError as e:
+            err = LoadFailed(f"the adapter {a.model} cannot be used: {e}")
+        except Exception as e:
+            log.exception("reading adapter %s failed", a.model)
+            err = LoadFailed(f"reading the adapter {a.model} failed: {e}")
+        self.post(self._adapter_read, inst, a, adapter, err)
+
+    def _adapter_read(self, inst: Instance, a: Attached, adapter, err: LlmosdError | None) -> None:
+        if inst.adapters.get(a.digest) is not a or not inst.serving:
+            return                                 # detached or unloaded meanwhile: told then
+        if err is not None:
+            self._adapter_installed(inst, a.digest, {"error": err.to_wire()})
+            return
+        inst.engine.add_adapter(a.digest, adapter)      # answered by an "adapter" message
+
+    def _adapter_installed(self, inst: Instance, key: str, body: dict) -> None:
+        a = inst.adapters.get(key)
+        if a is None or a.ready:
+            return                                 # detached meanwhile (the engine dropped it)
+        waiters = self._adapter_waiters.pop((inst.id, key), [])
+        err = from_wire(body["error"]) if "error" in body else None
+        if err is not None:
+            inst.detach(key)
+            log.warning("adapter %s failed to install on instance %d: %s", a.model, inst.id, err)
+        else:
+            a.resident_bytes, a.ready, a.loaded_at = int(body["bytes"]), True, time.time()
+            log.info("adapter %s installed on instance %d (%s), %d bytes", a.model, inst.id,
+                     inst.model, a.resident_bytes)
+        for cb in waiters:
+            cb(None if err else inst, err)
+
+    def detach(self, inst: Instance, model: str, force: bool) -> None:
+        """Take the adapter ``model`` off ``inst`` (at once: the engine uninstalls it between
+        two steps).  Busy while it loads or serves requests, unless ``force``, which cancels
+        them (and fails whoever waits for it to load)."""
+        a = inst.adapter_named(model)
+        if a is None:
+            return
+        if not force:
+            self.check_detachable(inst, a)
+        for key, task in list(self._tasks.items()):
+            if task.inst is inst and task.running and task.req.adapter == a.digest:
+                inst.engine.cancel(key, "unloaded", Cancelled(
+                    f"{a.model} was unloaded from instance {inst.id} while this request ran"))
+        inst.detach(a.digest)
+        if inst.engine is not None:
+            inst.engine.drop_adapter(a.digest)
+        for cb in self._adapter_waiters.pop((inst.id, a.digest), []):
+            cb(None, Cancelled(f"{a.model} was unloaded while it loaded"))
+        log.info("detached %s from instance %d (%s)", a.model, inst.id, inst.model)
+
+    @staticmethod
+    def check_detachable(inst: Instance, a: Attached) -> None:
+        """Raise Busy if the adapter ``a`` cannot be detached from ``inst`` without --force."""
+        if not a.ready:
+            raise Busy(f"{a.model} is still loading on instance {inst.id}",
+                       hint="wait for it to be ready, or use --force")
+        if a.active_requests:
+            raise Busy(f"{a.model} has {a.active_requests} active request(s) on instance {inst.id}",
+                       hint="wait for them to finish, or use --force to cancel them")
+
+    def _drop_adapters(self, inst: Instance, err: LlmosdError) -> None:
+        """The instance is going: whoever waits for one of its adapters gets ``err``."""
+        for digest in list(inst.adapters):
+            for cb in self._adapter_waiters.pop((inst.id, digest), []):
+                cb(None, err)
+
     # -- requests --------------------------------------------------------------------------
     def run(self, model: str, manifest: dict, digest: str, uid: int | None, task: Task,
-            on_loading: Callable[[], None] | None = None) -> None:
+            on_loading: Callable[[], None] | None = None,
+            base: tuple[str, dict, str] | None = None) -> None:
         """Take responsibility for ``task`` (its key must be new): hand it to an instance of
         this model version once one serves, loading one if needed.  ``on_loading()`` is called
         first when it must wait for a load; meanwhile it counts in the instance's
         ``queued_requests``.  Its stream ends with the engine's answer, or with the error of a
-        failed load, a refused admission, a cancel or the shutdown."""
+        failed load, a refused admission, a cancel or the shutdown.  With ``base`` (name,
+        manifest, digest), ``model`` is an adapter of that base and ``task.req.adapter`` its
+        key: the task runs on the base's instance once the adapter is installed there."""
         key = task.req.key
         self._tasks[key] = task
         t0 = time.perf_counter()
-        existing = self.table.usable(model, digest)
-        loading = existing is None or existing.state is State.LOADING
+        if base is None:
+            existing = self.table.usable(model, digest)
+            loading = existing is None or existing.state is State.LOADING
+        else:
+            existing = self.table.usable(base[0], base[2])
+            a = existing.adapters.get(digest) if existing is not None else None
+            loading = existing is None or not existing.serving or a is None or not a.ready
         if loading and on_loading is not None:
             on_loading()
 
@@ -138,7 +265,10 @@ class InstanceManager:
             task.extra = {"loaded": loading,
                           "load_ms": round((time.perf_counter() - t0) * 1000, 3) if loading else 0.0}
             self.submit(inst, task)
-        inst = self.acquire(model, manifest, digest, uid, ready)
+        if base is None:
+            inst = self.acquire(model, manifest, digest, uid, ready)
+        else:
+            inst = self.acquire_adapter(base, model, manifest, digest, uid, ready)
         if self._tasks.get(key) is task and not task.running:       # waits for the load
             task.inst = inst
             inst.queued_requests += 1
@@ -160,7 +290,7 @@ class InstanceManager:
                     self._tasks.pop(req.key)
                 task.stream.error(e)
                 return
-        inst.begin_request()
+        inst.begin_request(req.adapter)
         task.inst, task.running = inst, True
         inst.engine.submit(req, positions)
 
@@ -192,6 +322,9 @@ class InstanceManager:
         if kind == "kv":
             self.kv.shrink(key, body["bytes"])
             return
+        if kind == "adapter":
+            self._adapter_installed(inst, key, body)
+            return
         if kind in ("end", "error"):       # whoever still holds the task: the bytes are free
             self.kv.release(key)
         task = self._tasks.get(key)
@@ -201,9 +334,11 @@ class InstanceManager:
             task.stream.chunk(body, on_sent=lambda: engine.credit(key))
             return
         self._tasks.pop(key)
-        inst.end_request(body.get("generated_tokens", 0) if kind == "end" else 0)
-        if kind == "end":
-            task.stream.end({**body, **(task.extra or {}), "instance": inst.id, "model": inst.model})
+        inst.end_request(body.get("generated_tokens", 0) if kind == "end" else 0, task.req.adapter)
+        if kind == "end":                  # named as asked: an adapter's name, not its base's
+            a = inst.adapters.get(task.req.adapter) if task.req.adapter is not None else None
+            task.stream.end({**body, **(task.extra or {}), "instance": inst.id,
+                             "model": a.model if a is not None else inst.model})
         else:
             task.stream.error(body)
 
@@ -220,6 +355,7 @@ class InstanceManager:
         if not force:
             self.check_unloadable(inst)
         inst.transition(State.UNLOADING)
+        self._drop_adapters(inst, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
         self._unload_waiters.setdefault(inst.id, []).append(on_done)
         for key, task in list(self._tasks.items()):
             if task.inst is inst and task.running:
@@ -246,6 +382,8 @@ class InstanceManager:
                 task.stream.error(Cancelled(f"instance {inst.id} was unloaded"))
         if inst.state is not State.UNLOADING:        # the engine died on its own
             inst.transition(State.UNLOADING)
+        self._drop_adapters(inst, Cancelled(f"instance {inst.id} was unloaded"))
+        inst.adapters.clear()
         inst.engine = None              # its thread already dropped the model and freed the memory
         self.table.remove(inst.id)
         log.info("instance %d (%s) unloaded", inst.id, inst.model)

@@ -6,6 +6,9 @@
   is the engine's own per-sequence state, never written back here, so a request can be handed
   to another thread (later another process) as a plain value.
 - ``Call``: a one-shot evaluation (score, embed, classify).
+- Both carry ``adapter``: the key (the adapter's manifest digest) of the LoRA adapter or
+  classification head, installed on the instance, that the request runs with; None runs
+  exactly the base model.
 - ``Task``: the control loop's record of a request it is responsible for, from arrival to the end
   of its stream; owned by the instance manager and touched only on the control-loop thread.
 
@@ -27,6 +30,17 @@ PENALTY_RANGE = (0.01, 100.0)       # repetition penalties beyond act as the nea
 def invalid_argument(e: ValueError, hint: str = "") -> InvalidArgument:
     """The one conversion of a pure check's ``ValueError`` into the error a user sees."""
     return InvalidArgument(str(e), hint=hint)
+
+
+def check_head_labels(trained: list[str], labels: list[str] | None) -> list[str]:
+    """A trained classifier's labels to report, in the order asked: the trained ones, or
+    ``labels`` if given (not empty), which must be the same set; ValueError naming them."""
+    if not labels:
+        return list(trained)
+    if sorted(labels) != sorted(trained):
+        raise ValueError(f"this classifier was trained on the labels {', '.join(trained)}; "
+                         f"give those (or no labels), not {', '.join(labels)}")
+    return list(labels)
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class Request:
     add_bos: bool = True
     messages: tuple[dict, ...] | None = None   # chat: rendered with the model's template instead
     logprobs: int = 0              # report each token's logprob and this many alternatives
+    adapter: str | None = None     # the installed adapter it runs with (None: the base alone)
     submitted: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self):
@@ -83,6 +98,7 @@ class Call:
     key: Hashable
     name: str
     args: dict
+    adapter: str | None = None     # as Request.adapter
 
 
 @dataclass

@@ -5,6 +5,11 @@ Contract: every method runs on the engine's own thread (inside ``session()``), a
 leaves as an ``LlmosdError`` (``OutOfMemory``, ``Cancelled``, ``InvalidArgument``, ``Internal``),
 so the loop needs to know nothing of torch's exceptions.  A sequence runs alone (batch 1), so
 its output is bit-identical to a plain forward pass of the same weights.
+
+Adapters: ``install`` puts an adapter's LoRA tensors into the model (``lora.add_adapter``, sharing
+the base's weights) and its classification head on the device; before each forward pass and
+call the request's adapter is made the active one (``lora.set_active``), so requests with
+different adapters, or none (exactly the base), take turns on one copy of the base weights.
 """
 from __future__ import annotations
 
@@ -14,9 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmctl.errors import Cancelled, Internal, LlmosdError, OutOfMemory
+from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
 import llmosd.serve.evaluate as evaluate
+from llmosd.models import lora
 from llmosd.models.llama import KVCache, Llama
+from llmosd.models.loader import resident_bytes
 from llmosd.serve.request import Call, SamplingParams, invalid_argument
 from llmosd.serve.sampling import make_generator, sample, top_logprobs
 from llmosd.serve.scheduler import kv_position_bytes
@@ -33,11 +40,22 @@ class Sampled:
     top: list = field(default_factory=list)
 
 
+@dataclass
+class Installed:
+    """What the runner keeps of an installed adapter: whether it has LoRA weights in the
+    model, and a classifier's head (on the device) and labels."""
+    lora: bool
+    head: torch.Tensor | None = None
+    labels: list | None = None
+
+
 class Runner:
     """A loaded model on its device, run one sequence at a time."""
 
     def __init__(self, model: Llama, tokenizer, device: torch.device):
         self.model, self.tok, self.device = model, tokenizer, device
+        self.adapters: dict = {}       # key -> Installed; None: a merged classifier's own head
+        self._active = None            # the adapter key whose LoRA weights the model applies
         c = model.config
         self.context = c.max_position_embeddings
         self.kv_dtype = model.model.embed_tokens.weight.dtype
@@ -56,15 +74,62 @@ class Runner:
         except torch.OutOfMemoryError:
             raise OutOfMemory("no memory for this request's KV cache") from None
 
+    # -- adapters ------------------------------------------------------------------------------
+    def install(self, key, adapter) -> int:
+        """Install ``adapter`` (a ``lora.Adapter``) under ``key``; returns the bytes it added
+        on the device (its LoRA tensors in the model, and its head).  ``key`` None: the
+        model's own head (a merged classifier), used by requests without an adapter."""
+        before = resident_bytes(self.model)
+        try:
+            has_lora = key is not None and adapter.lora is not None
+            if has_lora:
+                lora.add_adapter(self.model, key, adapter.lora, adapter.tensors, device=self.device)
+            head = None
+            if adapter.head is not None:
+                head = adapter.head.to(self.device)
+        except torch.OutOfMemoryError:
+            raise OutOfMemory("not enough memory to install the adapter") from None
+        except ValueError as e:
+            raise LoadFailed(f"the adapter does not fit its base: {e}") from None
+        except Exception as e:
+            log.exception("installing an adapter failed")
+            raise LoadFailed(f"installing the adapter failed: {e}") from None
+        self.adapters[key] = Installed(has_lora, head, list(adapter.labels) if adapter.labels else None)
+        head_bytes = head.untyped_storage().nbytes() if head is not None else 0
+        return resident_bytes(self.model) - before + head_bytes
+
+    def uninstall(self, key) -> None:
+        """Take the adapter ``key`` out (unknown keys: nothing to do)."""
+        got = self.adapters.pop(key, None)
+        if got is None or not got.lora:
+            return
+        if self._active == key:
+            lora.set_active(self.model, None)
+            self._active = None
+        lora.uninstall(self.model, key)
+
+    def activate(self, key) -> None:
+        """Make ``key``'s LoRA weights the ones the next forward pass applies (None, or an
+        adapter without LoRA weights: the base alone).  Cancelled if it is not installed
+        (detached while the request waited)."""
+        if key is not None and key not in self.adapters:
+            raise Cancelled("the request's adapter was unloaded")
+        want = key if key is not None and self.adapters[key].lora else None
+        if want != self._active:
+            lora.set_active(self.model, want)
+            self._active = want
+
     @staticmethod
     def new_generator(seed: int | None) -> torch.Generator:
         return make_generator(seed)
 
     def step(self, cache: KVCache, ids: list[int], pos: int, sampling: SamplingParams,
-             generator: torch.Generator, history: list[int], logprobs: int = 0) -> Sampled:
+             generator: torch.Generator, history: list[int], logprobs: int = 0,
+             adapter=None) -> Sampled:
         """Feed ``ids`` (the whole prompt at ``pos`` 0 for a prefill, the last token for a
-        decode) into ``cache`` and choose the next token.  ``history``: prompt and output ids
-        so far, for the repetition penalty."""
+        decode) into ``cache`` and choose the next token, with ``adapter``'s weights active.
+        ``history``: prompt and output ids so far, for the repetition penalty."""
+        self.activate(adapter)
         try:
             x = torch.tensor([ids], device=self.device)                    # (1, T)
             logits = self.model(x, cache, pos, last_only=True)[0, -1]      # (V,) float32
@@ -82,10 +147,18 @@ class Runner:
             raise Internal(f"forward pass failed: {e}") from None
 
     def call(self, call: Call, should_stop) -> dict:
-        """Run ``evaluate.<call.name>``; ``should_stop()`` true abandons it (Cancelled)."""
+        """Run ``evaluate.<call.name>`` with the call's adapter active (``classify_head`` gets
+        the installed head and labels); ``should_stop()`` true abandons it (Cancelled)."""
+        self.activate(call.adapter)
+        extra = {}
+        if call.name == "classify_head":
+            got = self.adapters.get(call.adapter)
+            if got is None or got.head is None:
+                raise InvalidArgument("this model has no classification head: give --labels")
+            extra = {"head": got.head, "trained": got.labels or []}
         try:
             return evaluate.FUNCTIONS[call.name](self.model, self.tok, self.device,
-                                                 should_stop=should_stop, **call.args)
+                                                 should_stop=should_stop, **call.args, **extra)
         except evaluate.Stopped:
             raise Cancelled(f"the instance stopped during {call.name}") from None
         except ValueError as e:
@@ -103,6 +176,7 @@ class Runner:
         a collection frees the tensors now, and on CUDA the caching allocator's blocks return
         to the device for the next load."""
         self.model = None
+        self.adapters.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -83,7 +83,8 @@ def test_i9_1_request_is_an_immutable_value_and_ops_import_no_torch():
         req.prompt = "other"
     assert req.stops == ("\n",) and isinstance(req.messages, tuple)
     assert {f.name for f in dataclasses.fields(Request)} == \
-        {"key", "prompt", "messages", "max_tokens", "sampling", "stops", "add_bos", "logprobs", "submitted"}
+        {"key", "prompt", "messages", "max_tokens", "sampling", "stops", "add_bos", "logprobs", "adapter",
+         "submitted"}
     # ops/serve.py (loaded from its file, apart from the package's other handlers), request.py
     # and the table import no torch, directly or through anything they import
     script = (
@@ -291,3 +292,113 @@ def test_calls_run_between_steps_and_fail_as_llmosd_errors():
         eng.join(10)
     assert got["s"][0] == "end" and got["s"][1]["scored_tokens"] > 1
     assert got["e"][0] == "error" and got["e"][1]["name"] == errors.InvalidArgument.name
+
+
+# -- issue 11: adapters installed on the engine's thread -------------------------------------------
+
+def random_adapter(model, key, seed):
+    """A LoRA adapter with random (nonzero) B, so that it changes the output, as lora.Adapter."""
+    from llmosd.models import lora
+    cfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    scratch = tiny_model()
+    lora.add_adapter(scratch, "x", cfg, seed=seed)
+    tensors = lora.adapter_tensors(scratch, "x")
+    g = torch.Generator().manual_seed(seed)
+    for k in tensors:
+        if "lora_B" in k:
+            tensors[k] = torch.randn(tensors[k].shape, generator=g) * 2.0
+    return lora.Adapter(key, cfg, tensors, None, None)
+
+
+def greedy(eng, events, key, prompt, adapter=None, n=12):
+    eng.submit(Request(key, prompt, n, SamplingParams(temperature=0), adapter=adapter))
+    ids = []
+    while True:
+        k, kind, body = events.get(timeout=30)
+        assert k == key or kind in ("kv", "adapter"), (k, kind, body)
+        if kind == "chunk":
+            ids += body["token_ids"]
+        elif kind == "end":
+            return ids
+        elif kind == "error":
+            raise AssertionError(body)
+
+
+def test_i11_3_engine_installs_adapters_between_steps_and_each_request_runs_with_its_own():
+    eng, events = start_engine(stream_buffer=1000)
+    a1, a2 = random_adapter(None, "sha256:" + "1" * 64, 1), random_adapter(None, "sha256:" + "2" * 64, 2)
+    try:
+        base = greedy(eng, events, "b0", "Hello")
+        eng.add_adapter(a1.key, a1)
+        eng.add_adapter(a2.key, a2)
+        got = {}
+        while len(got) < 2:
+            k, kind, body = events.get(timeout=30)
+            assert kind == "adapter"
+            got[k] = body
+        want = sum(t.numel() * 4 for t in a1.tensors.values())
+        assert got == {a1.key: {"bytes": want}, a2.key: {"bytes": want}}
+        out1 = greedy(eng, events, "r1", "Hello", a1.key)
+        out2 = greedy(eng, events, "r2", "Hello", a2.key)
+        assert out1 != base and out2 != base and out1 != out2
+        # interleaved in one batch: each sequence with its own adapter, the base with none
+        for k, ad in (("c1", a1.key), ("c2", a2.key), ("c0", None)):
+            eng.submit(Request(k, "Hello", 12, SamplingParams(temperature=0), adapter=ad))
+        ids = {"c1": [], "c2": [], "c0": []}
+        ended = set()
+        while len(ended) < 3:
+            k, kind, body = events.get(timeout=30)
+            if kind == "chunk":
+                ids[k] += body["token_ids"]
+            elif kind == "end":
+                ended.add(k)
+        assert (ids["c1"], ids["c2"], ids["c0"]) == (out1, out2, base)
+        eng.drop_adapter(a1.key)
+        assert greedy(eng, events, "b1", "Hello") == base
+        eng.submit(Request("gone", "Hello", 4, SamplingParams(temperature=0), adapter=a1.key))
+        assert next_of(events, "error")["name"] == errors.Cancelled.name
+        assert greedy(eng, events, "r3", "Hello", a2.key) == out2
+        assert a1.key not in eng.runner.adapters
+    finally:
+        eng.stop()
+        eng.join(10)
+
+
+def test_i11_3_an_adapter_that_does_not_fit_is_reported_not_installed():
+    from llmosd.models import lora
+    eng, events = start_engine()
+    bad = lora.Adapter("sha256:" + "3" * 64, lora.LoraConfig(rank=2, alpha=2.0),
+                       {"nonsense": torch.zeros(2, 2)}, None, None)
+    try:
+        eng.add_adapter(bad.key, bad)
+        body = next_of(events, "adapter")
+        assert body["error"]["name"] == errors.LoadFailed.name and "is missing" in body["error"]["message"]
+        assert eng.runner.adapters == {}
+    finally:
+        eng.stop()
+        eng.join(10)
+
+
+def test_i11_4_a_merged_classifiers_own_head_serves_requests_without_adapter():
+    from llmosd.models import lora
+    from llmosd.models.classifier import head_logits
+    head = torch.randn((3, 32), generator=torch.Generator().manual_seed(0))
+    events = queue.Queue()
+    model = tiny_model()
+    eng = Engine(1, model, LetterTok(), torch.device("cpu"), lambda k, kind, body: events.put((k, kind, body)),
+                 own_head=lora.Adapter("sha256:" + "4" * 64, None, None, head, ["x", "y", "z"]))
+    assert eng.own_head_bytes == 3 * 32 * 4
+    eng.start()
+    try:
+        eng.submit(Call("c", "classify_head", {"inputs": ["Hello"], "labels": None}))
+        (res,) = next_of(events, "end")["results"]
+        eng.submit(Call("z", "classify_head", {"inputs": ["Hello"], "labels": ["a", "b", "c"]}))
+        err = next_of(events, "error")
+    finally:
+        eng.stop()
+        eng.join(10)
+    with torch.no_grad():
+        want = head_logits(model, head, [LetterTok().encode("Hello")], torch.device("cpu"))[0]
+    assert [res["scores"][k] for k in "xyz"] == pytest.approx(want.tolist(), abs=1e-5)
+    assert res["label"] == "xyz"[int(want.argmax())]
+    assert err["name"] == errors.InvalidArgument.name and "trained on the labels x, y, z" in err["message"]
