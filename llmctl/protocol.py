@@ -23,7 +23,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 5              # additions that old peers can ignore bump only this
+MINOR = 6              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
@@ -97,7 +97,7 @@ _JOB = Field(_I, True, lo=1, hi=U64)
 # Job states (1.5): queued -> running -> succeeded | failed | cancelled, running -> pausing ->
 # paused -> queued (resume); see llmosd-protocol(7) for every legal move.
 JOB_STATES = ("queued", "running", "pausing", "paused", "succeeded", "failed", "cancelled")
-JOB_KINDS = ("create", "import", "train")
+JOB_KINDS = ("create", "import", "train", "finetune", "eval", "merge")   # the last three: 1.6
 
 # Request body schemas: one per message type, every field typed and ranged (see Field).
 SCHEMAS: dict[str, dict[str, Field]] = {
@@ -116,7 +116,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "rope_theta": Field(_F, lo=1e-6, hi=1e12), "tie_embeddings": Field(_B),
         "force": Field(_B),
     },
-    "rm": {"model": _name()},
+    "rm": {"model": _name(), "force": Field(_B)},
     "tag": {"source": _name(), "target": _name(), "force": Field(_B)},
     "load": {"model": _name()},
     "unload": {"target": _name(), "force": Field(_B)},
@@ -126,7 +126,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "embed": {"model": _name(), "inputs": Field(_L, True, max_len=256, items=(str,)),
               "pooling": Field(_S, choices=("mean", "last")), "normalize": Field(_B)},
     "classify": {"model": _name(), "inputs": Field(_L, True, max_len=256, items=(str,)),
-                 "labels": Field(_L, True, max_len=64, items=(str,)),
+                 "labels": Field(_L, max_len=64, items=(str,)),      # optional since 1.6
                  "template": Field(_S, max_len=65536)},
     "cancel": {"target": Field(_I, True, lo=0, hi=U64)},
     "upload": {"digest": _DIGEST, "size": Field(_I, True, lo=0, hi=1 << 40)},
@@ -136,12 +136,21 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "download": {"digest": _DIGEST, "offset": Field(_I, True, lo=0, hi=1 << 40),
                  "size": Field(_I, True, lo=1, hi=UPLOAD_CHUNK)},
     "import": {"name": _name(), "files": Field((dict,), True, max_len=1000, items=(str,)),
-               "format": Field(_S, choices=("hf", "gguf")), "force": Field(_B),
-               "dtype": Field(_S, choices=DTYPES)},
+               "format": Field(_S, choices=("hf", "gguf", "peft")), "force": Field(_B),
+               "dtype": Field(_S, choices=DTYPES), "base": _name(False)},
     # jobs (1.5): the spec's keys and values are checked by the daemon against the data
     "train": {"name": _name(), "data": Field((dict,), True, max_len=1000, items=(str,)),
               "spec": Field((dict,), True, max_len=64), "priority": Field(_I, lo=-1000, hi=1000),
               "force": Field(_B)},
+    # fine-tuning (1.6): finetune answers with the job's row like train; eval and merge stream
+    "finetune": {"base": _name(), "name": _name(),
+                 "data": Field((dict,), True, max_len=1000, items=(str,)),
+                 "val_data": Field((dict,), max_len=1000, items=(str,)),
+                 "spec": Field((dict,), True, max_len=64), "priority": Field(_I, lo=-1000, hi=1000),
+                 "force": Field(_B)},
+    "eval": {"model": _name(), "data": Field((dict,), True, max_len=1000, items=(str,)),
+             "spec": Field((dict,), max_len=64)},
+    "merge": {"adapter": _name(), "name": _name(), "force": Field(_B)},
     "jobs": {"all": Field(_B)},
     "job": {"job": _JOB},
     "job_rm": {"job": _JOB},
@@ -150,7 +159,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "job_resume": {"job": _JOB},
     "job_logs": {"job": _JOB, "follow": Field(_B)},
 }
-STREAMING = frozenset({"create", "generate", "chat", "import", "job_logs"})
+STREAMING = frozenset({"create", "generate", "chat", "import", "job_logs", "eval", "merge"})
 
 
 def encode(msg: dict) -> bytes:

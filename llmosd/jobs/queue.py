@@ -46,7 +46,10 @@ LEGAL: dict[JobState, set[JobState]] = {
 }
 FINISHED = frozenset({S, F, C})
 ACTIVE = frozenset({R, PG})      # a worker process exists
-KINDS = ("create", "import", "train")
+KINDS = ("create", "import", "train", "finetune", "eval", "merge")
+# Training jobs: checkpointed, so they pause, resume (also after a failure) and are queued again
+# after a daemon restart.  The others (create, import, eval, merge) run once, for a client.
+TRAINERS = frozenset({"train", "finetune"})
 INTERRUPTED = "interrupted by a daemon restart; run it again"
 
 
@@ -110,9 +113,9 @@ class Job:
         return self.state in FINISHED
 
     def resumable(self) -> bool:
-        """Whether ``resume`` may queue it: paused, or a train job that failed (its worker died
-        or crashed: it continues from its last checkpoint)."""
-        return self.state is P or (self.state is F and self.kind == "train")
+        """Whether ``resume`` may queue it: paused, or a training job (train, finetune) that
+        failed (its worker died or crashed: it continues from its last checkpoint)."""
+        return self.state is P or (self.state is F and self.kind in TRAINERS)
 
     def update_metrics(self, m: dict) -> None:
         """Keep the last metrics map (and the last validation loss, which not every map has)."""
@@ -131,9 +134,25 @@ class Job:
                 "device": self.device, "owner": self.owner, "priority": self.priority,
                 "created": self.created, "started": self.started, "finished": self.finished,
                 "checkpoint_step": self.checkpoint_step,
-                "nproc": self.spec.get("nproc") if self.kind == "train" else None,
+                "nproc": self.spec.get("nproc") if self.kind in TRAINERS else None,
                 "pid": getattr(self.process, "pid", None) if self.state in ACTIVE else None,
                 "progress": dict(self.progress)}     # create/import stage and message (ps)
+
+
+def reads(job: Job) -> set[str]:
+    """The stored models (name:tag) a job reads besides the one it makes: the base of a
+    fine-tune, a merge or an adapter import, the adapter a merge merges, the model an eval
+    evaluates.  ``rm`` refuses to remove them while the job is not finished."""
+    spec = job.spec if isinstance(job.spec, dict) else {}
+    out = set()
+    base = spec.get("_base")
+    if isinstance(base, dict) and isinstance(base.get("name"), str):
+        out.add(base["name"])
+    if isinstance(spec.get("_adapter_name"), str):
+        out.add(spec["_adapter_name"])
+    if job.kind == "eval":
+        out.add(job.model)
+    return out
 
 
 def order(jobs) -> list[Job]:
@@ -165,12 +184,13 @@ def running_by_device(jobs) -> dict[str, int]:
 
 def after_restart(job: Job, now: float | None = None) -> bool:
     """What a daemon start does to a job loaded from its record (it may have been cut off by a
-    crash or a kill -9): a train job that was running, pausing or queued is queued again (it
-    resumes from its last checkpoint); a create or import that was running or queued failed
-    (its client is gone).  Returns whether the job changed."""
+    crash or a kill -9): a training job (train, finetune) that was running, pausing or queued
+    is queued again (it resumes from its last checkpoint); any other job (create, import,
+    eval, merge) that was running or queued failed (its client is gone).  Returns whether the
+    job changed."""
     if job.state not in (Q, R, PG):
         return False
-    if job.kind == "train":
+    if job.kind in TRAINERS:
         if job.state is Q:
             return False
         job.transition(Q, now=now)

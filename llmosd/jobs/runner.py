@@ -1,13 +1,13 @@
 """The daemon's jobs: the queue, the worker processes, the records, and who listens.
 
-Every job (create, import, train) is queued, started by ``queue.next_to_start`` when its
+Every job (create, import, train, finetune, eval, merge) is queued, started by ``queue.next_to_start`` when its
 device has room (``max_jobs`` per device) and run as ``func(spec, store_root, ctl)`` in a
 fresh ``spawn`` process (``jobs.worker``), so a crash or an out-of-memory kill there never
 takes the daemon down.  A monitor thread per worker relays its messages to the control loop
 through ``post``; everything else here runs on the loop.  Pause and cancel are signals the
 worker honours between steps (SIGUSR1, SIGTERM), with SIGKILL after ``stop_timeout`` seconds.
 Workers die with the daemon (PR_SET_PDEATHSIG), so a killed daemon leaves no orphan writing
-into the store; the records let the next daemon resume its train jobs.
+into the store; the records let the next daemon resume its training jobs (train, finetune).
 
 A job that returns a manifest stays ``running`` until the caller has published it and says
 so with ``settle``.
@@ -25,8 +25,8 @@ from typing import Callable
 
 from llmctl.errors import InvalidState
 from llmosd.jobs import worker
-from llmosd.jobs.queue import (ACTIVE, Job, JobState, after_restart, next_to_start, outcome,
-                               running_by_device)
+from llmosd.jobs.queue import (ACTIVE, TRAINERS, Job, JobState, after_restart, next_to_start,
+                               outcome, reads, running_by_device)
 from llmosd.jobs.records import Records, to_record
 
 log = logging.getLogger("llmosd.jobs")
@@ -241,17 +241,20 @@ class JobRunner:
         if job.state not in ACTIVE:
             return
         job.transition(S if reason is None else F, reason)
-        self._log(job, f"succeeded: {job.model} published" if reason is None else f"failed: {reason}")
+        done = "succeeded" if job.kind == "eval" else f"succeeded: {job.model} published"
+        self._log(job, done if reason is None else f"failed: {reason}")
         self._changed(job)
         self._wake(job)
         self.schedule()
 
     # -- stopping -------------------------------------------------------------------------------
     def stop(self, job: Job, what: str, reply: Callable[[Job], None] | None = None) -> None:
-        """Pause (train jobs only) or cancel ``job``; ``reply(job)`` once it has stopped (at once
-        when no worker runs).  InvalidState when that is not possible in its state."""
-        if what == "pause" and job.kind != "train":
-            raise InvalidState(f"job {job.id} is a {job.kind} job; only train jobs can be paused",
+        """Pause (training jobs only: train, finetune) or cancel ``job``; ``reply(job)`` once it
+        has stopped (at once when no worker runs).  InvalidState when that is not possible in
+        its state."""
+        if what == "pause" and job.kind not in TRAINERS:
+            raise InvalidState(f"job {job.id} is a {job.kind} job; only train and finetune jobs "
+                               "can be paused",
                                hint=f"cancel it instead: llmctl cancel {job.id}")
         if job.is_finished():
             raise InvalidState(f"job {job.id} is {job.state.value}; it cannot be "
@@ -283,9 +286,9 @@ class JobRunner:
         self._signal(job, what)
 
     def _signal(self, job: Job, what: str) -> None:
-        """Ask the worker to stop; create and import cannot stop cleanly, so they are killed.
-        A worker that has not stopped after ``stop_timeout`` seconds is killed."""
-        if job.kind != "train":
+        """Ask the worker to stop; create, import, eval and merge have nothing to keep, so
+        they are killed.  A worker that has not stopped after ``stop_timeout`` seconds is killed."""
+        if job.kind not in TRAINERS:
             self._kill(job, signal.SIGKILL)
             return
         self._kill(job, signal.SIGUSR1 if what == "pause" else signal.SIGTERM)
@@ -316,11 +319,11 @@ class JobRunner:
             self.stop(job, "cancel")
 
     def shutdown(self) -> None:
-        """The daemon stops: running train jobs pause (checkpoint) and are queued again for
-        the next start; create and import jobs are cancelled; nothing new starts."""
+        """The daemon stops: running training jobs (train, finetune) pause (checkpoint) and are
+        queued again for the next start; the others are cancelled; nothing new starts."""
         self.stopping = True
         for job in list(self.jobs.values()):
-            if job.kind == "train":
+            if job.kind in TRAINERS:
                 if job.state is R and job.stop is None:
                     job.requeue = True
                     self.stop(job, "pause")
@@ -339,15 +342,31 @@ class JobRunner:
         return not any(j.state in ACTIVE for j in self.jobs.values())
 
     def writing(self, target: str) -> bool:
-        """Whether an unfinished job (queued, running, paused) makes model ``target``."""
-        return any(j.model == target and not j.is_finished() for j in self.jobs.values())
+        """Whether an unfinished job (queued, running, paused) makes model ``target`` (an eval
+        job names the model it reads, and makes none)."""
+        return any(j.model == target and j.kind != "eval" and not j.is_finished()
+                   for j in self.jobs.values())
+
+    def readers(self, model: str) -> list[int]:
+        """Ids of the unfinished jobs that read stored model ``model`` (``queue.reads``)."""
+        return sorted(j.id for j in self.jobs.values() if not j.is_finished() and model in reads(j))
+
+    def drop_refs(self, job: Job) -> None:
+        """``job`` no longer needs its blobs kept (an eval that ended: nothing refers to them)."""
+        job.refs = []
+        self._update_refs()
+        self._save(job)
+
+    def note(self, job: Job, text: str) -> None:
+        """A line in the job's log from its owner (e.g. an eval's metrics)."""
+        self._log(job, text)
 
     def resume(self, job: Job) -> None:
-        """Queue a paused job (or a train job that failed) again: it goes on from its last
+        """Queue a paused job (or a training job that failed) again: it goes on from its last
         checkpoint.  InvalidState otherwise."""
         if not job.resumable():
             raise InvalidState(f"job {job.id} is {job.state.value}; only a paused job, or a train "
-                               "job that failed, can be resumed")
+                               "or finetune job that failed, can be resumed")
         job.transition(Q, "")
         self._log(job, "resumed: queued" + (f" (from the checkpoint of step {job.checkpoint_step})"
                                             if job.checkpoint_step else ""))

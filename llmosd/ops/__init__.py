@@ -90,8 +90,9 @@ class Ops:
 
     # -- shutdown -------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """SIGTERM: every open stream gets a clean error; running train jobs pause (to resume
-        at the next start), other jobs are cancelled; instances unload."""
+        """SIGTERM: every open stream gets a clean error; running training jobs (train,
+        finetune) pause (to resume at the next start), other jobs are cancelled; instances
+        unload."""
         self.job_ops.stopping = True
         self.jobctl_ops.shutdown()
         self.jobs.shutdown()

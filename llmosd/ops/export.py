@@ -1,4 +1,6 @@
-"""Handler for ``export``: a stored model's Hugging Face files (``formats.hf_export``).
+"""Handler for ``export``: a stored model's Hugging Face files (``formats.hf_export``), or an
+adapter's PEFT directory (``formats.peft.adapter_files``: adapter_config.json inline, the
+LoRA tensors' blob by digest).  Classifiers are refused for now: neither format holds a head.
 
 The small files are made from the model's config and tokenizer blobs and sent inline; the
 weights (and a SentencePiece model) are named by digest for the client to ``download``.
@@ -11,9 +13,10 @@ import json
 import logging
 import threading
 
-from llmctl.errors import Busy, Internal, LlmosdError, StoreCorrupt
+from llmctl.errors import Busy, Internal, InvalidArgument, LlmosdError, StoreCorrupt
 from llmosd.formats import hf_export
 from llmosd.server import Ctx
+from llmosd.store.manifest import kind_of
 from llmosd.store.store import Store
 
 log = logging.getLogger("llmosd.ops")
@@ -39,7 +42,8 @@ class ExportOps:
     def _prepare(self, ctx: Ctx, canon: str, man: dict, digest: str) -> None:
         """On its thread: the reply body, or the error, posted to the loop."""
         try:
-            reply = (ctx.ok, {"model": canon, "digest": digest, "files": self.files(canon, man)})
+            reply = (ctx.ok, {"model": canon, "digest": digest, "kind": kind_of(man),
+                              "files": self.files(canon, man)})
         except LlmosdError as e:
             reply = (ctx.error, e)
         except Exception as e:              # noqa: BLE001 - the client must get an answer
@@ -52,8 +56,20 @@ class ExportOps:
         send(body)
 
     def files(self, canon: str, man: dict) -> list[dict]:
-        """``hf_export.hf_files`` for the stored model ``canon`` (its blobs checked as read)."""
+        """``hf_export.hf_files`` for the stored model ``canon`` (its blobs checked as read);
+        ``peft.adapter_files`` for an adapter.  InvalidArgument for a classifier."""
+        kind = kind_of(man)
+        if kind == "classifier":
+            base = (man.get("base") or {}).get("model")
+            raise InvalidArgument(
+                f"{canon} is a classifier: its classification head has no place in a Hugging Face "
+                "causal-LM or PEFT LoRA directory, so llmosd does not export classifiers yet",
+                hint=f"export its base model (llmctl export {base} DIR); the head stays in llmosd"
+                if base else "classifiers are used through 'llmctl classify'")
         try:
+            if kind == "adapter":
+                from llmosd.formats.peft import adapter_files     # torch-free at module level
+                return adapter_files(man)
             config = json.loads(self.store.read_blob(man["config"]["digest"]))
             tok_blob = self.store.read_blob(man["tokenizer"]["digest"])
             return hf_export.hf_files(man, config, tok_blob)

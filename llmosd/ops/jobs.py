@@ -1,22 +1,23 @@
-"""Handlers for the jobs that make models: create, import and train; publishing their manifests.
+"""Handlers for the jobs that make models: create, import and train (and, through the
+``ops.finetune`` mixin, finetune, eval and merge); publishing their manifests.
 
 Every one is a job of ``jobs.runner.JobRunner`` (queued, run in a worker, recorded).  create
-and import stream their progress to the requesting client; train answers with the job's row
-at once and goes on without a client (it survives daemon restarts: ``adopt``).
+and import stream their progress to the requesting client; train and finetune answer with the
+job's row at once and go on without a client (they survive daemon restarts: ``adopt``).
 """
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from functools import partial
 from typing import Callable
 
 from llmctl import protocol
-from llmctl.errors import (AlreadyExists, Busy, Cancelled, Internal, InvalidArgument, JobFailed,
+from llmctl.errors import (AlreadyExists, Busy, Cancelled, InvalidArgument, JobFailed,
                            LlmosdError, ModelNotFound, ShuttingDown)
 from llmosd.formats.importer import import_model
-from llmosd.jobs.queue import ACTIVE, FINISHED, JobState
+from llmosd.jobs.queue import ACTIVE, FINISHED, TRAINERS, JobState
+from llmosd.ops.finetune import FINETUNE, IMPORT_ADAPTER, FinetuneOps, check_full_model, off_loop, refusal
 from llmosd.ops.store import write_error
 from llmosd.server import Ctx
 from llmosd.store.store import Store, canonical
@@ -52,7 +53,7 @@ def check_train(spec: dict, data: dict, parent: dict | None) -> dict:
     return full
 
 
-class JobOps:
+class JobOps(FinetuneOps):
     """``op_create``, ``op_import`` and ``op_train``: check the request, queue the job,
     publish the result (on the store's writer, off the loop).  ``stopping`` is set at shutdown
     (cancelled jobs then say so).  ``publishing``: models whose manifest is being written."""
@@ -71,25 +72,51 @@ class JobOps:
         spec = dict(ctx.body)
         files = spec["files"]
         fmt = spec["format"] = spec.get("format") or "hf"
-        if fmt not in ("hf", "gguf"):
+        if fmt not in ("hf", "gguf", "peft"):
             raise InvalidArgument(f"import format {fmt!r} is not supported by this llmosd",
-                                  hint="import a Hugging Face directory or a .gguf file")
+                                  hint="import a Hugging Face directory, a .gguf file or a PEFT adapter")
         if spec.get("dtype") not in (None, *protocol.DTYPES):
             raise InvalidArgument(f"dtype {spec['dtype']!r} is not one of {', '.join(protocol.DTYPES)}")
         if fmt == "gguf" and len(files) != 1:
             raise InvalidArgument(f"a gguf import takes exactly one file, got {len(files)}")
         self._check_names("files", files)
-        same = self.sources.same_import(files, fmt, spec.get("dtype") or "auto")
+        try:
+            refs = self._import_base(spec)
+        except LlmosdError:                               # refused: no orphans
+            self.store.discard_unreferenced(set(files.values()))
+            raise
+        same = None if fmt == "peft" else self.sources.same_import(files, fmt, spec.get("dtype") or "auto")
         if same is not None:
             self._reimport(ctx, same, spec)
             return
         try:
             self._check_uploaded("files", files,
                                  "this import differs (other files or dtype) and needs their content")
-            self._job(ctx, "import", import_model, spec, cleanup=set(files.values()))
+            if fmt == "peft":
+                self._job(ctx, "import", IMPORT_ADAPTER, spec, cleanup=set(files.values()), refs=refs)
+            else:
+                self._job(ctx, "import", import_model, spec, cleanup=set(files.values()))
         except LlmosdError:                               # refused (name taken, busy...): no orphans
             self.store.discard_unreferenced(set(files.values()))
             raise
+
+    def _import_base(self, spec: dict) -> set[str]:
+        """A PEFT adapter is imported onto a base model (``base``, a model with its own
+        weights): the worker gets ``_base`` = {name, digest, manifest}; returns the base's
+        blobs (kept while the job runs).  Other formats take no base."""
+        base = spec.pop("base", None)
+        if spec["format"] != "peft":
+            if base is not None:
+                raise InvalidArgument("a base model is given only for a PEFT adapter import",
+                                      hint="import a Hugging Face directory or a .gguf file without --base")
+            return set()
+        if base is None:
+            raise InvalidArgument("a PEFT adapter is imported onto its base model, and none was given",
+                                  hint="name the base: llmctl import DIR NAME --base MODEL")
+        bcanon, bman, bdigest = self.store.find(base)
+        check_full_model(bcanon, bman)
+        spec["_base"] = {"name": bcanon, "digest": bdigest, "manifest": bman}
+        return self.store.blob_digests(bman)
 
     def _check_names(self, field: str, files: dict) -> None:
         for rel, digest in files.items():
@@ -201,9 +228,7 @@ class JobOps:
         def checked(result, error):              # on the loop
             try:
                 if error is not None:
-                    raise (InvalidArgument(str(error)) if isinstance(error, ValueError) else
-                           error if isinstance(error, LlmosdError) else
-                           Internal(f"checking the train spec failed: {error!r}"))
+                    raise refusal(error, "train")
                 full = result
                 if parent is None:
                     self._check_target(canon, force)   # again: things may have changed meanwhile
@@ -225,35 +250,33 @@ class JobOps:
                 self.jobs.release(key)
             log.info("train %s by uid %s: job %d queued", canon, ctx.uid, job.id)
             ctx.ok({"job": job.row()})
-
-        def run():
-            try:
-                result, error = check(), None
-            except Exception as e:        # noqa: BLE001 - handed to the loop
-                result, error = None, e
-            self.jobs.post(checked, result, error)
-        threading.Thread(target=run, name="train-check", daemon=True).start()
+        off_loop(self.jobs.post, "train-check", check, checked)
 
     def adopt(self) -> None:
-        """At start-up: give the train jobs loaded from their records what they run and how
-        their result is published, then start those that may run."""
+        """At start-up: give the training jobs (train, finetune) loaded from their records what
+        they run and how their result is published, then start those that may run.  Other
+        kinds were failed by the runner (their client is gone)."""
         for job in self.jobs.jobs.values():
-            if job.kind == "train" and job.state not in (JobState.SUCCEEDED, JobState.CANCELLED):
+            if job.kind in TRAINERS and job.state not in (JobState.SUCCEEDED, JobState.CANCELLED):
                 replace = "_parent" in job.spec or bool(job.spec.get("_force"))
-                self.jobs.attach(job, TRAIN, *self._hooks("train", job.model, replace))
+                func = TRAIN if job.kind == "train" else FINETUNE
+                self.jobs.attach(job, func, *self._hooks(job.kind, job.model, replace))
         self.jobs.schedule()
 
     # -- the life of a job ------------------------------------------------------------------------
-    def _job(self, ctx: Ctx, kind: str, func: Callable, spec: dict, cleanup: set | None = None) -> None:
+    def _job(self, ctx: Ctx, kind: str, func: Callable | str, spec: dict, cleanup: set | None = None,
+             refs: set | None = None) -> None:
         """Queue job ``func`` that makes model ``spec['name']`` for a streaming client; publish
         its manifest when it returns.  Whatever happens, the stream ends (``end`` or one
-        error); the reply comes once the store is written."""
+        error); the reply comes once the store is written.  ``refs``: blobs of stored models
+        the job reads (an adapter's base), kept while it runs."""
         canon, force = canonical(spec.pop("name")), spec.pop("force", False)
         self._check_target(canon, force)
         job_ref = []
         stream = ctx.stream(lambda reason: self.jobs.cancel(job_ref[0].id))
         progress, finished = self._hooks(kind, canon, force, cleanup or set(), stream)
-        job_ref.append(self.jobs.start(kind, canon, func, spec, ctx.uid, progress, finished))
+        extra = {"refs": refs} if refs else {}
+        job_ref.append(self.jobs.start(kind, canon, func, spec, ctx.uid, progress, finished, **extra))
         if job_ref[0].state is JobState.QUEUED:
             stream.chunk({"stage": "queued", "message": f"job {job_ref[0].id} is queued: other jobs "
                           "use the device (max_jobs)"})

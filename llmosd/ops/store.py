@@ -8,6 +8,8 @@ from llmctl import protocol
 from llmctl.errors import (AlreadyExists, Busy, Internal, InvalidArgument, LlmosdError, ModelNotFound,
                            StoreCorrupt)
 from llmosd.server import Ctx
+from llmosd.store.bases import dependents
+from llmosd.store.manifest import base_of, kind_of
 from llmosd.store.store import Store, canonical
 from llmosd.store.uploads import Sources, Uploads
 
@@ -36,6 +38,7 @@ class StoreOps:
                            "parameters": man.get("parameters"), "created": man.get("created"),
                            "modified": man.get("_mtime"), "architecture": man.get("architecture"),
                            "method": lin.get("method"), "parent": lin.get("parent"),
+                           "kind": kind_of(man), "base": (base_of(man) or {}).get("model"),
                            "instances": self.manager.table.ids_of(ref)})
         ctx.ok({"models": models})
 
@@ -47,26 +50,61 @@ class StoreOps:
                 "instances": [i.row() for i in self.manager.table if i.model == canon]})
 
     def op_rm(self, ctx: Ctx) -> None:
-        """Remove a model that is neither loaded nor being written.  It is gone for every
-        other request at once; the reply comes when the store's writer has removed it."""
+        """Remove a model that is neither loaded nor being written nor read by a job.  A base
+        that adapters or classifiers use is refused unless ``force``, which removes them too
+        (listed in the reply's ``removed``, present only then).  They are gone for every other request at once;
+        the reply comes when the store's writer has removed them."""
         canon, _, _ = self.store.find(ctx.body["model"])
+        deps = dependents(self.store, canon)
+        if deps and not ctx.body.get("force", False):
+            short = canon.removesuffix(":latest")
+            raise Busy(f"{canon} is the base of {len(deps)} model(s) that use its weights: "
+                       f"{', '.join(deps)}",
+                       hint=f"remove them first, or remove them with it: llmctl rm --force {short}")
+        for model in (canon, *deps):
+            self._check_removable(model)
+        gone = [*deps, canon]
+
+        def remove():                 # on the store's writer: the dependents first
+            removed, freed = [], 0
+            for d in deps:
+                freed += self.store.remove(d).get("freed_bytes", 0)
+                removed.append(d)
+            r = self.store.remove(canon)
+            r["freed_bytes"] = r.get("freed_bytes", 0) + freed
+            return {**r, "removed": removed} if removed else r
+
+        def done(r, error):
+            for model in gone:
+                self.store.leaving(model, gone=False)
+            if error is not None:
+                ctx.error(write_error(f"removing {canon}", error))
+                return
+            log.info("rm %s by uid %s (freed %d bytes)%s", canon, ctx.uid, r.get("freed_bytes", 0),
+                     f"; with it {', '.join(r['removed'])}" if r.get("removed") else "")
+            ctx.ok(r)
+        for model in gone:
+            self.store.leaving(model)
+        self.store.writer.submit(remove, done)
+
+    def _check_removable(self, canon: str) -> None:
+        """Busy when ``canon`` is loaded (as a model, or as an adapter on its base's
+        instance), or a job makes or reads it."""
         ids = self.manager.table.ids_of(canon)
         if ids:
             raise Busy(f"{canon} is loaded (instance {', '.join(map(str, ids))})",
                        hint=f"unload it first: llmctl unload {canon}")
+        hosts = adapter_hosts(self.manager.table, canon)
+        if hosts:
+            raise Busy(f"{canon} is loaded on instance {', '.join(map(str, hosts))} of its base",
+                       hint=f"unload it first: llmctl unload {canon}")
         if self.jobs.writing(canon):
             raise Busy(f"{canon} is the target of a job that is queued or running",
                        hint="wait for it to finish, or cancel it (llmctl jobs; llmctl cancel JOB)")
-
-        def done(r, error):
-            self.store.leaving(canon, gone=False)
-            if error is not None:
-                ctx.error(write_error(f"removing {canon}", error))
-                return
-            log.info("rm %s by uid %s (freed %d bytes)", canon, ctx.uid, r.get("freed_bytes", 0))
-            ctx.ok(r)
-        self.store.leaving(canon)
-        self.store.writer.submit(self.store.remove, done, canon)
+        readers = getattr(self.jobs, "readers", lambda m: [])(canon)
+        if readers:
+            raise Busy(f"{canon} is used by job {', '.join(map(str, readers))} (queued or running)",
+                       hint="wait for it to finish, or cancel it (llmctl jobs; llmctl cancel JOB)")
 
     def op_tag(self, ctx: Ctx) -> None:
         """Give a model another name; the reply comes when the store's writer has written it."""
@@ -144,6 +182,17 @@ class StoreOps:
         data, total = self.store.read_range(b["digest"], b["offset"], b["size"])
         ctx.ok({"data": data, "total": total})
 
+
+
+def adapter_hosts(table, canon: str) -> list[int]:
+    """Ids of the instances that have adapter ``canon`` attached: ``Instance.adapters`` keyed
+    by the adapter's name, or holding entries whose ``model`` is it (a table without adapters
+    has none)."""
+    def names(adapters) -> set:
+        items = adapters.values() if isinstance(adapters, dict) else adapters
+        out = set(adapters) if isinstance(adapters, dict) else set()
+        return out | {a.get("model") if isinstance(a, dict) else getattr(a, "model", None) for a in items}
+    return [i.id for i in table if canon in names(getattr(i, "adapters", None) or {})]
 
 
 def write_error(what: str, e: Exception, other: type[LlmosdError] = Internal) -> LlmosdError:

@@ -33,6 +33,7 @@ from typing import BinaryIO, Callable, Collection, Iterator
 
 from llmctl.errors import AlreadyExists, InvalidArgument, LlmosdError, ModelNotFound, StoreCorrupt
 from llmosd.store.index import Index, blob_digests
+from llmosd.store.manifest import base_of
 from llmosd.store.paths import (LINK_HINT, own_dir, READ_FLAGS, Blocked, blocked_error, clash_error,
                                 commit_file, fsync_dir, kind, open_parent, read_entry, shown)
 from llmosd.store.writer import StoreWriter
@@ -261,7 +262,11 @@ class Store:
 
     @staticmethod
     def size(manifest: dict) -> int:
-        return sum(v.get("size", 0) for v in manifest.values() if isinstance(v, dict) and "digest" in v)
+        """The bytes of a model's blobs; for an adapter or classifier on a base only its own
+        (adapter, head): its config and tokenizer are the base's, counted there."""
+        shared = ("config", "tokenizer") if base_of(manifest) is not None else ()
+        return sum(v.get("size", 0) for k, v in manifest.items()
+                   if isinstance(v, dict) and "digest" in v and k not in shared)
 
     @property
     def generation(self) -> int:

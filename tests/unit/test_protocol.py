@@ -46,7 +46,8 @@ def test_oversize_names_limit_and_keeps_id():
     ({"v": 1, "id": 1, "type": "score", "body": {"model": "m"}}, errors.InvalidArgument, "text"),
     ({"v": 1, "id": 1, "type": "embed", "body": {"model": "m", "inputs": ["a"], "pooling": 1}},
      errors.InvalidArgument, "pooling"),
-    ({"v": 1, "id": 1, "type": "classify", "body": {"model": "m", "inputs": ["a"]}}, errors.InvalidArgument, "labels"),
+    ({"v": 1, "id": 1, "type": "classify", "body": {"model": "m", "inputs": ["a"], "labels": "a"}},
+     errors.InvalidArgument, "labels"),       # optional since 1.6 (classifiers), still typed
     ({"v": 1, "id": 1, "type": "download", "body": {"digest": "d", "offset": 0}}, errors.InvalidArgument, "size"),
     ({"v": 1, "id": 1, "type": "import", "body": {"name": "n", "files": {}, "dtype": 16}},
      errors.InvalidArgument, "dtype"),
@@ -65,3 +66,51 @@ def test_error_codes_are_stable_and_unique():
     assert isinstance(e, errors.Busy) and e.hint == "h"
     unknown = errors.from_wire({"code": 999, "name": "future", "message": "m"})
     assert type(unknown) is errors.LlmosdError and unknown.code == 999
+
+
+def _man_entries() -> dict[str, str]:
+    """{message type: its entry in llmosd-protocol(7)} (the .B line and its paragraph)."""
+    import re
+    from pathlib import Path
+    page = (Path(__file__).resolve().parents[2] / "man" / "llmosd-protocol.7").read_text()
+    out = {}
+    for block in page.split("\n.TP\n")[1:]:
+        head, _, text = block.partition("\n")
+        for name in re.findall(r"(?:^\.B |, )([a-z_]+) \{", head):
+            out[name] = head + "\n" + text.split("\n.SH ")[0]
+    return out
+
+
+def test_i11_every_message_and_field_is_documented():
+    """Each message type of SCHEMAS has its entry in the man page naming each of its fields
+    (chat's sampling fields are generate's, which the entry says)."""
+    import re
+    entries = _man_entries()
+    missing = []
+    for mtype, fields in protocol.SCHEMAS.items():
+        text = entries.get(mtype)
+        if text is None:
+            missing.append(mtype)
+            continue
+        for f in fields:
+            shared = mtype == "chat" and f in protocol._GEN and "sampling fields" in text
+            if not shared and not re.search(rf"\b{f}\b", text):
+                missing.append(f"{mtype}.{f}")
+    assert not missing, f"not documented in man/llmosd-protocol.7: {missing}"
+
+
+def test_i11_protocol_1_6_fine_tuning_messages():
+    for body in ({"base": "b", "name": "n", "data": {"a.jsonl": "sha256:x"}, "spec": {}},
+                 {"base": "b", "name": "n", "data": {}, "val_data": {"v.jsonl": "d"}, "spec": {"method": "lora"},
+                  "priority": 3, "force": True}):
+        protocol.check_request(protocol.request(1, "finetune", body))
+    protocol.check_request(protocol.request(1, "eval", {"model": "m", "data": {"a.jsonl": "d"}}))
+    protocol.check_request(protocol.request(1, "merge", {"adapter": "a", "name": "m", "force": True}))
+    protocol.check_request(protocol.request(1, "import", {"name": "a", "files": {}, "format": "peft",
+                                                          "base": "b"}))
+    protocol.check_request(protocol.request(1, "rm", {"model": "m", "force": True}))
+    protocol.check_request(protocol.request(1, "classify", {"model": "m", "inputs": ["x"]}))
+    with pytest.raises(errors.InvalidArgument, match="needs the field 'base'"):
+        protocol.check_request(protocol.request(1, "finetune", {"name": "n", "data": {}, "spec": {}}))
+    assert protocol.MINOR == 6 and {"finetune", "eval", "merge"} <= set(protocol.JOB_KINDS)
+    assert {"eval", "merge"} <= protocol.STREAMING and "finetune" not in protocol.STREAMING
