@@ -5,8 +5,8 @@ all-reduce, broadcast, the stop request); rank r trains on the r-th share of eac
 so N ranks of batch b compute what one process of batch N*b does.  The stop request is rank 0's
 (the daemon's ctl, or a signal), broadcast to every rank before each step.
 
-``launch`` is the worker's side of ``nproc N``: it writes a run directory (spec.json, the data
-and the parent model as links to their blobs), starts N local ranks of
+``launch`` is the worker's side of ``nproc N`` (training and fine-tuning): it writes a run
+directory (spec.json, the data and the parent model as links to their blobs), starts N local ranks of
 ``python -m llmosd.train.entry RUN_DIR`` with torchrun's environment, relays rank 0's reports
 to ``ctl``, turns a pause request into SIGUSR1 for rank 0 and a cancel into killing the ranks,
 and returns the final checkpoint rank 0 wrote.
@@ -119,17 +119,25 @@ def _link(target: str, path: str) -> None:
 
 
 def write_run_dir(run_dir: str, s: dict, store, parent: dict | None) -> None:
-    """spec.json, data/<file> and parent/ (meta.json, config.json, tokenizer.bin,
-    model.safetensors) for the ranks; blobs are linked, not copied."""
-    os.makedirs(os.path.join(run_dir, "data"), exist_ok=True)
-    for name, digest in s["data"].items():
-        _link(store.blob_path(digest), os.path.join(run_dir, "data", name))
+    """spec.json, data/<file> (a fine-tune's validation files in val_data/<file>) and parent/
+    (meta.json, config.json, tokenizer.bin, model.safetensors) for the ranks; blobs are
+    linked, not copied.  meta.json carries what the ranks need of the parent besides its
+    blobs: name, digest, tokenizer type and BOS rule, chat template, the weights' digest."""
+    for sub, files in (("data", s["data"]), ("val_data", s.get("val_data"))):
+        if sub == "data" or files:
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+        for name, digest in (files or {}).items():
+            _link(store.blob_path(digest), os.path.join(run_dir, sub, name))
     if parent:
         pdir = os.path.join(run_dir, "parent")
         os.makedirs(pdir, exist_ok=True)
         tok = parent["tokenizer"]
         meta = {"name": parent.get("name"), "digest": parent.get("digest"),
-                "tokenizer_type": tok["type"], "add_bos": tok.get("add_bos")}
+                "tokenizer_type": tok["type"], "add_bos": tok.get("add_bos"),
+                "weights_digest": parent["weights"]["digest"]}
+        if "chat_template" in parent or "defaults" in parent:
+            meta.update(chat_template=parent.get("chat_template"),
+                        defaults=dict(parent.get("defaults") or {}))
         with open(os.path.join(pdir, "meta.json"), "w") as f:
             json.dump(meta, f)
         for name, digest in (("config.json", parent["config"]["digest"]),

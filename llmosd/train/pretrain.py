@@ -155,8 +155,9 @@ class Trainer:
             checkpoint.check_resumable(ck, s)
         self._tokens(ck, data, parent)
         self._model(ck, parent)
-        decay = [p for p in self.raw.parameters() if p.dim() >= 2]
-        other = [p for p in self.raw.parameters() if p.dim() < 2]
+        self.params = self.trainable()
+        decay = [p for p in self.params if p.dim() >= 2]
+        other = [p for p in self.params if p.dim() < 2]
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": s["weight_decay"]}, {"params": other, "weight_decay": 0.0}],
             lr=s["lr"], betas=BETAS, fused=self.device.type == "cuda")
@@ -173,6 +174,37 @@ class Trainer:
     def log(self, line: str) -> None:
         if self.rank == 0:
             self.ctl.log(line)
+
+    # -- what a subclass (``finetune.FineTuner``) changes ------------------------------------
+    def trainable(self) -> list:
+        """The parameters the optimizer updates (and clipping sees), in a fixed order."""
+        return list(self.raw.parameters())
+
+    def model_state(self) -> dict:
+        """What a checkpoint holds of the model (``last.pt``'s and ``best.pt``'s "model")."""
+        return self.raw.state_dict()
+
+    def checkpoint_extra(self) -> dict:
+        """More entries for ``last.pt`` (a fine-tune records its base)."""
+        return {}
+
+    def uses_dropout(self) -> bool:
+        """Whether micro-steps draw dropout masks (then seeded per micro-step)."""
+        return self.s["dropout"] > 0
+
+    def describe(self) -> str:
+        """The first log line of a run: its size and data."""
+        return (f"{self.raw.param_count():,} parameters, {len(self.train_tokens):,} training and "
+                f"{len(self.val_tokens):,} validation tokens, device {self.device}")
+
+    def train_loss(self, batch):
+        """The loss of one micro-batch (``_batch``'s value) through the wrapped model."""
+        x, y = batch
+        return self._loss(self.model, x, y)
+
+    def eval_record(self) -> dict:
+        """More figures for the metrics record of an evaluation (besides val_loss)."""
+        return {}
 
     def _tokens(self, ck, data: dict, parent) -> None:
         """The tokenizer (the checkpoint's, the parent's, or trained on rank 0) and the data's
@@ -251,14 +283,14 @@ class Trainer:
         s, ga = self.s, self.s["grad_accum"]
         total = torch.zeros((), device=self.device)
         for micro in range(ga):
-            if s["dropout"] > 0:       # masks a function of the step, like the batches
+            if self.uses_dropout():    # masks a function of the step, like the batches
                 torch.manual_seed(dropout_seed(s["seed"], step, micro, self.rank))
-            x, y = self._batch(step, micro)
+            batch = self._batch(step, micro)
             with self.dist.no_sync(self.model, micro < ga - 1):
-                loss = self._loss(self.model, x, y)
+                loss = self.train_loss(batch)
                 (loss / ga).backward()
             total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), CLIP)
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return total / ga
@@ -296,8 +328,7 @@ class Trainer:
         meter = Meter(self.s, self.world, self.step)
         if self.rank == 0 and self.step < s["max_steps"]:
             self.ctl.progress({"stage": "train", "message": f"step {self.step:,} of {s['max_steps']:,}"})
-            self.log(f"{self.raw.param_count():,} parameters, {len(self.train_tokens):,} training and "
-                     f"{len(self.val_tokens):,} validation tokens, device {self.device}")
+            self.log(self.describe())
         for step in range(self.step, s["max_steps"]):
             stop = self.dist.stop(self.ctl)
             if stop == PAUSE:
@@ -319,7 +350,8 @@ class Trainer:
                 if val is not None:
                     self.final["val_loss"] = val
                 if self.rank == 0:
-                    self.ctl.metrics(meter.record(done, loss, val, lr_at(step, s)))
+                    extra = self.eval_record() if val is not None else {}
+                    self.ctl.metrics({**meter.record(done, loss, val, lr_at(step, s)), **extra})
             if done % s["checkpoint_every"] == 0 or done == s["max_steps"]:
                 self.save()
         return self.last_ck if self.rank == 0 else None
@@ -333,7 +365,7 @@ class Trainer:
             if self.rank == 0:
                 checkpoint.save(os.path.join(self.dir, checkpoint.BEST),
                                 {"version": checkpoint.VERSION, "step": self.step, "val_loss": val,
-                                 "config": self.cfg.to_dict(), "model": self.raw.state_dict()})
+                                 "config": self.cfg.to_dict(), "model": self.model_state()})
 
     def save(self) -> None:
         """Write ``last.pt`` (rank 0) and tell the daemon."""
@@ -341,10 +373,11 @@ class Trainer:
         if self.rank != 0:
             return
         ck = {"version": checkpoint.VERSION, "step": self.step, "spec": self.s,
-              "config": self.cfg.to_dict(), "model": self.raw.state_dict(),
+              "config": self.cfg.to_dict(), "model": self.model_state(),
               "optimizer": self.opt.state_dict(), "rng": checkpoint.rng_state(),
               "tokenizer": self.tok_bytes, "tokenizer_type": self.tok_type, "add_bos": self.add_bos,
-              "final": dict(self.final, step=self.step, best_val_loss=self.best)}
+              "final": dict(self.final, step=self.step, best_val_loss=self.best),
+              **self.checkpoint_extra()}
         self.last_ck = ck
         checkpoint.save(os.path.join(self.dir, checkpoint.LAST), ck)
         self.ctl.checkpoint_saved(self.step)
