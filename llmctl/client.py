@@ -7,15 +7,14 @@
             print(text, end="")
         print(gen.stats)
 
-Jobs (train, jobs, job, job_rm, job_cancel/pause/resume, job_logs) come from
-``llmctl.jobs.JobsMixin``; file uploads from ``llmctl.upload``.
+Jobs (train, finetune, eval, merge, jobs, job, job_rm, job_cancel/pause/resume, job_logs)
+come from ``llmctl.jobs.JobsMixin``; file uploads from ``llmctl.upload``.
 Every daemon error arrives as the matching ``llmctl.errors`` subclass.  A daemon that is not
 running raises ``DaemonUnavailable`` within ``connect_timeout`` seconds instead of hanging.
 """
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import weakref
 from typing import Callable, Iterator
@@ -27,14 +26,9 @@ from .access import check_socket_path
 from .errors import Cancelled, DaemonUnavailable, LlmosdError, Timeout, from_wire
 from .jobs import JobsMixin
 from .paths import client_default_socket, ipc_path, normalize_socket
-from .upload import RESEND, upload_file
+from .upload import RESEND, import_source, upload_file
 
 __all__ = ["Client", "Generation"]
-
-HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
-            "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json",
-            "llmosd_lineage.json")         # an exported training run's lineage (llmctl train --export)
-
 
 class Generation:
     """An in-flight ``generate`` stream: iterate for text pieces; ``stats`` once exhausted.
@@ -312,8 +306,10 @@ class Client(JobsMixin):
     def show(self, model: str) -> dict:
         return self._call("show", {"model": model})
 
-    def rm(self, model: str) -> dict:
-        return self._call("rm", {"model": model})
+    def rm(self, model: str, force: bool = False) -> dict:
+        """Remove ``model``: {model, digest, freed_bytes, removed}.  A base that adapters or
+        classifiers use is refused unless ``force``, which removes them too (``removed``)."""
+        return self._call("rm", {"model": model, **({"force": True} if force else {})})
 
     def tag(self, source: str, target: str, *, force: bool = False) -> dict:
         """Name ``source`` also ``target``; an existing, different ``target`` needs ``force``."""
@@ -344,10 +340,12 @@ class Client(JobsMixin):
         return upload_file(self, path, progress)
 
     def import_path(self, path: str, name: str, *, force: bool = False, dtype: str | None = None,
-                    progress: Callable[[dict], None] | None = None) -> dict:
-        """Import a GGUF file or a Hugging Face model directory as ``name``: uploads the
+                    base: str | None = None, progress: Callable[[dict], None] | None = None) -> dict:
+        """Import a GGUF file or a Hugging Face model directory as ``name``, or, with ``base``,
+        a PEFT adapter directory as an adapter of the stored model ``base``: uploads the
         content (skipping what the daemon has), then converts it in a daemon job."""
-        from .errors import AlreadyExists, InvalidArgument, ModelNotFound
+        from .errors import AlreadyExists, ModelNotFound
+        fmt_, paths = import_source(path, base)          # bad paths: said before anything is sent
         if not force:                          # say so before uploading gigabytes
             try:
                 self.show(name)
@@ -355,24 +353,9 @@ class Client(JobsMixin):
                                     hint="choose another name, or pass --force to replace it")
             except ModelNotFound:
                 pass
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise InvalidArgument(f"{path} is not a GGUF file",
-                                          hint="give a .gguf file or a Hugging Face model directory")
-            base = os.path.basename(path)
-            rel = base if base and not base.startswith(".") else "model.gguf"
-            return self._import_job(_clean({"name": name, "format": "gguf", "force": force,
-                                            "dtype": dtype}), {rel: path}, progress)
-        if not os.path.isdir(path):
-            raise InvalidArgument(f"{path} is neither a file nor a directory",
-                                  hint="give a .gguf file or a Hugging Face model directory")
-        names = sorted(n for n in os.listdir(path)
-                       if (n in HF_FILES or n.endswith(".safetensors")) and os.path.isfile(os.path.join(path, n)))
-        if "config.json" not in names:
-            raise InvalidArgument(f"{path} has no config.json", hint="is this a Hugging Face model directory?")
-        return self._import_job(_clean({"name": name, "format": "hf", "force": force, "dtype": dtype}),
-                                {n: os.path.join(path, n) for n in names}, progress)
+        body = {"name": name, "format": fmt_, "force": force, "base": base,
+                "dtype": None if fmt_ == "peft" else dtype}
+        return self._import_job(_clean(body), paths, progress)
 
     def _import_job(self, body: dict, paths: dict[str, str],
                     progress: Callable[[dict], None] | None) -> dict:
@@ -443,10 +426,12 @@ class Client(JobsMixin):
                                                          "normalize": normalize})]
         return np.concatenate(rows) if rows else np.zeros((0, 0), dtype="<f4")
 
-    def classify(self, model: str, inputs: list[str], labels: list[str], *,
+    def classify(self, model: str, inputs: list[str], labels: list[str] | None = None, *,
                  template: str | None = None) -> list[dict]:
-        """Zero-shot labels for ``inputs``, in input order: [{label, scores, probs}, ...]."""
-        body = _clean({"model": model, "labels": list(labels), "template": template})
+        """Labels for ``inputs``, in input order: [{label, scores, probs}, ...]: a classifier's
+        trained head (``labels`` optional), else zero-shot among ``labels``."""
+        body = _clean({"model": model, "labels": list(labels) if labels is not None else None,
+                       "template": template})
         return [res for r in self._batches("classify", inputs, body) for res in r["results"]]
 
     def download(self, digest: str, offset: int, size: int = protocol.UPLOAD_CHUNK) -> dict:

@@ -1,4 +1,5 @@
-"""The job half of the client: submit training, list, inspect, stop and follow jobs.
+"""The job half of the client: submit training and fine-tuning, evaluate, merge, list,
+inspect, stop and follow jobs.
 
     with Client() as c:
         row = c.train("tiny-char", ["input.txt"], {"tokenizer": "char", "max_steps": 200})
@@ -10,15 +11,26 @@
 A job row (``jobs``, ``job``, every ``--json``) has: job_id, kind, model, state, reason, step,
 max_steps, loss, val_loss, tokens_per_s, eta_s, device, owner, priority, created, started,
 finished, checkpoint_step, nproc, pid (unknown values are None).  ``JobsMixin`` is a base of
-``Client``; it uses only the client's ``_call``, ``_start_stream`` and ``upload_file``.
+``Client``; it uses only the client's ``_call``, ``_start_stream``, ``_send_cancel`` and
+``upload_file``.
+
+Fine-tuning (protocol 1.6)::
+
+    row = c.finetune("smollm2", "smollm2-qa", ["qa.jsonl"], {"method": "lora", "rank": 8, "epochs": 3})
+    result = c.eval("smollm2-qa", ["qa-test.jsonl"])     # {"model", "examples", "metrics": {...}}
+    c.merge("smollm2-qa", "smollm2-qa-merged")
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable, Iterator
 
-from .errors import InvalidArgument
-from .trainspec import check_spec, data_files
+from .errors import InvalidArgument, LlmosdError
+from .trainspec import EVAL_KEYS, FINETUNE_KEYS, check_spec, data_files, finetune_conflict
 from .upload import RESEND
+
+FT_NO_DATA = ("no data: give at least one --data FILE (JSONL: {\"prompt\", \"completion\"}, "
+              "{\"messages\"}, {\"text\"} or {\"text\", \"label\"} per line)")
 
 __all__ = ["JobsMixin", "JobLog", "FINISHED"]
 
@@ -52,7 +64,7 @@ class JobLog:
 
 
 class JobsMixin:
-    """Job operations of ``Client`` (protocol 1.5)."""
+    """Job operations of ``Client`` (protocol 1.5; finetune, eval, merge: 1.6)."""
 
     def train(self, name: str, data_paths: Iterable[str], spec: dict, priority: int = 0,
               force: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
@@ -69,13 +81,97 @@ class JobsMixin:
             body["priority"] = int(priority)
         if force:
             body["force"] = True
+        return self._submit("train", body, {"data": files}, progress)["job"]
+
+    def finetune(self, base: str, name: str, data_paths: Iterable[str], spec: dict,
+                 val_data: Iterable[str] | None = None, priority: int = 0, force: bool = False,
+                 progress: Callable[[dict], None] | None = None) -> dict:
+        """Submit a fine-tuning job of model ``base`` into ``name`` on the JSONL files
+        ``data_paths`` (validation: ``val_data``, else a held-out split); returns its row.
+        ``spec`` holds llmctl.trainspec.FINETUNE_KEYS (method full|lora|classify, rank, alpha,
+        labels, epochs...); a combination that cannot work (labels without classify, epochs and
+        max_steps...) is refused before anything is sent.  Uploads as ``train``."""
+        files = data_files(list(data_paths), FT_NO_DATA)
+        val = data_files(list(val_data), FT_NO_DATA) if val_data else None
+        spec = check_spec(dict(spec), keys=FINETUNE_KEYS)
+        conflict = finetune_conflict(spec)
+        if conflict:
+            raise InvalidArgument(conflict, hint="see llmctl finetune --help")
+        body = {"base": base, "name": name, "spec": spec}
+        if priority:
+            body["priority"] = int(priority)
+        if force:
+            body["force"] = True
+        return self._submit("finetune", body, {"data": files, "val_data": val}, progress)["job"]
+
+    def eval(self, model: str, data_paths: Iterable[str], spec: dict | None = None,  # noqa: A003
+             progress: Callable[[dict], None] | None = None) -> dict:
+        """Evaluate ``model`` on the JSONL files ``data_paths`` (the metrics fine-tuning
+        reports, without training): a job the daemon runs while this waits; returns
+        {"model", "examples", "metrics": {name: value}, "job"}.  ``spec``: EVAL_KEYS (metrics,
+        eval_samples, ...).  ``progress`` hears uploads and the job's progress chunks.
+        Ctrl-C (KeyboardInterrupt) cancels the job, then propagates."""
+        files = data_files(list(data_paths), FT_NO_DATA)
+        body = {"model": model}
+        if spec:
+            body["spec"] = check_spec(dict(spec), keys=EVAL_KEYS)
         for attempt in (1, 2):
             body["data"] = {rel: self.upload_file(p, progress) for rel, p in files.items()}
             try:
-                return self._call("train", body, timeout=self._work_timeout)["job"]
-            except InvalidArgument as e:      # said "have" for an import's source: send, retry
+                return self._job_stream("eval", body, progress)
+            except InvalidArgument as e:
                 if attempt == 2 or RESEND not in str(e):
                     raise
+
+    def merge(self, adapter: str, name: str, force: bool = False,
+              progress: Callable[[dict], None] | None = None) -> dict:
+        """Write the adapter or classifier ``adapter`` merged into its base's weights as the
+        standalone model ``name``; returns {model, digest, parameters, size, job}.  Ctrl-C
+        cancels the job."""
+        body = {"adapter": adapter, "name": name}
+        if force:
+            body["force"] = True
+        return self._job_stream("merge", body, progress)
+
+    def _submit(self, type_: str, body: dict, files: dict, progress) -> dict:
+        """Upload each of ``files`` ({body key: {name: path}} or None) and send ``type_``.  A
+        "send them after all" refusal (an import's source the daemon had said it had) is
+        answered by sending the files and retrying once."""
+        for attempt in (1, 2):
+            for key, paths in files.items():
+                if paths:
+                    body[key] = {rel: self.upload_file(p, progress) for rel, p in paths.items()}
+            try:
+                return self._call(type_, body, timeout=self._work_timeout)
+            except InvalidArgument as e:
+                if attempt == 2 or RESEND not in str(e):
+                    raise
+
+    def _job_stream(self, type_: str, body: dict, progress, wait: float = 5.0) -> dict:
+        """Run a streamed job request to its end body; chunks go to ``progress``.  On Ctrl-C
+        the job is cancelled (its end or error awaited up to ``wait`` s) and the
+        KeyboardInterrupt propagates."""
+        rid, stream = self._start_stream(type_, body)
+        try:
+            while True:
+                try:
+                    chunk = next(stream)
+                except StopIteration as stop:
+                    return stop.value or {}
+                if progress:
+                    progress(chunk)
+        except KeyboardInterrupt:
+            self._send_cancel(rid)
+            deadline, idle = time.monotonic() + wait, self.stream_idle_timeout
+            self.stream_idle_timeout = wait            # a silent daemon cannot hold Ctrl-C up
+            try:
+                while time.monotonic() < deadline:
+                    next(stream)
+            except (StopIteration, LlmosdError):
+                pass
+            finally:
+                self.stream_idle_timeout = idle
+            raise
 
     def jobs(self, all: bool = False) -> list[dict]:       # noqa: A002 - the wire's name
         """Queued, running and paused jobs; with ``all``, the finished ones too."""

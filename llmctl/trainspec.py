@@ -1,4 +1,5 @@
 """Training specs on the client side: the keys, spec files (TOML or JSON), data-file checks.
+Fine-tuning (``FINETUNE_KEYS``) and evaluation (``EVAL_KEYS``) specs are checked the same way.
 
 What can be known without the daemon is checked here, before anything is uploaded: that each
 data file exists and can be read, that a spec file parses (a syntax error names its line), that
@@ -27,11 +28,31 @@ SPEC_KEYS: dict[str, type] = {
     "dtype": str,
 }
 
+# Keys that fix the architecture or the tokenizer: fine-tuning keeps its base's.
+ARCH_KEYS = ("tokenizer", "vocab_size", "layers", "dim", "heads", "kv_heads")
+FT_METHODS = ("full", "lora", "classify")
+ALL_LINEAR = "all-linear"
+# Every key of a fine-tuning spec (protocol 1.6, message 'finetune'): the training keys but the
+# architecture's, and the fine-tuning ones.  ``list`` values take a list of strings or a comma
+# string ("q_proj,v_proj"); ``targets`` also takes "all-linear".
+FINETUNE_KEYS: dict[str, type] = {
+    **{k: v for k, v in SPEC_KEYS.items() if k not in ARCH_KEYS},
+    "method": str, "rank": int, "alpha": float, "lora_dropout": float, "targets": list,
+    "labels": list, "head_only": bool, "epochs": float, "eval_samples": int,
+}
+LORA_KEYS = ("rank", "alpha", "lora_dropout", "targets")
+EVAL_METRICS = ("loss", "perplexity", "accuracy", "f1", "exact_match", "chrf")
+# The keys of an evaluation spec (message 'eval').
+EVAL_KEYS: dict[str, type] = {"metrics": list, "eval_samples": int, "block_size": int,
+                              "batch_size": int, "device": str, "seed": int}
+CHOICES = {"tokenizer": TOKENIZERS, "dtype": DTYPES, "method": FT_METHODS}
 
-def load_spec_file(path: str) -> dict:
+
+def load_spec_file(path: str, keys: dict[str, type] = SPEC_KEYS) -> dict:
     """The spec in the TOML (``.toml``) or JSON (anything else that starts with ``{``) file at
-    ``path``, checked with ``check_spec``.  OSError when it cannot be read; InvalidArgument
-    naming the file and line for a syntax error, an unknown key or a value of the wrong type."""
+    ``path``, checked with ``check_spec`` against ``keys``.  OSError when it cannot be read;
+    InvalidArgument naming the file and line for a syntax error, an unknown key or a value of
+    the wrong type."""
     with open(path, "rb") as f:
         raw = f.read(1 << 20)
     try:
@@ -43,7 +64,7 @@ def load_spec_file(path: str) -> dict:
         spec = _parse_json(path, text)
     else:
         spec = _parse_toml(path, text)
-    return check_spec(spec, where=lambda key: f"{path} line {_line_of(text, key)}")
+    return check_spec(spec, where=lambda key: f"{path} line {_line_of(text, key)}", keys=keys)
 
 
 def _parse_json(path: str, text: str) -> dict:
@@ -79,33 +100,82 @@ def _line_of(text: str, key: str) -> int | str:
     return "?"
 
 
-def check_spec(spec: dict, where=lambda key: "spec") -> dict:
-    """``spec`` if every key is known and every value has its key's type (an int is a float;
-    a float with no fraction is an int), else InvalidArgument; ``where(key)`` says where."""
+def check_spec(spec: dict, where=lambda key: "spec", keys: dict[str, type] = SPEC_KEYS) -> dict:
+    """``spec`` if every key is in ``keys`` and every value has its key's type (an int is a
+    float; a float with no fraction is an int; a ``list`` key takes a comma string too), else
+    InvalidArgument; ``where(key)`` says where."""
     out = {}
     for key, value in spec.items():
-        if key not in SPEC_KEYS:
-            near = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
+        if key not in keys:
+            near = difflib.get_close_matches(str(key), keys, n=1)
+            arch = keys is not SPEC_KEYS and key in ARCH_KEYS
             raise InvalidArgument(f"{where(key)}: unknown key {key!r}"
-                                  + (f"; did you mean {near[0]!r}?" if near else ""),
-                                  hint="spec keys: " + ", ".join(SPEC_KEYS))
-        want = SPEC_KEYS[key]
+                                  + (" (fine-tuning keeps the base model's architecture and tokenizer)"
+                                     if arch else f"; did you mean {near[0]!r}?" if near else ""),
+                                  hint="spec keys: " + ", ".join(keys))
+        want = keys[key]
+        if want is list:
+            out[key] = _string_list(key, value, where)
+            continue
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif want is int and isinstance(value, float) and value.is_integer():
             value = int(value)
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
             raise InvalidArgument(f"{where(key)}: {key} must be {_TYPE_WORDS[want]}, "
                                   f"got {json.dumps(value) if _jsonable(value) else type(value).__name__}")
-        for name, choices in (("tokenizer", TOKENIZERS), ("dtype", DTYPES)):
-            if key == name and value not in choices:
-                raise InvalidArgument(f"{where(key)}: {name} must be one of {', '.join(choices)}, "
-                                      f"got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise InvalidArgument(f"{where(key)}: {key} must be one of {', '.join(CHOICES[key])}, "
+                                  f"got {value!r}")
         out[key] = value
     return out
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
+def _string_list(key: str, value, where) -> list[str] | str:
+    """A list key's value as a list of non-empty strings ("a,b" and ["a", "b"] alike);
+    ``targets`` keeps "all-linear" as the string the daemon takes."""
+    if isinstance(value, str):
+        if key == "targets" and value.strip() == ALL_LINEAR:
+            return ALL_LINEAR
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{where(key)}: {key} must be a list of strings or a comma-separated "
+                              f"string, got {json.dumps(value) if _jsonable(value) else type(value).__name__}")
+    items = [v.strip() for v in value]
+    if not items or any(not v for v in items):
+        raise InvalidArgument(f"{where(key)}: {key} has an empty name in {','.join(items)!r}",
+                              hint="separate names with single commas: a,b,c")
+    if key == "metrics":
+        for m in items:
+            if m not in EVAL_METRICS:
+                raise InvalidArgument(f"{where(key)}: unknown metric {m!r}",
+                                      hint="metrics: " + ", ".join(EVAL_METRICS))
+    if key == "targets" and items == [ALL_LINEAR]:
+        return ALL_LINEAR
+    return items
+
+
+def finetune_conflict(spec: dict) -> str | None:
+    """What is wrong with the combination of keys in a fine-tuning ``spec`` (None if nothing):
+    labels or head_only without method classify, LoRA keys where no LoRA is trained (method
+    full, or classify with head_only), both epochs and max_steps.  Pure; the CLI makes it a
+    usage error, ``Client.finetune`` an InvalidArgument."""
+    method = spec.get("method", "lora")
+    if spec.get("labels") is not None and method != "classify":
+        return f"labels (--labels) are for --method classify, not {method}"
+    if spec.get("head_only") and method != "classify":
+        return f"head_only (--head-only) is for --method classify, not {method}"
+    no_lora = "full" if method == "full" else "classify with --head-only" if spec.get("head_only") else None
+    for key in LORA_KEYS:
+        if no_lora and spec.get(key) is not None:
+            return (f"{key} (--{key.replace('_', '-')}) sets up LoRA, and --method {no_lora} "
+                    f"trains no LoRA adapter")
+    if spec.get("epochs") is not None and spec.get("max_steps") is not None:
+        return "give either epochs (--epochs) or max_steps (--max-steps), not both"
+    return None
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _jsonable(value) -> bool:
@@ -116,21 +186,24 @@ def _jsonable(value) -> bool:
         return False
 
 
-def merge_spec(file_spec: dict | None, flags: dict) -> dict:
+def merge_spec(file_spec: dict | None, flags: dict, keys: dict[str, type] = SPEC_KEYS) -> dict:
     """The spec to send: the file's keys, overridden by the flags that were given (not None)."""
     spec = dict(file_spec or {})
     spec.update({k: v for k, v in flags.items() if v is not None})
-    return check_spec(spec, where=lambda key: "flag --" + key.replace("_", "-"))
+    return check_spec(spec, where=lambda key: "flag --" + key.replace("_", "-"), keys=keys)
 
 
-def data_files(paths) -> dict[str, str]:
+NO_DATA = "no data: give at least one --data FILE (text files, or JSONL with one {\"text\": ...} per line)"
+
+
+def data_files(paths, no_data: str = NO_DATA) -> dict[str, str]:
     """{name in the job: path} for the data files ``paths``, each checked to be a readable
     regular file (OSError naming it, before anything is sent).  The same file given twice counts
-    once; two different files with the same base name are refused (the job names files by it)."""
+    once; two different files with the same base name are refused (the job names files by it).
+    No file at all is a usage error saying ``no_data``."""
     if not paths:                       # a usage error (64), not bad data
         import click
-        raise click.UsageError("no data: give at least one --data FILE (text files, or JSONL "
-                               "with one {\"text\": ...} per line)")
+        raise click.UsageError(no_data)
     out: dict[str, str] = {}
     seen: dict[str, str] = {}
     for path in paths:

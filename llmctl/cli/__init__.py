@@ -3,7 +3,8 @@
 The commands live by subject, each a module-level click command: ``store`` (ls, show, rm, tag,
 create, import, export), ``table`` (status, ps, load, unload), ``infer`` (run, generate, chat,
 score, classify, embed), ``jobs`` (train, jobs, logs, cancel, pause, resume; ``job_export``
-writes ``train --export``'s cluster jobs); ``repl`` is the conversation loop of chat and run.
+writes ``train --export``'s cluster jobs), ``finetune`` (finetune, eval, merge); ``repl`` is
+the conversation loop of chat and run.
 This module is the group and the entry point.
 
 Exit statuses follow sysexits(3): 64 usage, 65 bad data, 66 no such model, 69 daemon
@@ -22,7 +23,7 @@ import zmq
 
 from ..errors import EX_IOERR, EX_PROTOCOL, EX_UNAVAILABLE, EX_USAGE, LlmosdError
 from ..paths import normalize_socket
-from . import infer, jobs, store, table
+from . import finetune, infer, jobs, store, table
 
 # What users of other tools type, and what llmctl calls it.
 ALIASES = {
@@ -92,6 +93,8 @@ def cli(ctx, socket, timeout):
       llmctl score smollm2 "To be, or not to be"
       llmctl classify smollm2 --labels positive,negative < reviews.txt
       llmctl train tiny-char --data input.txt --tokenizer char --max-steps 2000 --wait
+      llmctl finetune smollm2 smollm2-qa --data qa.jsonl --method lora --epochs 3 --wait
+      llmctl eval smollm2-qa --data qa-test.jsonl
       llmctl jobs --all
       llmctl logs -f 3
       llmctl ps
@@ -99,7 +102,7 @@ def cli(ctx, socket, timeout):
     ctx.obj = {**(ctx.obj or {}), "socket": socket, "timeout": timeout}   # a given obj may hold a client
 
 
-for _module in (store, table, infer, jobs):
+for _module in (store, table, infer, jobs, finetune):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

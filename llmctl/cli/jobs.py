@@ -51,35 +51,46 @@ def detached(job_id) -> None:
     click.echo(f"detached; the job goes on: llmctl logs -f {job_id}", err=True)
 
 
-def _spec_options(f):
-    """The training spec's flags (every one optional: unset keys take the daemon's defaults)."""
-    opts = [
-        click.option("--tokenizer", type=click.Choice(TOKENIZERS), help="Tokenizer to train [daemon default: bpe]."),
-        click.option("--vocab-size", type=int, metavar="N", help="Tokenizer pieces (char: the text's characters)."),
-        click.option("--layers", type=int, metavar="N", help="Transformer blocks."),
-        click.option("--dim", type=int, metavar="N", help="Model width."),
-        click.option("--heads", type=int, metavar="N", help="Attention heads."),
-        click.option("--kv-heads", type=int, metavar="N", help="Key/value heads (grouped-query attention)."),
-        click.option("--block-size", type=int, metavar="N", help="Tokens per training sequence."),
-        click.option("--batch-size", type=int, metavar="N", help="Sequences per micro-batch (per process)."),
-        click.option("--grad-accum", type=int, metavar="N", help="Micro-batches per optimizer step."),
-        click.option("--max-steps", type=int, metavar="N", help="Optimizer steps in all."),
-        click.option("--lr", type=float, metavar="X", help="Peak learning rate (AdamW)."),
-        click.option("--min-lr", type=float, metavar="X", help="Learning rate at the end of the cosine decay."),
-        click.option("--warmup", type=int, metavar="N", help="Steps of linear warmup."),
-        click.option("--weight-decay", type=float, metavar="X", help="AdamW weight decay."),
-        click.option("--dropout", type=float, metavar="X", help="Dropout probability while training."),
-        click.option("--eval-every", type=int, metavar="N", help="Steps between validation losses."),
-        click.option("--eval-batches", type=int, metavar="N", help="Batches per validation loss."),
-        click.option("--checkpoint-every", type=int, metavar="N", help="Steps between checkpoints."),
-        click.option("--nproc", type=int, metavar="N", help="Data-parallel processes (per node)."),
-        click.option("--seed", type=click.IntRange(0, 2**32 - 1), metavar="N", help="Seed (weights, batches, split)."),
-        click.option("--device", metavar="D", help="auto, cpu, cuda or cuda:N [daemon default: auto]."),
-        click.option("--dtype", type=click.Choice(DTYPES), help="Training precision: float32, or bfloat16 autocast (auto: bf16 where supported)."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+# The training spec's flags (every one optional: unset keys take the daemon's defaults).
+SPEC_FLAGS = [
+    ("--tokenizer", dict(type=click.Choice(TOKENIZERS), help="Tokenizer to train [daemon default: bpe].")),
+    ("--vocab-size", dict(type=int, metavar="N", help="Tokenizer pieces (char: the text's characters).")),
+    ("--layers", dict(type=int, metavar="N", help="Transformer blocks.")),
+    ("--dim", dict(type=int, metavar="N", help="Model width.")),
+    ("--heads", dict(type=int, metavar="N", help="Attention heads.")),
+    ("--kv-heads", dict(type=int, metavar="N", help="Key/value heads (grouped-query attention).")),
+    ("--block-size", dict(type=int, metavar="N", help="Tokens per training sequence.")),
+    ("--batch-size", dict(type=int, metavar="N", help="Sequences per micro-batch (per process).")),
+    ("--grad-accum", dict(type=int, metavar="N", help="Micro-batches per optimizer step.")),
+    ("--max-steps", dict(type=int, metavar="N", help="Optimizer steps in all.")),
+    ("--lr", dict(type=float, metavar="X", help="Peak learning rate (AdamW).")),
+    ("--min-lr", dict(type=float, metavar="X", help="Learning rate at the end of the cosine decay.")),
+    ("--warmup", dict(type=int, metavar="N", help="Steps of linear warmup.")),
+    ("--weight-decay", dict(type=float, metavar="X", help="AdamW weight decay.")),
+    ("--dropout", dict(type=float, metavar="X", help="Dropout probability while training.")),
+    ("--eval-every", dict(type=int, metavar="N", help="Steps between validation losses.")),
+    ("--eval-batches", dict(type=int, metavar="N", help="Batches per validation loss.")),
+    ("--checkpoint-every", dict(type=int, metavar="N", help="Steps between checkpoints.")),
+    ("--nproc", dict(type=int, metavar="N", help="Data-parallel processes (per node).")),
+    ("--seed", dict(type=click.IntRange(0, 2**32 - 1), metavar="N", help="Seed (weights, batches, split).")),
+    ("--device", dict(metavar="D", help="auto, cpu, cuda or cuda:N [daemon default: auto].")),
+    ("--dtype", dict(type=click.Choice(DTYPES), help="Training precision: float32, or bfloat16 autocast (auto: bf16 where supported).")),
+]
+
+
+def spec_options(exclude=(), helps=None):
+    """A decorator adding SPEC_FLAGS but those of the keys in ``exclude``; ``helps`` ({key:
+    text}) replaces some help texts (fine-tuning's defaults differ)."""
+    def add(f):
+        for flag, kw in reversed(SPEC_FLAGS):
+            key = flag[2:].replace("-", "_")
+            if key not in exclude:
+                f = click.option(flag, **{**kw, **({"help": helps[key]} if helps and key in helps else {})})(f)
+        return f
+    return add
+
+
+_spec_options = spec_options()
 
 
 @click.command(context_settings={"max_content_width": 100})

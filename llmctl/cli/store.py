@@ -6,6 +6,7 @@ import os
 import click
 
 from .. import format as fmt
+from ..upload import is_peft_dir
 from . import common
 from .common import OutputError
 
@@ -27,9 +28,16 @@ def ls(ctx, as_json):
     if as_json:
         return fmt.echo_json(models)
     rows = [[m["model"], fmt.short_digest(m["digest"]), fmt.size(m["size"]), fmt.count(m["parameters"]),
-             m["method"] or "-", fmt.ago(m["created"]), ",".join(map(str, m["instances"])) or "-"]
+             kind_cell(m), m["method"] or "-", fmt.ago(m["created"]), ",".join(map(str, m["instances"])) or "-"]
             for m in models]
-    click.echo(fmt.table(["NAME", "ID", "SIZE", "PARAMS", "MADE BY", "CREATED", "LOADED"], rows))
+    click.echo(fmt.table(["NAME", "ID", "SIZE", "PARAMS", "KIND/BASE", "MADE BY", "CREATED", "LOADED"], rows))
+
+
+def kind_cell(m: dict) -> str:
+    """An ls row's KIND/BASE cell: "model", or "adapter of BASE" / "classifier of BASE" (a
+    merged classifier, which has no base: "classifier")."""
+    kind = m.get("kind") or "model"
+    return f"{kind} of {m['base']}" if m.get("base") else kind
 
 
 @click.command()
@@ -45,6 +53,8 @@ def show(ctx, model, as_json):
     lin = man.get("lineage") or {}
     click.echo(f"model:         {s['model']}")
     click.echo(f"digest:        {s['digest']}")
+    for line in adapter_lines(man):
+        click.echo(line)
     click.echo(f"architecture:  {man.get('architecture')}  ({fmt.count(man.get('parameters'))} parameters, {fmt.size(s['size'])})")
     click.echo(f"created:       {man.get('created')}  by {lin.get('method')}"
                + (f" from {lin['parent']}" if lin.get("parent") else "")
@@ -58,6 +68,8 @@ def show(ctx, model, as_json):
         click.echo(f"imported from: {lin.get('args', {}).get('format')} ({', '.join(lin.get('args', {}).get('files', []))})")
     if lin.get("method") == "train":
         click.echo(f"trained by:    {trained(lin)}")
+    elif lin.get("method") == "finetune":
+        click.echo(f"fine-tuned:    {trained(lin)}")
     click.echo("config:")
     for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta",
@@ -65,6 +77,22 @@ def show(ctx, model, as_json):
         click.echo(f"  {k:<25}{cfg.get(k)}")
     if s["instances"]:
         click.echo("instances:     " + ", ".join(f"{i['id']} ({i['state']})" for i in s["instances"]))
+
+
+def adapter_lines(man: dict) -> list[str]:
+    """``show``'s lines for an adapter or classifier: its kind and base, LoRA settings, labels."""
+    out = []
+    if man.get("kind") in ("adapter", "classifier"):
+        base = (man.get("base") or {}).get("model")
+        out.append(f"kind:          {man['kind']}" + (f" of {base} (its weights are the base's)" if base else ""))
+    ad = man.get("adapter")
+    if ad:
+        out.append(f"adapter:       LoRA rank {ad.get('rank')}, alpha {ad.get('alpha')}, "
+                   f"dropout {ad.get('dropout')}, targets {','.join(ad.get('targets') or [])}"
+                   + (", rsLoRA" if ad.get("rslora") else "") + f" ({fmt.size(ad.get('size'))})")
+    if man.get("head"):
+        out.append(f"labels:        {', '.join(map(str, man['head'].get('labels') or []))}")
+    return out
 
 
 def trained(lin: dict) -> str:
@@ -79,12 +107,16 @@ def trained(lin: dict) -> str:
 
 @click.command()
 @click.argument("models", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Remove a base model with the adapters and classifiers "
+                                            "made on it (else refused, naming them).")
 @click.pass_context
-def rm(ctx, models):
-    """Remove models from the store (refused while loaded)."""
+def rm(ctx, models, force):
+    """Remove models from the store (refused while loaded, and for a base that adapters use)."""
     for m in models:
-        r = common.client(ctx).rm(m)
+        r = common.client(ctx).rm(m, force=force)
         click.echo(f"deleted {r['model']} ({fmt.size(r['freed_bytes'])} freed)")
+        if r.get("removed"):
+            click.echo(f"also removed what was made on it: {', '.join(r['removed'])}")
 
 
 @click.command()
@@ -140,31 +172,43 @@ def create(ctx, name, vocab_from, as_json, **opts):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Store weights as this type (auto: GGUF quantized tensors become "
                                       "float32, or float16 past 4 GiB; HF weights keep theirs).")
+@click.option("--base", metavar="MODEL", help="PATH is a PEFT adapter directory (adapter_config.json, "
+                                             "adapter_model.safetensors) for the stored MODEL.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def import_(ctx, path, name, force, dtype, as_json):
+def import_(ctx, path, name, force, dtype, base, as_json):
     """Import a GGUF file or a Hugging Face model directory PATH as NAME[:TAG].
 
     GGUF (llama.cpp, Ollama): architecture llama; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1,
     Q5_0, Q5_1, Q2_K..Q6_K are dequantized; the tokenizer and chat template come from its
     metadata.  A Hugging Face directory needs config.json, *.safetensors weights (sharded
     with their index, or one file) and tokenizer.json or tokenizer.model;
-    tokenizer_config.json and generation_config.json are used when present.  Files are sent to the daemon over its socket
+    tokenizer_config.json and generation_config.json are used when present.  A PEFT LoRA adapter
+    directory (adapter_config.json, adapter_model.safetensors) is imported with --base MODEL as
+    an adapter of that stored model.  Files are sent to the daemon over its socket
     (it may not be able to read your files); content it already has is not sent again.
     """
+    peft = is_peft_dir(path)
+    if peft and not base:
+        raise click.UsageError(f"{path} is a PEFT adapter directory (adapter_config.json): give the "
+                               f"stored model it adapts with --base MODEL")
+    if base and not peft:
+        raise click.UsageError(f"--base MODEL is for a PEFT adapter directory; {path} has no adapter_config.json")
+    if base and dtype != "auto":
+        raise click.UsageError("--dtype is for models; an adapter's tensors are stored as float32")
     if name is None:
         base = os.path.basename(os.path.abspath(path)).lower()
         base = base[:-5] if base.endswith(".gguf") else base
         name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
     progress, line = _progress(as_json)
     try:
-        r = common.client(ctx).import_path(path, name, force=force,
+        r = common.client(ctx).import_path(path, name, force=force, base=base,
                                            dtype=None if dtype == "auto" else dtype, progress=progress)
     finally:
         line.done()
     if as_json:
         return fmt.echo_json(r)
-    click.echo(_made("imported", r))
+    click.echo(_made("imported", r) + (f", an adapter of {base}" if base else ""))
 
 
 @click.command()
@@ -175,7 +219,9 @@ def import_(ctx, path, name, force, dtype, as_json):
 @click.pass_context
 def export(ctx, model, directory, force, as_json):
     """Write MODEL to DIRECTORY as a Hugging Face model (config.json, model.safetensors,
-    tokenizer, generation_config.json) that transformers and other tools load."""
+    tokenizer, generation_config.json) that transformers and other tools load; an adapter as
+    a PEFT adapter directory (adapter_config.json, adapter_model.safetensors) that peft loads
+    onto its exported base."""
     progress, line = _progress(as_json)
     try:
         r = common.client(ctx).export(model, directory, force=force, progress=progress)
@@ -185,7 +231,9 @@ def export(ctx, model, directory, force, as_json):
         line.done()
     if as_json:
         return fmt.echo_json(r)
-    click.echo(f"exported {r['model']} to {r['dir']} ({', '.join(r['files'])})")
+    what = "a PEFT adapter" + (f" of {r['base']}" if r.get("base") else "") if r.get("format") == "peft" else None
+    click.echo(f"exported {r['model']} to {r['dir']}" + (f" as {what}" if what else "")
+               + f" ({', '.join(r['files'])})")
 
 
 COMMANDS = [ls, show, rm, tag, create, import_, export]

@@ -29,7 +29,8 @@ def test_i9_cli_is_a_package_of_module_level_commands():
     subjects = {"store": ["ls", "show", "rm", "tag", "create", "import", "export"],
                 "table": ["status", "ps", "load", "unload"],
                 "infer": ["run", "generate", "chat", "score", "classify", "embed"],
-                "jobs": ["train", "jobs", "logs", "cancel", "pause", "resume"]}
+                "jobs": ["train", "jobs", "logs", "cancel", "pause", "resume"],
+                "finetune": ["finetune", "eval", "merge"]}
     for module, names in subjects.items():
         mod = importlib.import_module(f"llmctl.cli.{module}")
         assert sorted(c.name for c in mod.COMMANDS) == sorted(names)
