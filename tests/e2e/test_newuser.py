@@ -70,7 +70,7 @@ class FakeClient:
         self.calls.append(("generate", model, prompt))
         return FakeGen(self._chunks, self._stats)
 
-    def rm(self, model):
+    def rm(self, model, force=False):
         self.calls.append(("rm", model))
         return {"model": model, "freed_bytes": 0}
 
