@@ -19,6 +19,7 @@ request counts include the requests its adapters serve.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,9 +44,14 @@ LEGAL = {
 }
 
 
+_attach_tokens = itertools.count(1)
+
+
 @dataclass
 class Attached:
-    """An adapter (or classifier head) installed on a base instance."""
+    """An adapter (or classifier head) installed on a base instance.  ``token`` is unique to
+    this attach: the engine's answer to its install carries it back, so an answer to an
+    earlier attach of the same digest (detached meanwhile) is told apart and ignored."""
     model: str                     # the adapter's canonical name:tag
     digest: str                    # its manifest digest: the key requests name it by
     uid: int | None
@@ -57,6 +63,7 @@ class Attached:
     requests_served: int = 0
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
+    token: int = field(default_factory=lambda: next(_attach_tokens))
 
     @property
     def state(self) -> str:
@@ -111,6 +118,10 @@ class Instance:
     def adapter_named(self, model: str) -> Attached | None:
         """The attached adapter loaded as ``model`` (canonical name:tag), if any."""
         return next((a for a in self.adapters.values() if a.model == model), None)
+
+    def attached(self, model: str, digest: str | None = None) -> Attached | None:
+        """The adapter of manifest ``digest`` if attached, else the one attached as ``model``."""
+        return (self.adapters.get(digest) if digest is not None else None) or self.adapter_named(model)
 
     def transition(self, new: State, reason: str = "") -> None:
         if new not in LEGAL[self.state]:
@@ -197,9 +208,10 @@ class ModelTable:
         return sorted(i.id for i in self._rows.values()
                       if i.model == model or i.adapter_named(model) is not None)
 
-    def with_adapter(self, model: str) -> list[Instance]:
-        """The instances that have the adapter ``model`` attached (loading or installed)."""
-        return [i for i in self if i.adapter_named(model) is not None]
+    def with_adapter(self, model: str, digest: str | None = None) -> list[Instance]:
+        """The instances that have the adapter ``model`` attached (loading or installed), by
+        the name it was attached as, or by its manifest ``digest`` (whatever tag attached it)."""
+        return [i for i in self if i.attached(model, digest) is not None]
 
     def usable(self, model: str, digest: str) -> Instance | None:
         """A loading or serving instance of exactly this model version (least busy first)."""

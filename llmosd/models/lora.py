@@ -168,7 +168,11 @@ def add_adapter(model, name: str, cfg: LoraConfig, tensors: dict | None = None, 
     ``tensors``: PEFT-keyed A/B tensors, checked first (ValueError naming the first missing,
     unexpected or misshapen key); None: a fresh adapter (A kaiming-uniform from ``seed``,
     B zero: it changes nothing).  Tensors go to each layer's device (or ``device``), in
-    ``dtype`` (default float32), with requires_grad = ``trainable``.  Not activated."""
+    ``dtype`` (default float32), with requires_grad = ``trainable``.  Not activated.
+
+    Atomic: every Parameter is built (copied to its device) before any layer changes, so a
+    failure part-way (out of memory, an unreadable tensor) leaves the model as it was, and
+    the adapter's name free for another try."""
     name = adapter_name(name)
     targets = resolve_targets(list(cfg.targets))
     if any(name in m.lora_A for _, m in _lora_modules(model)):
@@ -180,10 +184,8 @@ def add_adapter(model, name: str, cfg: LoraConfig, tensors: dict | None = None, 
         raise ValueError(f"the model has none of the target layers {', '.join(targets)}")
     g = torch.Generator().manual_seed(seed)
     dtype = dtype or torch.float32
+    built = []                                     # (parent, attr, linear, A, B), nothing changed yet
     for path, parent, attr, lin in layers:
-        if not isinstance(lin, LoraLinear):
-            lin = LoraLinear(lin)
-            setattr(parent, attr, lin)
         dev = device if device is not None else lin.weight.device
         ka, kb = peft_keys(path)
         if tensors is None:
@@ -193,9 +195,32 @@ def add_adapter(model, name: str, cfg: LoraConfig, tensors: dict | None = None, 
         else:
             a, b = tensors[ka], tensors[kb]
         with torch.no_grad():
-            lin.lora_A[name] = nn.Parameter(a.detach().to(dev, dtype).clone(), requires_grad=trainable)
-            lin.lora_B[name] = nn.Parameter(b.detach().to(dev, dtype).clone(), requires_grad=trainable)
-        lin.scale[name], lin.dropout[name] = cfg.scale, float(cfg.dropout)
+            pa = nn.Parameter(a.detach().to(dev, dtype).clone(), requires_grad=trainable)
+            pb = nn.Parameter(b.detach().to(dev, dtype).clone(), requires_grad=trainable)
+        built.append((parent, attr, lin, pa, pb))
+    done = []
+    try:
+        for parent, attr, lin, pa, pb in built:
+            if not isinstance(lin, LoraLinear):
+                lin = LoraLinear(lin)
+                setattr(parent, attr, lin)
+            lin.lora_A[name], lin.lora_B[name] = pa, pb
+            lin.scale[name], lin.dropout[name] = cfg.scale, float(cfg.dropout)
+            done.append(lin)
+    except BaseException:
+        for lin in done:                           # undo: no layer keeps half an adapter
+            _drop_from(lin, name)
+        raise
+
+
+def _drop_from(m: LoraLinear, name: str) -> None:
+    for d in (m.lora_A, m.lora_B):
+        if name in d:
+            del d[name]
+    m.scale.pop(name, None)
+    m.dropout.pop(name, None)
+    if m.active == name:
+        m.active = None
 
 
 def _with(model, name: str) -> list[tuple[str, LoraLinear]]:
@@ -209,11 +234,7 @@ def remove_adapter(model, name: str) -> None:
     """Drop adapter ``name`` (KeyError if absent); the layers keep the base's Parameters."""
     name = adapter_name(name)
     for _, m in _with(model, name):
-        del m.lora_A[name], m.lora_B[name]
-        m.scale.pop(name, None)
-        m.dropout.pop(name, None)
-        if m.active == name:
-            m.active = None
+        _drop_from(m, name)
 
 
 def set_active(model, name: str | None) -> None:
@@ -280,16 +301,21 @@ def _safetensors(store, digest: str, what: str) -> dict[str, torch.Tensor]:
         raise LoadFailed(f"the {what} blob is not a readable safetensors file: {e}") from None
 
 
+def _config(store, manifest: dict) -> LlamaConfig:
+    """The model config the manifest names (its base's, for an adapter or classifier)."""
+    return LlamaConfig.from_dict(json.loads(store.read_blob(manifest["config"]["digest"])))
+
+
 def read_adapter(store, manifest: dict, key: str) -> Adapter:
     """The LoRA tensors and/or classification head of an adapter or classifier ``manifest``
     (on the cpu, float32), checked against the base config the manifest names.  LoadFailed
     for blobs that do not fit; StoreCorrupt (from the store) for missing or corrupt ones."""
-    lora = tensors = head = labels = None
+    lora = tensors = head = labels = cfg = None
     ent = manifest.get("adapter")
     if ent:
         try:
             lora = LoraConfig.from_dict(ent)
-            cfg = LlamaConfig.from_dict(json.loads(store.read_blob(manifest["config"]["digest"])))
+            cfg = _config(store, manifest)
             tensors = {k: v.float() for k, v in _safetensors(store, ent["digest"], "adapter").items()}
             check_adapter_shapes(cfg, lora, {k: tuple(v.shape) for k, v in tensors.items()})
         except (KeyError, TypeError, ValueError) as e:
@@ -303,6 +329,14 @@ def read_adapter(store, manifest: dict, key: str) -> Adapter:
         if head is None or head.dim() != 2 or head.shape[0] != len(labels) or len(sd) != 1:
             raise LoadFailed(f"the classifier head does not fit its {len(labels)} labels",
                              hint="fine-tune the classifier again")
+        try:
+            hidden = (cfg or _config(store, manifest)).hidden_size
+        except (KeyError, TypeError, ValueError) as e:
+            raise LoadFailed(f"the classifier's model config cannot be read: {e}") from None
+        if head.shape[1] != hidden:                # else a shape error at classify time
+            raise LoadFailed(f"the classifier head has shape {tuple(head.shape)}, but {len(labels)} "
+                             f"labels on a model of hidden size {hidden} need {(len(labels), hidden)}",
+                             hint="fine-tune the classifier again on this base model")
         head = head.float()
     if lora is None and head is None:
         raise LoadFailed("the model has neither LoRA weights nor a classification head")

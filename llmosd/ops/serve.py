@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from llmctl.errors import InstanceNotFound, InvalidArgument
+from llmctl.errors import InstanceNotFound, InvalidArgument, LlmosdError
 from llmctl.protocol import SAMPLING_KEYS
 from llmosd.server import Ctx
 from llmosd.serve.chat import TemplateError, check_messages
@@ -136,8 +136,8 @@ class ServeOps:
                 return
             if not already:
                 log.info("load %s on %s by uid %s (instance %d)", canon, inst.model, ctx.uid, inst.id)
-            got = inst.adapters.get(digest)
-            ctx.ok({**inst.row(), "adapter": got.row() if got is not None else None,
+            got = inst.adapters.get(digest)     # named as asked (a second tag shares the row)
+            ctx.ok({**inst.row(), "adapter": {**got.row(), "model": canon} if got is not None else None,
                     "load_ms": round((time.perf_counter() - t0) * 1000, 3), "already_loaded": already})
         self.manager.acquire_adapter(base, canon, man, digest, ctx.uid, ready)
 
@@ -150,9 +150,10 @@ class ServeOps:
         else:
             canon = canonical(target)
             insts = [i for i in self.manager.table if i.model == canon]
-            hosts = self.manager.table.with_adapter(canon)
+            digest = self._adapter_digest(canon) if not insts else None
+            hosts = self.manager.table.with_adapter(canon, digest)
             if not insts and hosts:   # an adapter: detach it from the instances it is on
-                self._detach(ctx, canon, hosts, force)
+                self._detach(ctx, canon, [(i, i.attached(canon, digest)) for i in hosts], force)
                 return
             if not insts:             # like 'systemctl stop' of a stopped unit: nothing to do
                 self.store.find(canon)      # ...but a model that does not exist is an error
@@ -174,13 +175,23 @@ class ServeOps:
         for inst in insts:
             self.manager.unload(inst, force, lambda iid=inst.id: done(iid))
 
-    def _detach(self, ctx: Ctx, canon: str, hosts: list, force: bool) -> None:
+    def _adapter_digest(self, canon: str) -> str | None:
+        """The manifest digest of adapter ``canon``, the key it is attached by whatever tag
+        attached it; None if the store has no such adapter (then it is matched by name)."""
+        try:
+            _, man, digest = self.store.get(canon)
+        except LlmosdError:
+            return None
+        return digest if base_of(man) is not None else None
+
+    def _detach(self, ctx: Ctx, canon: str, attached: list, force: bool) -> None:
+        """Detach each (instance, attached adapter) of ``attached``."""
         if not force:                 # check all first so a refusal detaches nothing
-            for inst in hosts:
-                self.manager.check_detachable(inst, inst.adapter_named(canon))
-        for inst in hosts:
-            self.manager.detach(inst, canon, force)
-        ids = [i.id for i in hosts]
+            for inst, a in attached:
+                self.manager.check_detachable(inst, a)
+        for inst, a in attached:
+            self.manager.detach(inst, a.digest, force)
+        ids = [inst.id for inst, _ in attached]
         log.info("unload %s by uid %s (detached from instance %s)", canon, ctx.uid, ", ".join(map(str, ids)))
         ctx.ok({"unloaded": [], "detached": ids, "model": canon})
 

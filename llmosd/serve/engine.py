@@ -25,10 +25,11 @@ between sequences of a step and, through ``should_stop``, between the windows an
 call, so shutting down waits for at most one forward pass.  As the thread ends it drops the
 model and gives its memory back (``Runner.close``), then emits ``stopped``.
 
-Adapters: ``add_adapter(key, adapter)`` installs one between steps (in inbox order, so a
-request submitted after it finds it) and answers with an ``adapter`` message, keyed by the
-adapter key, carrying its device ``bytes`` or the ``error``; ``drop_adapter(key)`` takes it
-out.  Each sequence and call runs with its request's adapter active; a request whose adapter
+Adapters: ``add_adapter(key, adapter, token)`` installs one between steps (in inbox order, so
+a request submitted after it finds it) and answers with an ``adapter`` message, keyed by the
+adapter key, carrying its device ``bytes`` or the ``error``, and the ``token`` it was given (the
+caller's way to tell this install's answer from an earlier one's); ``drop_adapter(key)`` takes
+it out.  Each sequence and call runs with its request's adapter active; a request whose adapter
 is gone (detached meanwhile) ends with Cancelled.
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ from llmosd.serve.scheduler import Scheduler, Seq
 log = logging.getLogger("llmosd.engine")
 
 Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error"|"kv"|"stopped", body)
-#                                                 or (adapter key, "adapter", {"bytes"} | {"error"})
+#                                                 or (adapter key, "adapter", {"bytes"} | {"error"}, + "token")
 IDLE_WAIT = 1.0        # s: the longest sleep with nothing to do (every message also wakes it)
 
 
@@ -75,9 +76,11 @@ class _Live:
 
 @dataclass(frozen=True)
 class _AdapterOp:
-    """An adapter to install (``adapter`` given) or to drop (None), in the inbox's order."""
+    """An adapter to install (``adapter`` given) or to drop (None), in the inbox's order;
+    ``token`` goes back in the install's answer."""
     key: Hashable
     adapter: Any = None
+    token: Any = None
 
 
 class Engine(threading.Thread):
@@ -107,10 +110,11 @@ class Engine(threading.Thread):
         """Run ``req``; a generation's KV cache holds at most ``kv_positions`` (0: no limit)."""
         self._send(lambda: self._inbox.append((req, kv_positions)))
 
-    def add_adapter(self, key: Hashable, adapter) -> None:
+    def add_adapter(self, key: Hashable, adapter, token=None) -> None:
         """Install ``adapter`` (a ``lora.Adapter``) as ``key``; answered by an ``adapter``
-        message: {"bytes": device bytes it holds} or {"error": wire error}."""
-        self._send(lambda: self._inbox.append((_AdapterOp(key, adapter), 0)))
+        message: {"bytes": device bytes it holds} or {"error": wire error}, with "token":
+        ``token``."""
+        self._send(lambda: self._inbox.append((_AdapterOp(key, adapter, token), 0)))
 
     def drop_adapter(self, key: Hashable) -> None:
         """Uninstall the adapter ``key`` (its requests must have ended or been cancelled)."""
@@ -201,9 +205,9 @@ class Engine(threading.Thread):
         try:
             n = self.runner.install(op.key, op.adapter)
         except LlmosdError as e:
-            self.emit(op.key, "adapter", {"error": e.to_wire()})
+            self.emit(op.key, "adapter", {"error": e.to_wire(), "token": op.token})
         else:
-            self.emit(op.key, "adapter", {"bytes": n})
+            self.emit(op.key, "adapter", {"bytes": n, "token": op.token})
 
     def _start(self, req: Request, kv_positions: int) -> None:
         """Tokenize ``req``, check it fits, allocate its cache and add it to the scheduler."""

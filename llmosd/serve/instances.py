@@ -174,13 +174,16 @@ class InstanceManager:
         if inst.adapters.get(a.digest) is not a or not inst.serving:
             return                                 # detached or unloaded meanwhile: told then
         if err is not None:
-            self._adapter_installed(inst, a.digest, {"error": err.to_wire()})
+            self._adapter_installed(inst, a.digest, {"error": err.to_wire(), "token": a.token})
             return
-        inst.engine.add_adapter(a.digest, adapter)      # answered by an "adapter" message
+        inst.engine.add_adapter(a.digest, adapter, a.token)   # answered by an "adapter" message
 
     def _adapter_installed(self, inst: Instance, key: str, body: dict) -> None:
+        """The engine's answer to the install of attach ``body["token"]``.  Only the current
+        attach's answer counts: one to an attach detached meanwhile (the engine dropped that
+        install after it) must not mark a later attach of the same digest ready."""
         a = inst.adapters.get(key)
-        if a is None or a.ready:
+        if a is None or a.ready or body.get("token") != a.token:
             return                                 # detached meanwhile (the engine dropped it)
         waiters = self._adapter_waiters.pop((inst.id, key), [])
         err = from_wire(body["error"]) if "error" in body else None
@@ -195,10 +198,11 @@ class InstanceManager:
             cb(None if err else inst, err)
 
     def detach(self, inst: Instance, model: str, force: bool) -> None:
-        """Take the adapter ``model`` off ``inst`` (at once: the engine uninstalls it between
-        two steps).  Busy while it loads or serves requests, unless ``force``, which cancels
-        them (and fails whoever waits for it to load)."""
-        a = inst.adapter_named(model)
+        """Take the adapter ``model`` (its manifest digest, or the name it was attached as)
+        off ``inst`` (at once: the engine uninstalls it between two steps).  Busy while it
+        loads or serves requests, unless ``force``, which cancels them (and fails whoever
+        waits for it to load)."""
+        a = inst.adapters.get(model) or inst.adapter_named(model)
         if a is None:
             return
         if not force:
@@ -243,6 +247,7 @@ class InstanceManager:
         key: the task runs on the base's instance once the adapter is installed there."""
         key = task.req.key
         self._tasks[key] = task
+        task.model = model
         t0 = time.perf_counter()
         if base is None:
             existing = self.table.usable(model, digest)
@@ -335,10 +340,9 @@ class InstanceManager:
             return
         self._tasks.pop(key)
         inst.end_request(body.get("generated_tokens", 0) if kind == "end" else 0, task.req.adapter)
-        if kind == "end":                  # named as asked: an adapter's name, not its base's
-            a = inst.adapters.get(task.req.adapter) if task.req.adapter is not None else None
+        if kind == "end":                  # named as asked: an adapter's name (this tag), not its base's
             task.stream.end({**body, **(task.extra or {}), "instance": inst.id,
-                             "model": a.model if a is not None else inst.model})
+                             "model": task.model or inst.model})
         else:
             task.stream.error(body)
 
@@ -366,13 +370,20 @@ class InstanceManager:
         log.info("unloading instance %d (%s)", inst.id, inst.model)
 
     def check_unloadable(self, inst: Instance) -> None:
-        """Raise Busy if ``inst`` cannot be unloaded without --force."""
+        """Raise Busy if ``inst`` cannot be unloaded without --force: it loads, serves
+        requests, has requests waiting for it, or has an adapter that would have to be
+        detached with --force (still loading, or serving requests)."""
         if inst.state is State.LOADING:
             raise Busy(f"instance {inst.id} ({inst.model}) is still loading",
                        hint="wait for it to be ready, or use --force")
+        for a in inst.adapters.values():      # unloading detaches them: the same rules
+            self.check_detachable(inst, a)
         if inst.active_requests:
             raise Busy(f"instance {inst.id} ({inst.model}) has {inst.active_requests} active request(s)",
                        hint="wait for them to finish, or use --force to cancel them")
+        if inst.queued_requests:
+            raise Busy(f"instance {inst.id} ({inst.model}) has {inst.queued_requests} request(s) "
+                       "waiting for it", hint="wait for them to finish, or use --force to cancel them")
 
     def _stopped(self, inst: Instance) -> None:
         self.kv.release_owner(inst.id)

@@ -112,3 +112,4 @@ class Task:
     inst: Any = None               # table.Instance
     extra: dict | None = None      # merged into the final stats (load info)
     running: bool = False
+    model: str | None = None       # the name the request used (its final stats name it)

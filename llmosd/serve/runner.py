@@ -78,25 +78,36 @@ class Runner:
     def install(self, key, adapter) -> int:
         """Install ``adapter`` (a ``lora.Adapter``) under ``key``; returns the bytes it added
         on the device (its LoRA tensors in the model, and its head).  ``key`` None: the
-        model's own head (a merged classifier), used by requests without an adapter."""
+        model's own head (a merged classifier), used by requests without an adapter.  A
+        failure leaves nothing of the adapter behind (its name stays free to try again)."""
         before = resident_bytes(self.model)
+        has_lora = key is not None and adapter.lora is not None
         try:
-            has_lora = key is not None and adapter.lora is not None
             if has_lora:
                 lora.add_adapter(self.model, key, adapter.lora, adapter.tensors, device=self.device)
             head = None
             if adapter.head is not None:
                 head = adapter.head.to(self.device)
-        except torch.OutOfMemoryError:
-            raise OutOfMemory("not enough memory to install the adapter") from None
-        except ValueError as e:
-            raise LoadFailed(f"the adapter does not fit its base: {e}") from None
         except Exception as e:
+            if has_lora and key not in self.adapters:
+                self._undo(key)
+            if isinstance(e, torch.OutOfMemoryError):
+                raise OutOfMemory("not enough memory to install the adapter") from None
+            if isinstance(e, ValueError):
+                raise LoadFailed(f"the adapter does not fit its base: {e}") from None
             log.exception("installing an adapter failed")
             raise LoadFailed(f"installing the adapter failed: {e}") from None
         self.adapters[key] = Installed(has_lora, head, list(adapter.labels) if adapter.labels else None)
         head_bytes = head.untyped_storage().nbytes() if head is not None else 0
         return resident_bytes(self.model) - before + head_bytes
+
+    def _undo(self, key) -> None:
+        """After a failed install: take out whatever the model holds of ``key`` (add_adapter
+        is atomic, but the head's copy may have failed after it)."""
+        try:
+            lora.uninstall(self.model, key)
+        except Exception:
+            log.exception("removing a failed adapter's LoRA weights failed")
 
     def uninstall(self, key) -> None:
         """Take the adapter ``key`` out (unknown keys: nothing to do)."""

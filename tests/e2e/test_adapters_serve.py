@@ -182,3 +182,21 @@ def test_i11_4_classify_uses_a_classifiers_head_and_trained_labels(adapters_daem
             assert sum(r["probs"].values()) == pytest.approx(1.0)
     r = d.cli("classify", "clf", texts[0])
     assert r.stdout.split("\t")[0] == got[0]["label"]
+
+
+def test_i11_review_4_a_second_tag_of_a_loaded_adapter_is_unloaded_and_named(adapters_daemon):
+    d, _ = adapters_daemon
+    with d.client() as c:
+        c.tag("ad1", "ad1b")
+        try:
+            c.load("ad1")
+            r = c.load("ad1b")                          # the same adapter: already attached
+            assert r["already_loaded"] and r["adapter"]["model"] == "ad1b:latest"
+            assert _greedy(c, "ad1b", n=4)[1]["model"] == "ad1b:latest"
+            assert _greedy(c, "ad1", n=4)[1]["model"] == "ad1:latest"
+            got = c.unload("ad1b")
+            assert got["detached"] == [r["id"]] and got["unloaded"] == []
+            (row,) = [i for i in c.ps() if i["id"] == r["id"]]
+            assert "ad1:latest" not in [a["model"] for a in row["adapters"]]
+        finally:
+            c.unload("tiny", force=True)

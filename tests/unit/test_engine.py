@@ -337,7 +337,7 @@ def test_i11_3_engine_installs_adapters_between_steps_and_each_request_runs_with
             assert kind == "adapter"
             got[k] = body
         want = sum(t.numel() * 4 for t in a1.tensors.values())
-        assert got == {a1.key: {"bytes": want}, a2.key: {"bytes": want}}
+        assert got == {a1.key: {"bytes": want, "token": None}, a2.key: {"bytes": want, "token": None}}
         out1 = greedy(eng, events, "r1", "Hello", a1.key)
         out2 = greedy(eng, events, "r2", "Hello", a2.key)
         assert out1 != base and out2 != base and out1 != out2
@@ -402,3 +402,25 @@ def test_i11_4_a_merged_classifiers_own_head_serves_requests_without_adapter():
     assert [res["scores"][k] for k in "xyz"] == pytest.approx(want.tolist(), abs=1e-5)
     assert res["label"] == "xyz"[int(want.argmax())]
     assert err["name"] == errors.InvalidArgument.name and "trained on the labels x, y, z" in err["message"]
+
+
+# -- code review of the serving of adapters ---------------------------------------------------------
+
+def test_i11_review_1_a_failed_install_leaves_nothing_behind_and_a_retry_works():
+    from llmosd.models import lora
+    from llmosd.models.loader import resident_bytes
+    from llmosd.serve.runner import Runner
+    runner = Runner(tiny_model(), LetterTok(), torch.device("cpu"))
+    good = random_adapter(None, "sha256:" + "5" * 64, 1)
+    last_b = [k for k in good.tensors if "lora_B" in k][-1]
+    meta = torch.empty(good.tensors[last_b].shape, device="meta")     # its copy fails, like an OOM
+    broken = lora.Adapter(good.key, good.lora, dict(good.tensors, **{last_b: meta}), None, None)
+    bad_head = lora.Adapter(good.key, good.lora, good.tensors, torch.empty(2, 32, device="meta"), ["x", "y"])
+    nbytes = resident_bytes(runner.model)
+    for bad in (broken, bad_head):                  # LoRA fails part-way; LoRA in, then the head fails
+        with pytest.raises(errors.LoadFailed, match="installing the adapter failed"):
+            runner.install(good.key, bad)
+        assert runner.adapters == {} and resident_bytes(runner.model) == nbytes
+        assert not any(len(m.lora_A) for _, m in lora._lora_modules(runner.model))
+    assert runner.install(good.key, good) == sum(t.numel() * 4 for t in good.tensors.values())
+    assert list(runner.adapters) == [good.key]

@@ -280,3 +280,27 @@ def test_i11_4_pooled_is_the_last_real_token_whatever_the_padding():
     torch.testing.assert_close(batch[1:2], direct, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="at least one token"):
         classifier.pooled(m, [[1], []], "cpu")
+
+
+# -- code review of the serving of adapters ----------------------------------------------------
+def test_i11_review_1_a_failed_add_adapter_leaves_the_model_as_it_was():
+    m = tiny()
+    src = tiny()
+    lora.add_adapter(src, "a", CFG, seed=2)
+    good = lora.adapter_tensors(src, "a")
+    last_b = [k for k in good if "lora_B" in k][-1]
+    broken = dict(good, **{last_b: torch.empty(good[last_b].shape, device="meta")})
+    before, nbytes = dict(m.state_dict()), resident_bytes(m)
+    with pytest.raises(NotImplementedError):                    # the last layer's copy fails
+        lora.add_adapter(m, "a", CFG, broken)
+    assert lora._lora_modules(m) == [] and resident_bytes(m) == nbytes
+    assert set(m.state_dict()) == set(before)
+    lora.add_adapter(m, "a", CFG, good)                         # the name is free: a retry works
+    assert all(torch.equal(v, good[k]) for k, v in lora.adapter_tensors(m, "a").items())
+
+
+def test_i11_review_5_read_adapter_refuses_a_head_of_the_wrong_width(tmp_path):
+    m, store = tiny(), Store(str(tmp_path / "store"))
+    man = adapter_manifest(store, m, None, CFG, head=torch.ones(2, 32), labels=["x", "y"])
+    with pytest.raises(LoadFailed, match=r"shape \(2, 32\).*hidden size 64 need \(2, 64\)"):
+        lora.read_adapter(store, man, "k")

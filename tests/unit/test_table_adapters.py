@@ -79,9 +79,11 @@ def test_i11_3_ps_prints_adapters_indented_under_their_base():
 class FakeEngine:
     def __init__(self):
         self.added, self.dropped, self.submitted, self.cancelled = [], [], [], []
+        self.tokens = []                    # (key, token) of each install, in order
 
-    def add_adapter(self, key, adapter):
+    def add_adapter(self, key, adapter, token=None):
         self.added.append(key)
+        self.tokens.append((key, token))
 
     def drop_adapter(self, key):
         self.dropped.append(key)
@@ -129,6 +131,12 @@ def manager(monkeypatch):
 BASE = ("base:latest", {}, "sha256:base")
 
 
+def installed(m, inst, key, body, nth=-1):
+    """The engine's answer to the ``nth`` install of ``key`` (with that install's token)."""
+    token = [t for k, t in inst.engine.tokens if k == key][nth]
+    m._on_engine(inst, inst.engine, key, "adapter", {**body, "token": token})
+
+
 def call(key, adapter):
     return Task(Call(key, "score", {"text": "hi"}, adapter=adapter), FakeStream())
 
@@ -143,7 +151,7 @@ def test_i11_3_concurrent_requests_for_a_loading_adapter_wait_for_one_install(ma
     assert inst.adapters[A1].state == "loading" and len(m.table) == 1
     settle()
     assert reads == [A1] and inst.engine.added == [A1]          # read once, installed once
-    m._on_engine(inst, inst.engine, A1, "adapter", {"bytes": 4096})
+    installed(m, inst, A1, {"bytes": 4096})
     assert [r.key for r in inst.engine.submitted] == ["k0", "k1", "k2"]
     assert all(r.adapter == A1 for r in inst.engine.submitted)
     assert inst.queued_requests == 0 and inst.adapters[A1].active_requests == 3
@@ -164,7 +172,7 @@ def test_i11_3_detach_is_refused_while_busy_unless_forced(manager):
     with pytest.raises(errors.Busy, match="still loading"):
         m.detach(inst, "ad1:latest", force=False)
     settle()
-    m._on_engine(inst, inst.engine, A1, "adapter", {"bytes": 10})
+    installed(m, inst, A1, {"bytes": 10})
     with pytest.raises(errors.Busy, match="1 active request"):
         m.detach(inst, "ad1:latest", force=False)
     m.detach(inst, "ad1:latest", force=True)
@@ -182,8 +190,7 @@ def test_i11_3_a_failed_adapter_fails_its_waiters_and_leaves_no_row(manager):
     t2 = call("k2", A2)                                         # an install the engine refuses
     m.run("ad2:latest", {}, A2, 1000, t2, base=BASE)
     settle()
-    m._on_engine(inst, inst.engine, A2, "adapter",
-                 {"error": errors.LoadFailed("the adapter does not fit its base").to_wire()})
+    installed(m, inst, A2, {"error": errors.LoadFailed("the adapter does not fit its base").to_wire()})
     assert isinstance(t2.stream.err, errors.LoadFailed) and inst.adapters == {}
 
 
@@ -195,3 +202,67 @@ def test_i11_3_unloading_the_base_fails_whoever_waits_for_its_adapters(manager):
     assert isinstance(t.stream.err, errors.Cancelled) and inst.queued_requests == 0
     settle()                                                    # the late read changes nothing
     assert inst.engine.added == []
+
+
+# -- code review of the serving of adapters -----------------------------------------------------
+
+def test_i11_review_2_a_stale_install_answer_does_not_mark_a_reattached_adapter_ready(manager):
+    m, inst, reads, settle = manager
+    t1 = call("k1", A1)
+    m.run("ad1:latest", {}, A1, 1000, t1, base=BASE)
+    settle()                                                    # install 1 sent to the engine
+    m.detach(inst, "ad1:latest", force=True)                    # ...and dropped after it
+    assert isinstance(t1.stream.err, errors.Cancelled) and inst.engine.dropped == [A1]
+    t2 = call("k2", A1)
+    m.run("ad1:latest", {}, A1, 1000, t2, base=BASE)            # attached again
+    settle()
+    assert inst.engine.added == [A1, A1]
+    first, second = [t for _, t in inst.engine.tokens]
+    assert first != second
+    installed(m, inst, A1, {"bytes": 64}, nth=0)                # the answer to the dropped install
+    assert inst.adapters[A1].state == "loading" and inst.engine.submitted == []
+    assert t2.stream.err is None and inst.queued_requests == 1
+    installed(m, inst, A1, {"bytes": 64}, nth=1)                # the current one's
+    assert inst.adapters[A1].state == "busy" and [r.key for r in inst.engine.submitted] == ["k2"]
+    m._on_engine(inst, inst.engine, A1, "adapter", {"bytes": 64})   # no token: not this attach's
+    assert inst.adapters[A1].resident_bytes == 64
+
+
+def test_i11_review_3_unloading_the_base_is_busy_while_an_adapter_loads_or_serves(manager):
+    m, inst, reads, settle = manager
+    t = call("k", A1)
+    m.run("ad1:latest", {}, A1, 1000, t, base=BASE)             # loading, a request queued on it
+    done = []
+    with pytest.raises(errors.Busy, match="ad1:latest is still loading"):
+        m.unload(inst, False, lambda: done.append(1))
+    assert inst.serving and t.stream.err is None and inst.adapters[A1].state == "loading"
+    settle()
+    installed(m, inst, A1, {"bytes": 10})
+    assert [r.key for r in inst.engine.submitted] == ["k"]     # the queued request went on
+    with pytest.raises(errors.Busy, match="1 active request"):
+        m.unload(inst, False, lambda: done.append(1))
+    m._on_engine(inst, inst.engine, "k", "end", {})
+    m.acquire_adapter(BASE, "ad2:latest", {}, A2, 1000, lambda i, e: done.append(e))
+    with pytest.raises(errors.Busy, match="ad2:latest is still loading"):   # a pending load ADAPTER
+        m.unload(inst, False, lambda: done.append(1))
+    assert done == []
+    m.unload(inst, True, lambda: done.append(1))                # --force: the pending load fails
+    assert isinstance(done[0], errors.Cancelled) and inst.state is State.UNLOADING
+
+
+def test_i11_review_4_a_second_tag_of_an_attached_adapter_is_found_and_named(manager):
+    m, inst, reads, settle = manager
+    t = call("k1", A1)
+    m.run("ad1:latest", {}, A1, 1000, t, base=BASE)
+    settle()
+    installed(m, inst, A1, {"bytes": 10})
+    m._on_engine(inst, inst.engine, "k1", "end", {})
+    t2 = call("k2", A1)                                         # the same adapter under a second tag
+    m.run("tag2:latest", {}, A1, 1000, t2, base=BASE)
+    m._on_engine(inst, inst.engine, "k2", "end", {})
+    assert (t.stream.result["model"], t2.stream.result["model"]) == ("ad1:latest", "tag2:latest")
+    assert m.table.with_adapter("tag2:latest") == []            # by name alone: not found...
+    assert m.table.with_adapter("tag2:latest", A1) == [inst]    # ...by its digest: found
+    assert inst.attached("tag2:latest", A1) is inst.adapters[A1]
+    m.detach(inst, A1, force=False)
+    assert inst.adapters == {} and inst.engine.dropped == [A1]
