@@ -31,12 +31,15 @@ SPEC_KEYS: dict[str, type] = {
 # Keys that fix the architecture or the tokenizer: fine-tuning keeps its base's.
 ARCH_KEYS = ("tokenizer", "vocab_size", "layers", "dim", "heads", "kv_heads")
 FT_METHODS = ("full", "lora", "classify")
+# Training keys fine-tuning refuses, and why (the daemon refuses them too).
+FT_REFUSED = {"eval_batches": "a fine-tune's validation loss covers every validation example; "
+                              "eval_samples (--eval-samples) caps the greedy answers"}
 ALL_LINEAR = "all-linear"
 # Every key of a fine-tuning spec (protocol 1.6, message 'finetune'): the training keys but the
 # architecture's, and the fine-tuning ones.  ``list`` values take a list of strings or a comma
 # string ("q_proj,v_proj"); ``targets`` also takes "all-linear".
 FINETUNE_KEYS: dict[str, type] = {
-    **{k: v for k, v in SPEC_KEYS.items() if k not in ARCH_KEYS},
+    **{k: v for k, v in SPEC_KEYS.items() if k not in ARCH_KEYS and k not in FT_REFUSED},
     "method": str, "rank": int, "alpha": float, "lora_dropout": float, "targets": list,
     "labels": list, "head_only": bool, "epochs": float, "eval_samples": int,
 }
@@ -109,9 +112,11 @@ def check_spec(spec: dict, where=lambda key: "spec", keys: dict[str, type] = SPE
         if key not in keys:
             near = difflib.get_close_matches(str(key), keys, n=1)
             arch = keys is not SPEC_KEYS and key in ARCH_KEYS
+            why = FT_REFUSED.get(key) if keys is FINETUNE_KEYS else None
             raise InvalidArgument(f"{where(key)}: unknown key {key!r}"
                                   + (" (fine-tuning keeps the base model's architecture and tokenizer)"
-                                     if arch else f"; did you mean {near[0]!r}?" if near else ""),
+                                     if arch else f" ({why})" if why
+                                     else f"; did you mean {near[0]!r}?" if near else ""),
                                   hint="spec keys: " + ", ".join(keys))
         want = keys[key]
         if want is list:

@@ -12,8 +12,8 @@ import click
 
 from .. import format as fmt
 from ..jobs import FT_NO_DATA
-from ..trainspec import (ARCH_KEYS, EVAL_METRICS, FINETUNE_KEYS, FT_METHODS, data_files, finetune_conflict,
-                         load_spec_file, merge_spec)
+from ..trainspec import (ARCH_KEYS, EVAL_METRICS, FINETUNE_KEYS, FT_METHODS, FT_REFUSED, data_files,
+                         finetune_conflict, load_spec_file, merge_spec)
 from . import common
 from .job_export import KINDS, export_finetune
 from .jobs import Follow, NoInput, _upload_progress, spec_options
@@ -35,11 +35,21 @@ def _arch_refused(ctx, param, value):
     return value
 
 
+def _refused(ctx, param, value):
+    if value is not None:
+        raise click.UsageError(f"{param.opts[0]} is not a finetune flag: {FT_REFUSED[param.name]}", ctx)
+    return value
+
+
 def _arch_options(f):
-    """The architecture flags of train, hidden: given to finetune, each is refused clearly."""
+    """The architecture flags of train and those fine-tuning refuses (FT_REFUSED), hidden:
+    given to finetune, each is refused clearly."""
     for key in ARCH_KEYS:
         f = click.option("--" + key.replace("_", "-"), key, hidden=True, expose_value=False,
                          callback=_arch_refused)(f)
+    for key in FT_REFUSED:
+        f = click.option("--" + key.replace("_", "-"), key, type=int, hidden=True, expose_value=False,
+                         callback=_refused)(f)
     return f
 
 
@@ -65,7 +75,7 @@ def _arch_options(f):
 @click.option("--epochs", type=float, metavar="N", help="Passes over the training data [1] (or --max-steps).")
 @click.option("--eval-samples", type=int, metavar="N",
               help="Validation examples answered greedily for exact match and chrF [32].")
-@spec_options(exclude=ARCH_KEYS, helps=FT_HELPS)
+@spec_options(exclude=ARCH_KEYS + tuple(FT_REFUSED), helps=FT_HELPS)
 @_arch_options
 @click.option("--spec", "spec_file", metavar="FILE",
               help="TOML or JSON file with the same keys (method, rank, labels, epochs...); flags override it.")

@@ -197,9 +197,9 @@ def import_(ctx, path, name, force, dtype, base, as_json):
     if base and dtype != "auto":
         raise click.UsageError("--dtype is for models; an adapter's tensors are stored as float32")
     if name is None:
-        base = os.path.basename(os.path.abspath(path)).lower()
-        base = base[:-5] if base.endswith(".gguf") else base
-        name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in base).strip("-._") or "model"
+        stem = os.path.basename(os.path.abspath(path)).lower()
+        stem = stem[:-5] if stem.endswith(".gguf") else stem
+        name = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in stem).strip("-._") or "model"
     progress, line = _progress(as_json)
     try:
         r = common.client(ctx).import_path(path, name, force=force, base=base,

@@ -201,10 +201,9 @@ def prepare(run_dir: str, spec: dict, parent: dict | None):
         raise ValueError(f"a fine-tune needs its base model in {run_dir}/parent (meta.json, "
                          "config.json, tokenizer.bin, model.safetensors)")
     vsources, val = read_data(run_dir, spec["val_data"], "val_data") if spec.get("val_data") else ({}, None)
-    s = user_spec(spec)
-    if "kind" not in s:             # a spec the daemon checked has it; one written by hand not
-        given = {**s, "data": sources, **({"val_data": vsources} if vsources else {})}
-        s = check_finetune_spec(given, data, val, base_facts(parent, parent["config"]))
+    # written by hand or by the client (checked or not: the check is idempotent)
+    given = {**user_spec(spec), "data": sources, **({"val_data": vsources} if vsources else {})}
+    s = check_finetune_spec(given, data, val, base_facts(parent, parent["config"]))
 
     def finish(out, ck):
         if s["method"] == "full":

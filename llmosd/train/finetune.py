@@ -66,9 +66,9 @@ def run(spec: dict, store_root: str, ctl) -> dict:
     ctl.progress({"stage": "data", "message": f"reading {len(sources) + len(vsources)} data file(s)"})
     data, val = read_files(store, sources), read_files(store, vsources)
     cfg = json.loads(store.read_blob(base["config"]["digest"]))
-    s = user_spec(spec)
-    if "kind" not in s:             # the daemon passes the checked spec (it adds kind)
-        s = check_finetune_spec(s, data, val, base_facts(base, cfg))
+    # the daemon checked it at submit; again here (the check is idempotent) against the data
+    # and base as this worker reads them
+    s = check_finetune_spec(user_spec(spec), data, val, base_facts(base, cfg))
     if s["nproc"] > 1:
         from llmosd.train.distributed import CANCEL, launch
         stopped, ck = launch(s, store, base, ctl)

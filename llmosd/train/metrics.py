@@ -263,9 +263,9 @@ def run_eval(spec: dict, store_root: str, ctl) -> dict:
     man, base = spec["_model"], spec.get("_base")
     ctl.progress({"stage": "data", "message": f"reading {len(spec['data'])} data file(s)"})
     data = {name: store.read_blob(d) for name, d in spec["data"].items()}
-    s = {k: v for k, v in user_spec(spec).items() if k != "model"}
-    if "kind" not in s:             # the daemon passes the checked spec (check_eval_spec adds kind)
-        s = check_eval_spec(s, data, model_facts(store, man, base))
+    # the daemon checked it at submit; again here (the check is idempotent)
+    s = check_eval_spec({k: v for k, v in user_spec(spec).items() if k != "model"}, data,
+                        model_facts(store, man, base))
     examples = sft.parse_examples(data)
     device = pick_device(s.get("device", "auto"))
     torch.manual_seed(s.get("seed", 0))

@@ -199,7 +199,12 @@ FT_METHODS = ("full", "lora", "classify")
 FT_INTS = {"rank": (1, 1024), "eval_samples": (0, 100_000)}
 FT_OWN = ("method", "rank", "alpha", "lora_dropout", "targets", "labels", "head_only", "epochs",
           "eval_samples", "val_data")
-FINETUNE_KEYS = tuple(k for k in TRAIN_KEYS if k not in ARCH_KEYS) + FT_OWN
+# train keys a fine-tune refuses, and why (the architecture keys have their own message)
+FT_REFUSED = {"eval_batches": "a fine-tune's validation loss covers every validation example; "
+                              "eval_samples caps the greedy answers (exact match, chrF)"}
+FINETUNE_KEYS = tuple(k for k in TRAIN_KEYS if k not in ARCH_KEYS and k not in FT_REFUSED) + FT_OWN
+# added by check_finetune_spec: taken back (and verified) when checked again
+CHECKED_KEYS = ("kind",)
 LORA_KEYS = ("rank", "alpha", "lora_dropout", "targets")
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 FT_LR = {"full": 2e-5, "lora": 3e-4, "classify": 3e-4}
@@ -242,11 +247,17 @@ def _typed_finetune(spec: dict) -> dict:
     if fixed:
         raise ValueError(f"{fixed[0]} cannot be set for a fine-tune: the base model's architecture "
                          "and tokenizer are kept; leave it out")
-    unknown = sorted(str(k) for k in spec if k not in FINETUNE_KEYS and k not in ARCH_KEYS)
+    refused = [k for k in FT_REFUSED if spec.get(k) is not None]
+    if refused:
+        raise ValueError(f"{refused[0]} does not apply to a fine-tune: {FT_REFUSED[refused[0]]}; "
+                         "leave it out")
+    unknown = sorted(str(k) for k in spec if k not in FINETUNE_KEYS and k not in ARCH_KEYS
+                     and k not in FT_REFUSED and k not in CHECKED_KEYS)
     if unknown:
         raise ValueError(f"unknown finetune spec key {unknown[0]!r}; known keys: "
                          f"{', '.join(FINETUNE_KEYS)}")
-    out = _typed({k: v for k, v in spec.items() if k not in FT_OWN and k not in ARCH_KEYS})
+    out = _typed({k: v for k, v in spec.items()
+                  if k not in FT_OWN and k not in ARCH_KEYS and k not in FT_REFUSED and k not in CHECKED_KEYS})
     for k, v in spec.items():
         if v is None or k not in FT_OWN:
             continue
@@ -277,7 +288,17 @@ def _typed_finetune(spec: dict) -> dict:
             out[k] = _names(k, v)
         elif k == "val_data":
             out[k] = _mapping(k, v)
+    if spec.get("kind") is not None:
+        out["kind"] = spec["kind"]          # from an earlier check: verified against the data
     return out
+
+
+def _checked_kind(spec: dict, kind: str, where: str) -> None:
+    """A spec checked before carries the data's ``kind``: it must still be this data's."""
+    given = spec.get("kind")
+    if given is not None and given != kind:
+        raise ValueError(f"the spec was checked for {given!r} data, but the data (from {where}) "
+                         f"holds {kind} examples; check it again without kind")
 
 
 def _targets(given: list[str] | None, known) -> list[str]:
@@ -314,9 +335,6 @@ def _ft_defaults(s: dict, base: dict) -> dict:
     if given and not lora:
         what = "--method full" if method == "full" else "--head-only (no LoRA under the head)"
         raise ValueError(f"{given[0]} sets up LoRA, which {what} does not use; leave it out")
-    if "epochs" in s and "max_steps" in s:
-        raise ValueError(f"give epochs ({s['epochs']:g}) or max_steps ({s['max_steps']:,}), not "
-                         "both: each sets the length of the run")
     if lora:
         rank = s.setdefault("rank", 8)
         s.setdefault("alpha", 2.0 * rank)
@@ -329,9 +347,8 @@ def _ft_defaults(s: dict, base: dict) -> dict:
     ctx = base.get("context")
     for k, v in (("lr", lr), ("weight_decay", 0.1 if method == "full" else 0.0),
                  ("block_size", min(512, ctx) if isinstance(ctx, int) else 512),
-                 ("batch_size", 8), ("grad_accum", 1), ("dropout", 0.0), ("eval_batches", 20),
-                 ("eval_samples", 32), ("nproc", 1), ("seed", 0), ("device", "auto"),
-                 ("dtype", "auto")):
+                 ("batch_size", 8), ("grad_accum", 1), ("dropout", 0.0), ("eval_samples", 32),
+                 ("nproc", 1), ("seed", 0), ("device", "auto"), ("dtype", "auto")):
         s.setdefault(k, v)
     s.setdefault("min_lr", s["lr"] / 10)
     if s["min_lr"] > s["lr"]:
@@ -358,10 +375,15 @@ def check_finetune_spec(spec: dict, data: dict, val_data: dict | None, base: dic
     (full) else 0; block_size min(512, context); batch_size 8; grad_accum 1; dropout 0;
     epochs 1 unless max_steps is given (then epochs is None); max_steps = the steps of the
     epochs; warmup min(100, max_steps/10); eval_every one epoch's steps (at most max_steps);
-    checkpoint_every = eval_every; eval_samples 32; eval_batches 20; seed 0; nproc 1.
+    checkpoint_every = eval_every; eval_samples 32; seed 0; nproc 1.  (eval_batches is
+    refused: the validation loss covers every validation example.)
     Added: ``kind`` (the data's: completion, chat, text, label) and ``labels`` (classify: the
     --labels order or the data's sorted; else None); the LoRA keys are None when unused and
-    the architecture keys always (the base's are kept)."""
+    the architecture keys always (the base's are kept).
+
+    Idempotent: its own output, checked again with the same data and base, comes back
+    unchanged (``kind`` must be the data's; epochs with max_steps is taken when max_steps is
+    the one those epochs give, as in the output, and refused otherwise)."""
     s = _ft_defaults(_typed_finetune(spec), base)
     _check_files("data", data if isinstance(data, dict) else {})
     examples = sft.parse_examples(data)
@@ -378,15 +400,18 @@ def check_finetune_spec(spec: dict, data: dict, val_data: dict | None, base: dic
             raise ValueError(f"{ex.where}: label {ex.label!r} is not one of the training labels "
                              f"{', '.join(labels)}; fix the line or add examples of it")
     train, _ = sft.split_examples(examples, s["seed"], val)
+    _checked_kind(s, examples[0].kind, examples[0].where)
     s["kind"], s["labels"] = examples[0].kind, (labels or None)
     world = s["nproc"]
     per_epoch = sft.steps_for(len(train), 1, s["batch_size"], s["grad_accum"], world)
-    if "max_steps" in s:
+    if "max_steps" in s and "epochs" not in s:
         s["epochs"] = None
-    else:
-        s.setdefault("epochs", 1.0)
-        s["max_steps"] = min(INTS["max_steps"][1], sft.steps_for(
-            len(train), s["epochs"], s["batch_size"], s["grad_accum"], world))
+    else:       # max_steps from the epochs; given too (a checked spec has it): it must be that
+        derived = min(INTS["max_steps"][1], sft.steps_for(
+            len(train), s.setdefault("epochs", 1.0), s["batch_size"], s["grad_accum"], world))
+        if s.setdefault("max_steps", derived) != derived:
+            raise ValueError(f"give epochs ({s['epochs']:g}) or max_steps ({s['max_steps']:,}), not "
+                             "both: each sets the length of the run")
     steps = s["max_steps"]
     s.setdefault("warmup", min(100, steps // 10))
     s.setdefault("eval_every", max(1, min(per_epoch, steps)))
@@ -403,6 +428,8 @@ EVAL_ALLOWED = {"completion": ("loss", "perplexity", "exact_match", "chrf"),
                 "chat": ("loss", "perplexity", "exact_match", "chrf"),
                 "text": ("loss", "perplexity"), "label": ("accuracy", "f1")}
 EVAL_KEYS = ("metrics", "eval_samples", "block_size", "batch_size", "device", "dtype", "seed", "data")
+# added by check_eval_spec: taken back (and verified) when its output is checked again
+EVAL_CHECKED = ("kind", "labels")
 
 
 def check_eval_spec(spec: dict, data: dict, model: dict) -> dict:
@@ -410,22 +437,26 @@ def check_eval_spec(spec: dict, data: dict, model: dict) -> dict:
     takes) and the ``model`` (``{"kind": model|adapter|classifier, "labels", "has_template",
     "context"}``); return it with defaults: metrics every one the data allows (completion and
     chat: loss, perplexity, exact_match, chrf; text: loss, perplexity; label: accuracy, f1),
-    eval_samples 100 (at most that many examples are evaluated), block_size min(512, context),
-    batch_size 8, device auto, dtype auto, seed 0; plus ``kind`` (the data's) and ``labels``
-    (label data: the classifier's labels, or for zero-shot on a model without a head the
-    data's sorted; else None).  ValueError naming the first problem."""
+    eval_samples 100 (the greedy answers for exact_match and chrf are generated for at most
+    that many examples; loss, perplexity, accuracy and f1 take every example),
+    block_size min(512, context), batch_size 8, device auto, dtype auto, seed 0; plus ``kind``
+    (the data's) and ``labels`` (label data: the classifier's labels, or for zero-shot on a
+    model without a head the data's sorted; else None).  ValueError naming the first problem.
+    Idempotent: its own output, checked again with the same data and model, comes back
+    unchanged (``kind`` and ``labels``, if given, must be what this data and model give)."""
     if spec is None:
         spec = {}
     if not isinstance(spec, dict):
         raise ValueError(f"the eval spec must be a mapping, not a {type(spec).__name__}")
-    unknown = sorted(str(k) for k in spec if k not in EVAL_KEYS)
+    unknown = sorted(str(k) for k in spec if k not in EVAL_KEYS and k not in EVAL_CHECKED)
     if unknown:
         raise ValueError(f"unknown eval spec key {unknown[0]!r}; known keys: {', '.join(EVAL_KEYS)}")
     given = {k: v for k, v in spec.items() if v is not None}
-    s = _typed({k: v for k, v in given.items() if k not in ("metrics", "eval_samples")})
+    s = _typed({k: v for k, v in given.items() if k not in ("metrics", "eval_samples") + EVAL_CHECKED})
     _check_files("data", data if isinstance(data, dict) else {})
     examples = sft.parse_examples(data)
     kind = examples[0].kind
+    _checked_kind(given, kind, examples[0].where)
     allowed = EVAL_ALLOWED[kind]
     name = model.get("name") or "the model"
     if model.get("kind") == "classifier" and kind != "label":
@@ -468,5 +499,8 @@ def check_eval_spec(spec: dict, data: dict, model: dict) -> dict:
                          f"({ctx:,}); give at most {ctx:,}")
     for k, v in (("batch_size", 8), ("device", "auto"), ("dtype", "auto"), ("seed", 0)):
         s.setdefault(k, v)
+    if given.get("labels") is not None and given["labels"] != labels:
+        raise ValueError(f"the spec's labels {given['labels']!r:.80} are not the ones this data and "
+                         f"{name} give ({', '.join(labels) if labels else 'none'}); leave labels out")
     s.update(metrics=metrics, eval_samples=n, kind=kind, labels=labels)
     return s

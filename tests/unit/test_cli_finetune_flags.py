@@ -197,6 +197,24 @@ def test_i11_finetune_refuses_a_conflict_between_spec_file_and_flags(data, tmp_p
     assert finetune_conflict({"method": "classify", "labels": ["a"], "rank": 4}) is None
 
 
+def test_i11_review_finetune_refuses_eval_batches(data, tmp_path, capsys):
+    """A fine-tune's validation covers every validation example: --eval-batches is refused (it
+    did nothing), as a flag, in a spec file and by the library, before anything is sent."""
+    c = FakeClient()
+    assert run(c, "finetune", "smol", "m", "--data", str(data), "--eval-batches", "3") == 64
+    assert "--eval-batches is not a finetune flag: a fine-tune's validation loss covers every" \
+        in capsys.readouterr().err and c.calls == []
+    spec = tmp_path / "ft.toml"
+    spec.write_text("rank = 4\neval_batches = 3\n")
+    assert run(c, "finetune", "smol", "m", "--data", str(data), "--spec", str(spec)) == 65
+    err = capsys.readouterr().err
+    assert "line 2: unknown key 'eval_batches' (a fine-tune's validation loss" in err and c.calls == []
+    assert "eval_batches" not in FINETUNE_KEYS
+    with pytest.raises(InvalidArgument, match="eval_batches"):
+        Client.finetune(RecordingClient(), "smol", "m", [str(data)], {"eval_batches": 3})
+    assert any("--eval-batches" in p.opts for p in cli.commands["train"].params)     # train keeps it
+
+
 def test_i11_finetune_needs_data_and_readable_files(tmp_path, data, capsys):
     c = FakeClient()
     assert run(c, "finetune", "smol", "m") == 64

@@ -184,3 +184,114 @@ def test_i11_eval_spec_defaults_to_every_metric_the_data_allows():
 def test_i11_eval_spec_refusals(spec, data, model, message):
     with pytest.raises(ValueError, match=message):
         check_eval_spec(spec, data, model)
+
+
+# ---- code review of issue 11 ---------------------------------------------------------------------
+
+def test_i11_review_eval_batches_is_refused_for_a_finetune():
+    """FineTuner's validation covers every validation example: eval_batches did nothing."""
+    assert "eval_batches" not in FINETUNE_KEYS
+    with pytest.raises(ValueError, match="eval_batches does not apply to a fine-tune: .*every validation "
+                                         "example; eval_samples caps"):
+        check_finetune_spec({"eval_batches": 4}, QA, None, BASE)
+    assert "eval_batches" not in check_finetune_spec({}, QA, None, BASE)
+
+
+@pytest.mark.parametrize("spec, data, val", [
+    ({}, QA, None),
+    ({"epochs": 3, "batch_size": 4}, QA, None),
+    ({"max_steps": 7, "method": "full"}, QA, None),
+    ({"method": "classify", "labels": "pos,neg", "targets": "all-linear", "rank": 4}, LABELS, None),
+    ({"method": "classify", "head_only": True, "nproc": 2, "epochs": 0.5}, LABELS, None),
+    ({"data": {"c.jsonl": "sha256:" + "0" * 64}, "val_data": {"v.jsonl": "sha256:" + "1" * 64}},
+     CHAT, {"v.jsonl": CHAT["c.jsonl"]}),
+])
+def test_i11_review_finetune_check_is_idempotent(spec, data, val):
+    once = check_finetune_spec(spec, data, val, BASE)
+    assert check_finetune_spec(once, data, val, BASE) == once
+    assert check_finetune_spec(dict(once), data, val, BASE) == once          # and again
+
+
+def test_i11_review_finetune_recheck_verifies_kind_and_derived_steps():
+    once = check_finetune_spec({"epochs": 2}, QA, None, BASE)
+    with pytest.raises(ValueError, match="checked for 'chat' data, but the data .* holds completion"):
+        check_finetune_spec({**once, "kind": "chat"}, QA, None, BASE)
+    with pytest.raises(ValueError, match=r"give epochs \(2\) or max_steps .*, not both"):
+        check_finetune_spec({**once, "max_steps": once["max_steps"] + 1}, QA, None, BASE)
+    with pytest.raises(ValueError, match="unknown finetune spec key 'kinds'"):
+        check_finetune_spec({"kinds": "chat"}, QA, None, BASE)
+
+
+@pytest.mark.parametrize("spec, data, model", [
+    ({}, QA, MODEL),
+    ({"metrics": "chrf", "eval_samples": 5, "device": "cpu"}, CHAT, MODEL),
+    ({}, LABELS, MODEL),
+    ({"metrics": ["f1"]}, LABELS, {**MODEL, "kind": "classifier", "labels": ["pos", "neg"]}),
+    (None, {"t.jsonl": jsonl({"text": "a"})}, MODEL),
+])
+def test_i11_review_eval_check_is_idempotent(spec, data, model):
+    once = check_eval_spec(spec, data, model)
+    assert check_eval_spec(once, data, model) == once
+    with pytest.raises(ValueError, match="checked for 'label' data|checked for 'text' data"):
+        check_eval_spec({**once, "kind": "text" if once["kind"] == "label" else "label"}, data, model)
+
+
+def test_i11_review_eval_recheck_verifies_labels():
+    once = check_eval_spec({}, LABELS, MODEL)
+    with pytest.raises(ValueError, match=r"labels \['pos', 'neg'\] are not the ones .* \(neg, pos\)"):
+        check_eval_spec({**once, "labels": ["pos", "neg"]}, LABELS, MODEL)
+
+
+def test_i11_review_eval_docstring_says_what_eval_samples_caps():
+    doc = " ".join(check_eval_spec.__doc__.split())
+    assert "greedy answers for exact_match and chrf are generated for at most that many" in doc
+    assert "at most that many examples are evaluated" not in doc
+
+
+class _Checked(Exception):
+    """Raised by the patched checks: the worker did check the spec."""
+
+
+def _recorder(calls):
+    def check(spec, *args):
+        calls.append(dict(spec))
+        raise _Checked
+    return check
+
+
+def test_i11_review_workers_always_check_the_spec_again(tmp_path, monkeypatch):
+    """finetune.run, metrics.run_eval and entry.prepare check a spec the daemon checked (it
+    has kind) again, instead of trusting it."""
+    from llmosd.store.store import Store
+    from llmosd.train import entry, finetune, metrics, spec as spec_mod
+    store = Store(str(tmp_path / "store"))
+    cfg = {"max_position_embeddings": 256}
+    cd, cs = store.put_blob(json.dumps(cfg).encode())
+    dd, _ = store.put_blob(QA["qa.jsonl"])
+    base = {"name": "smol:latest", "digest": "sha256:" + "2" * 64, "config": {"digest": cd, "size": cs}}
+    checked = check_finetune_spec({}, QA, None, BASE)
+    calls = []
+    monkeypatch.setattr(spec_mod, "check_finetune_spec", _recorder(calls))
+    monkeypatch.setattr(spec_mod, "check_eval_spec", _recorder(calls))
+
+    class Ctl:
+        job_id, job_dir = 1, str(tmp_path / "job")
+
+        def progress(self, p):
+            pass
+
+    with pytest.raises(_Checked):
+        finetune.run({**checked, "data": {"qa.jsonl": dd}, "_base": base}, store.root, Ctl())
+    assert calls[-1]["kind"] == "completion" and "_base" not in calls[-1]
+    echecked = check_eval_spec({}, QA, MODEL)
+    with pytest.raises(_Checked):
+        metrics.run_eval({**echecked, "model": "smol:latest", "data": {"qa.jsonl": dd}, "_model": base,
+                          "_base": None}, store.root, Ctl())
+    assert calls[-1]["kind"] == "completion" and "model" not in calls[-1]
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "data" / "qa.jsonl").write_bytes(QA["qa.jsonl"])
+    with pytest.raises(_Checked):
+        entry.prepare(str(run_dir), {**checked, "data": ["qa.jsonl"]}, {**base, "config": cfg})
+    assert calls[-1]["kind"] == "completion" and calls[-1]["data"]["qa.jsonl"].startswith("sha256:")
+    assert len(calls) == 3
