@@ -155,6 +155,13 @@ def reads(job: Job) -> set[str]:
     return out
 
 
+def keeps_refs(job: Job) -> bool:
+    """Whether ``job``'s blobs (``refs``) stay kept in the store: a training job's while its
+    record exists (it may be resumed, even after a failure), any other job's only until it
+    has finished (it never runs again, so a merge or an adapter import pins its base no longer)."""
+    return job.kind in TRAINERS or not job.is_finished()
+
+
 def order(jobs) -> list[Job]:
     """Queued jobs in the order they get a device: higher priority first, FIFO within one."""
     return sorted((j for j in jobs if j.state is Q), key=lambda j: (-j.priority, j.id))
@@ -186,8 +193,8 @@ def after_restart(job: Job, now: float | None = None) -> bool:
     """What a daemon start does to a job loaded from its record (it may have been cut off by a
     crash or a kill -9): a training job (train, finetune) that was running, pausing or queued
     is queued again (it resumes from its last checkpoint); any other job (create, import,
-    eval, merge) that was running or queued failed (its client is gone).  Returns whether the
-    job changed."""
+    eval, merge) that was running or queued failed (its client is gone) and keeps no blobs
+    (``keeps_refs``).  Returns whether the job changed."""
     if job.state not in (Q, R, PG):
         return False
     if job.kind in TRAINERS:
@@ -197,6 +204,7 @@ def after_restart(job: Job, now: float | None = None) -> bool:
         return True
     job.state, job.reason = F, INTERRUPTED          # a fact found at start, not a move
     job.finished = time.time() if now is None else now
+    job.refs = []
     return True
 
 

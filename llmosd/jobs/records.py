@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 
-from llmosd.jobs.queue import Job, JobState
+from llmosd.jobs.queue import TRAINERS, Job, JobState
 from llmosd.store.paths import commit_file, own_dir
 
 log = logging.getLogger("llmosd.jobs")
@@ -69,6 +69,8 @@ def from_record(d: dict) -> Job:
     if not isinstance(job.spec, dict) or not isinstance(job.data, dict):
         raise ValueError("spec and data must be objects")
     job.refs = [r for r in job.refs if isinstance(r, str)] if isinstance(job.refs, list) else []
+    if job.kind not in TRAINERS:   # finished, or failed at start (after_restart): it never runs
+        job.refs = []              # again, so the start-up recovery need not keep its blobs
     return job
 
 

@@ -25,8 +25,8 @@ from typing import Callable
 
 from llmctl.errors import InvalidState
 from llmosd.jobs import worker
-from llmosd.jobs.queue import (ACTIVE, TRAINERS, Job, JobState, after_restart, next_to_start,
-                               outcome, reads, running_by_device)
+from llmosd.jobs.queue import (ACTIVE, TRAINERS, Job, JobState, after_restart, keeps_refs,
+                               next_to_start, outcome, reads, running_by_device)
 from llmosd.jobs.records import Records, to_record
 
 log = logging.getLogger("llmosd.jobs")
@@ -110,7 +110,7 @@ class JobRunner:
         return self._refs
 
     def _update_refs(self) -> None:
-        refs = {r for j in self.jobs.values() for r in j.refs}
+        refs = {r for j in self.jobs.values() if keeps_refs(j) for r in j.refs}
         for digests in self._reserved.values():
             refs |= digests
         self._refs = frozenset(refs)          # one reference swap: readers see old or new
@@ -348,8 +348,10 @@ class JobRunner:
                    for j in self.jobs.values())
 
     def readers(self, model: str) -> list[int]:
-        """Ids of the unfinished jobs that read stored model ``model`` (``queue.reads``)."""
-        return sorted(j.id for j in self.jobs.values() if not j.is_finished() and model in reads(j))
+        """Ids of the jobs that read stored model ``model`` (``queue.reads``) and are not
+        finished, or may run again (a failed training job can be resumed: its base must stay)."""
+        return sorted(j.id for j in self.jobs.values()
+                      if (not j.is_finished() or j.resumable()) and model in reads(j))
 
     def drop_refs(self, job: Job) -> None:
         """``job`` no longer needs its blobs kept (an eval that ended: nothing refers to them)."""
@@ -404,7 +406,11 @@ class JobRunner:
             self._notify(job, {"line": line})
 
     def _changed(self, job: Job) -> None:
-        """A state change: saved, and told to listeners as a row."""
+        """A state change: saved, and told to listeners as a row.  A job that ended and
+        never runs again lets go of its blobs (``queue.keeps_refs``)."""
+        if job.refs and not keeps_refs(job):
+            job.refs = []
+            self._update_refs()
         self._save(job)
         self._notify(job, {"row": job.row()})
 

@@ -103,10 +103,11 @@ class FinetuneOps:
     def _read_data(self, data: dict) -> dict:
         return {rel: self.store.read_blob(d) for rel, d in data.items()}
 
-    def _data_files(self, field: str, files: dict, why: str) -> dict:
-        self._check_names(field, files)
-        self._check_uploaded(field, files, why)
-        return files
+    def _discard(self, digests: set) -> None:
+        """The uploaded data of a submission that started no job: deleted on the store's
+        writer unless a manifest or a job names them (as a refused import's files)."""
+        if digests:
+            self.store.writer.submit(self.store.discard_unreferenced, _ignore, set(digests))
 
     # -- finetune -----------------------------------------------------------------------------
     def op_finetune(self, ctx: Ctx) -> None:
@@ -114,22 +115,29 @@ class FinetuneOps:
         job and answer with its row.  The base must be a model with its own weights.  The
         result (a model, an adapter or a classifier) is published as ``name``, replacing a
         model only with ``force``.  The data and the base's blobs stay in the store while the
-        job's record exists."""
+        job's record exists; refused, the data goes (unless something else names it)."""
         b = ctx.body
         canon, force = canonical(b["name"]), b.get("force", False)
         data, val, spec = dict(b["data"]), dict(b.get("val_data") or {}), dict(b["spec"])
         if not data:
             raise InvalidArgument("finetune needs at least one data file", hint="give --data FILE")
-        self._data_files("data", data, "fine-tuning needs their content")
-        self._data_files("val_data", val, "fine-tuning needs their content")
-        bcanon, bman, bdigest = self.store.find(b["base"])
-        check_full_model(bcanon, bman)
-        if bcanon == canon:
-            raise InvalidArgument(f"the fine-tuned model needs a name of its own, not its base's ({canon})",
-                                  hint="choose another NAME")
-        self._check_target(canon, force)
+        self._check_names("data", data)
+        self._check_names("val_data", val)
+        uploads = set(data.values()) | set(val.values())
+        try:
+            self._check_uploaded("data", data, "fine-tuning needs their content")
+            self._check_uploaded("val_data", val, "fine-tuning needs their content")
+            bcanon, bman, bdigest = self.store.find(b["base"])
+            check_full_model(bcanon, bman)
+            if bcanon == canon:
+                raise InvalidArgument(f"the fine-tuned model needs a name of its own, not its base's ({canon})",
+                                      hint="choose another NAME")
+            self._check_target(canon, force)
+        except LlmosdError:
+            self._discard(uploads)
+            raise
         base = base_entries(bcanon, bman, bdigest)
-        refs = set(data.values()) | set(val.values()) | blob_digests(bman)
+        refs = uploads | blob_digests(bman)
         key = object()
         self.jobs.reserve(key, refs)              # nothing may remove them while we check
 
@@ -146,6 +154,7 @@ class FinetuneOps:
             return full
 
         def checked(full, error):                 # on the loop
+            job = None
             try:
                 if error is not None:
                     raise refusal(error, "finetune")
@@ -162,11 +171,13 @@ class FinetuneOps:
                                       data=data, refs=refs, priority=b.get("priority", 0), device=device)
             except Exception as e:     # noqa: BLE001 - a refusal, or the disk (the job's directory)
                 ctx.error(write_error(f"queueing the fine-tuning of {canon}", e))
-                return
             finally:
                 self.jobs.release(key)
-            log.info("finetune %s on %s by uid %s: job %d queued", canon, bcanon, ctx.uid, job.id)
-            ctx.ok({"job": job.row()})
+                if job is None:                   # refused: its uploads are not kept
+                    self._discard(uploads)
+            if job is not None:
+                log.info("finetune %s on %s by uid %s: job %d queued", canon, bcanon, ctx.uid, job.id)
+                ctx.ok({"job": job.row()})
         off_loop(self.jobs.post, "finetune-check", check, checked)
 
     # -- eval ---------------------------------------------------------------------------------
@@ -174,17 +185,24 @@ class FinetuneOps:
         """Evaluate a stored model (a model, an adapter or a classifier) on data: a streamed
         job whose end carries the metrics.  Nothing is published; cancelling the request (or
         the client leaving) cancels the job; it is not resumed after a restart.  The data
-        blobs go once it has ended (unless something else uses them)."""
+        blobs go once it has ended, or when it is refused or cancelled before it starts
+        (unless something else uses them)."""
         b = ctx.body
-        canon, man, _ = self.store.find(b["model"])
         data, spec = dict(b["data"]), dict(b.get("spec") or {})
         if not data:
             raise InvalidArgument("eval needs at least one data file", hint="give --data FILE")
-        self._data_files("data", data, "evaluating needs their content")
-        base, refs = None, set(data.values()) | blob_digests(man)
-        if base_of(man) is not None:              # gone or changed: refused here, as load is
-            bcanon, bman, bdigest = resolve_base(self.store, canon, man)
-            base, refs = base_entries(bcanon, bman, bdigest), refs | blob_digests(bman)
+        self._check_names("data", data)
+        uploads = set(data.values())
+        try:
+            canon, man, _ = self.store.find(b["model"])
+            self._check_uploaded("data", data, "evaluating needs their content")
+            base, refs = None, uploads | blob_digests(man)
+            if base_of(man) is not None:          # gone or changed: refused here, as load is
+                bcanon, bman, bdigest = resolve_base(self.store, canon, man)
+                base, refs = base_entries(bcanon, bman, bdigest), refs | blob_digests(bman)
+        except LlmosdError:
+            self._discard(uploads)
+            raise
         head = man.get("head") if isinstance(man.get("head"), dict) else {}
         key, job_ref = object(), []
         self.jobs.reserve(key, refs)
@@ -207,7 +225,7 @@ class FinetuneOps:
 
         def checked(full, error):
             try:
-                if stream.closed:
+                if stream.closed:                 # the client went away meanwhile
                     return
                 if error is not None:
                     stream.error(refusal(error, "eval"))
@@ -227,6 +245,8 @@ class FinetuneOps:
                 stream.error(write_error(f"queueing the evaluation of {canon}", e))
             finally:
                 self.jobs.release(key)
+                if not job_ref:                   # no job: its data is not kept
+                    self._discard(uploads)
         off_loop(self.jobs.post, "eval-check", check, checked)
 
     def _eval_hooks(self, canon: str, data: dict, stream) -> tuple[Callable, Callable]:
@@ -242,7 +262,7 @@ class FinetuneOps:
                 bad = Internal(f"eval of {canon}: the job returned no metrics")
             self._settle(job, bad.message if bad else None)
             self.jobs.drop_refs(job)
-            self.store.writer.submit(self.store.discard_unreferenced, _ignore, set(data.values()))
+            self._discard(set(data.values()))
             if bad is not None:
                 stream.error(bad)
                 return
@@ -274,4 +294,4 @@ class FinetuneOps:
 
 def _ignore(result, error) -> None:
     if error is not None:
-        log.warning("releasing an evaluation's data failed: %s", error)
+        log.warning("releasing a job's uploaded data failed: %s", error)

@@ -18,7 +18,7 @@ from llmctl.errors import (AlreadyExists, Busy, Cancelled, InvalidArgument, JobF
 from llmosd.formats.importer import import_model
 from llmosd.jobs.queue import ACTIVE, FINISHED, TRAINERS, JobState
 from llmosd.ops.finetune import FINETUNE, IMPORT_ADAPTER, FinetuneOps, check_full_model, off_loop, refusal
-from llmosd.ops.store import write_error
+from llmosd.ops.store import check_not_a_base, write_error
 from llmosd.server import Ctx
 from llmosd.store.store import Store, canonical
 from llmosd.store.uploads import Sources
@@ -168,12 +168,14 @@ class JobOps(FinetuneOps):
         self.store.writer.submit(write, done)
 
     def _check_target(self, canon: str, force: bool) -> None:
-        """Refuse to make ``canon`` when it exists (without force), is loaded, or is being made."""
+        """Refuse to make ``canon`` when it exists (without force; with force when adapters
+        use its weights), is loaded, or is being made."""
         try:
             self.store.get(canon)
             if not force:
                 raise AlreadyExists(f"model {canon} already exists",
                                     hint="choose another name, or pass --force to replace it")
+            check_not_a_base(self.store, canon)
         except ModelNotFound:
             pass
         self.store.check_free(canon, replace=force)    # a name/namespace clash, refused up front
@@ -189,25 +191,28 @@ class JobOps(FinetuneOps):
     # -- train --------------------------------------------------------------------------------
     def op_train(self, ctx: Ctx) -> None:
         """Check the spec against the uploaded data (reading the data off the loop), then queue
-        the job and answer with its row.  If the model exists, training continues from it.
-        Refused: nothing is queued.  The data blobs stay in the store while the job's record
-        exists (``job_rm`` releases them)."""
+        the job and answer with its row.  If the model exists, training continues from it
+        (refused while adapters use its weights).  Refused: nothing is queued, and the data
+        blobs go unless something else names them.  Otherwise they stay in the store while
+        the job's record exists (``job_rm`` releases them)."""
         b = ctx.body
         canon, force = canonical(b["name"]), b.get("force", False)
         data, spec = dict(b["data"]), dict(b["spec"])
         if not data:
             raise InvalidArgument("train needs at least one data file", hint="give --data FILE")
         self._check_names("data", data)
-        self._check_uploaded("data", data, "training needs their content")
+        uploads = set(data.values())
         try:
-            _, parent_man, parent_digest = self.store.get(canon)
-        except ModelNotFound:
-            parent_man = parent_digest = None
-        if parent_man is None:
-            self._check_target(canon, force)
-        else:
-            self._check_no_job(canon)
-        refs = set(data.values()) | (self.store.blob_digests(parent_man) if parent_man else set())
+            self._check_uploaded("data", data, "training needs their content")
+            try:
+                _, parent_man, parent_digest = self.store.get(canon)
+            except ModelNotFound:
+                parent_man = parent_digest = None
+            self._check_train_target(canon, force, parent_man is not None)
+        except LlmosdError:
+            self._discard(uploads)
+            raise
+        refs = uploads | (self.store.blob_digests(parent_man) if parent_man else set())
         key = object()
         self.jobs.reserve(key, refs)              # nothing may remove them while we check
 
@@ -226,15 +231,13 @@ class JobOps(FinetuneOps):
             return check_train(spec, texts, seen)
 
         def checked(result, error):              # on the loop
+            job = None
             try:
                 if error is not None:
                     raise refusal(error, "train")
                 full = result
-                if parent is None:
-                    self._check_target(canon, force)   # again: things may have changed meanwhile
-                else:
-                    self._check_no_job(canon)
-                device = full.get("device")
+                self._check_train_target(canon, force, parent is not None)   # again: things
+                device = full.get("device")                                  # may have changed
                 if device in (None, "auto"):
                     device = str(self.manager.device)
                 wspec = {**full, "device": device, "data": data, "_force": force}
@@ -245,12 +248,25 @@ class JobOps(FinetuneOps):
                                       data=data, refs=refs, priority=b.get("priority", 0), device=device)
             except Exception as e:     # noqa: BLE001 - a refusal, or the disk (the job's directory)
                 ctx.error(write_error(f"queueing the training of {canon}", e))
-                return
             finally:
                 self.jobs.release(key)
-            log.info("train %s by uid %s: job %d queued", canon, ctx.uid, job.id)
-            ctx.ok({"job": job.row()})
+                if job is None:                   # refused: its uploads are not kept
+                    self._discard(uploads)
+            if job is not None:
+                log.info("train %s by uid %s: job %d queued", canon, ctx.uid, job.id)
+                ctx.ok({"job": job.row()})
         off_loop(self.jobs.post, "train-check", check, checked)
+
+    def _check_train_target(self, canon: str, force: bool, exists: bool) -> None:
+        """A new model: ``_check_target``; an existing one is trained further (new weights),
+        which no job may be writing and no adapter may depend on."""
+        if not exists:
+            self._check_target(canon, force)
+            return
+        self._check_no_job(canon)
+        short = canon.removesuffix(":latest")
+        check_not_a_base(self.store, canon, "training it further",
+                         hint=f"train a copy instead (llmctl tag {short} NEW, then train NEW)")
 
     def adopt(self) -> None:
         """At start-up: give the training jobs (train, finetune) loaded from their records what

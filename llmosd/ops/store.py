@@ -43,11 +43,14 @@ class StoreOps:
         ctx.ok({"models": models})
 
     def op_show(self, ctx: Ctx) -> None:
+        """A model's manifest, config and size, and the rows of the instances that serve it:
+        its own, or, for an adapter or classifier, those of its base it is attached to."""
         canon, man, digest = self.store.find(ctx.body["model"])
+        ids = set(self.manager.table.ids_of(canon))
         config = json.loads(self.store.read_blob(man["config"]["digest"]))
         ctx.ok({"model": canon, "digest": digest, "manifest": man, "config": config,
                 "size": self.store.size(man),
-                "instances": [i.row() for i in self.manager.table if i.model == canon]})
+                "instances": [i.row() for i in self.manager.table if i.id in ids]})
 
     def op_rm(self, ctx: Ctx) -> None:
         """Remove a model that is neither loaded nor being written nor read by a job.  A base
@@ -103,8 +106,10 @@ class StoreOps:
                        hint="wait for it to finish, or cancel it (llmctl jobs; llmctl cancel JOB)")
         readers = getattr(self.jobs, "readers", lambda m: [])(canon)
         if readers:
-            raise Busy(f"{canon} is used by job {', '.join(map(str, readers))} (queued or running)",
-                       hint="wait for it to finish, or cancel it (llmctl jobs; llmctl cancel JOB)")
+            raise Busy(f"{canon} is used by job {', '.join(map(str, readers))} (queued, running, "
+                       "paused, or failed and resumable)",
+                       hint="wait for it to finish, or cancel it (llmctl jobs; llmctl cancel JOB); "
+                            "a failed one: llmctl jobs rm JOB")
 
     def op_tag(self, ctx: Ctx) -> None:
         """Give a model another name; the reply comes when the store's writer has written it."""
@@ -126,6 +131,7 @@ class StoreOps:
                                     hint=f"pass --force to replace it (llmctl tag --force {src} {dst})")
             if self.manager.table.ids_of(dst):
                 raise Busy(f"{dst} is loaded; unload it before replacing it")
+            check_not_a_base(self.store, dst, hint="choose another target name")
 
         def done(canon, error):
             if error is not None:
@@ -193,6 +199,19 @@ def adapter_hosts(table, canon: str) -> list[int]:
         out = set(adapters) if isinstance(adapters, dict) else set()
         return out | {a.get("model") if isinstance(a, dict) else getattr(a, "model", None) for a in items}
     return [i.id for i in table if canon in names(getattr(i, "adapters", None) or {})]
+
+
+def check_not_a_base(store, canon: str, doing: str = "replacing it",
+                     hint: str = "choose another name") -> None:
+    """Busy when adapters or classifiers use ``canon``'s weights (``bases.dependents``):
+    ``doing`` (replacing it, training it further) would give it other weights, and they would
+    then fail to load ("other weights").  The hint names the other way and ``rm --force``."""
+    deps = dependents(store, canon)
+    if deps:
+        short = canon.removesuffix(":latest")
+        raise Busy(f"{canon} is the base of {len(deps)} model(s) that use its weights: "
+                   f"{', '.join(deps)}; {doing} would break them",
+                   hint=f"{hint}, or remove {canon} with them first: llmctl rm --force {short}")
 
 
 def write_error(what: str, e: Exception, other: type[LlmosdError] = Internal) -> LlmosdError:

@@ -27,6 +27,19 @@ def merged_weights(base_sd: dict, adapter: dict, lcfg) -> dict:
     return out
 
 
+def merge_args(spec: dict) -> dict:
+    """The merge lineage's ``args``: the adapter and base it was made of, and the adapter's
+    training ``block_size`` when it recorded one (a classifier's inputs are cut to it when it
+    serves, ``ops.serve.head_max_len``: the merged classifier must cut them the same way)."""
+    args = {"adapter_digest": spec.get("_adapter_digest"), "base": spec["_base"].get("name"),
+            "base_digest": spec["_base"].get("digest")}
+    made = (spec["_adapter"].get("lineage") or {}).get("args")
+    n = made.get("block_size") if isinstance(made, dict) else None
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        args["block_size"] = n
+    return args
+
+
 def run(spec: dict, store_root: str, ctl) -> dict:
     """Job function: spec {"_adapter": the adapter's manifest, "_adapter_name",
     "_adapter_digest", "_base": the base's name, digest and manifest entries}; returns the
@@ -52,8 +65,7 @@ def run(spec: dict, store_root: str, ctl) -> dict:
     serving = None
     if "chat_template" in base or "defaults" in base:
         serving = Serving(base.get("chat_template"), dict(base.get("defaults") or {}))
-    lineage = Lineage("merge", name, {"adapter_digest": spec.get("_adapter_digest"),
-                                      "base": base.get("name"), "base_digest": base.get("digest")})
+    lineage = Lineage("merge", name, merge_args(spec))
     params = sum(t.numel() for t in sd.values())
     out = Manifest(parameters=params + (ad.head.numel() if ad.head is not None else 0),
                    config=Blob(base["config"]["digest"], base["config"]["size"]),

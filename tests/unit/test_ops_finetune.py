@@ -164,12 +164,15 @@ def test_i11_refuses_adapter_as_base(env):
     with pytest.raises(errors.InvalidArgument, match="ad:latest is an adapter on base:latest") as e:
         call(env.ops, "finetune", body)
     assert "merge" in e.value.hint and "base:latest" in e.value.hint
+    assert not env.store.has_blob(data["train.jsonl"])      # refused: its upload is not kept
     put_adapter(env.store, "cls", "base", classifier=True)
+    data_blob(env.store)                                    # uploaded again
     with pytest.raises(errors.InvalidArgument, match="is a classifier on base:latest"):
         call(env.ops, "finetune", {**body, "base": "cls"})
+    data_blob(env.store)
     merged = dict(env.store.get("base")[1], kind="classifier", head={"digest": data["train.jsonl"],
                                                                       "size": 1, "labels": ["a", "b"]})
-    env.store.write_manifest("merged", merged)
+    env.store.write_manifest("merged", merged)           # names the data blob: kept from now on
     with pytest.raises(errors.InvalidArgument, match="merged:latest is a classifier"):
         call(env.ops, "finetune", {**body, "base": "merged"})
     with pytest.raises(errors.InvalidArgument, match="a name of its own"):
