@@ -2,6 +2,13 @@
 
 Each layer overrides the one before.  ``Config.load`` returns the effective settings plus the
 source each value came from (shown by ``llmosd --print-config``).
+
+Memory budgets (issue 12) are per device: ``[devices.cpu] budget = "8GiB"``, ``[devices.cuda0]
+budget = "90%"``, ``[devices.host] budget = "4GiB"`` (the host tier, where swapped instances
+wait), ``LLMOSD_BUDGET="cpu=8GiB,host=2GiB"`` and ``llmosd --budget DEVICE=SIZE`` (repeatable),
+each overriding the one before per device.  A budget is a size, a percentage of the device's
+memory, or ``auto``; here it is only checked and kept as text (``Config.budgets``): turning it
+into bytes needs the device's memory, which ``mem.manager.budgets_from_config`` knows.
 """
 from __future__ import annotations
 
@@ -37,6 +44,10 @@ class Config:
     max_kv_bytes: int = 0            # KV-cache bytes all admitted requests may reserve; 0 = auto (RAM/4)
     max_jobs: int = 1                # jobs (create, import, train) running at once per device
     job_stop_timeout_s: float = 30.0  # pause/cancel: how long a worker may take before SIGKILL
+    keep_alive: float = 300.0        # seconds an idle instance stays loaded; -1 forever, 0 unload at once
+    # section ("cpu", "cuda0", "host") -> budget text ("8GiB", "90%", "auto"); and each one's source
+    budgets: dict = field(default_factory=dict, metadata={"internal": True})
+    budget_sources: dict = field(default_factory=dict, metadata={"internal": True})
     config_file: str = field(default="", metadata={"internal": True})
 
     def resolved(self) -> "Config":
@@ -86,6 +97,8 @@ def _coerce(key: str, value, source: str):
                 return parse_size(value)
             return int(value, 0) if isinstance(value, str) else int(value)
         if typ == "float":
+            if key == "keep_alive":
+                return parse_duration(value)
             return float(value)
         return str(value)
     except (TypeError, ValueError):
@@ -118,6 +131,98 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value) -> float:
+    """A keep-alive: seconds as a number or text ('300', '2.5'), or with units ('5m', '1h30m',
+    '45s', '1d').  Any negative value means forever and becomes -1.0.  ValueError otherwise."""
+    import math
+    import re
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        secs = float(value)
+    else:
+        text = str(value).strip().lower()
+        neg, body = text.startswith("-"), text.removeprefix("-")
+        part = r"(\d+(?:\.\d+)?)\s*([a-z]*)\s*"
+        parts = re.findall(part, body)
+        if not re.fullmatch(f"(?:{part})+", body) or any(u not in _DURATION_UNITS for _, u in parts):
+            raise ValueError(value)
+        secs = sum(float(n) * _DURATION_UNITS[u] for n, u in parts) * (-1 if neg else 1)
+    if not math.isfinite(secs):
+        raise ValueError(value)
+    return -1.0 if secs < 0 else secs
+
+
+def budget_section(name: str) -> str:
+    """The config section of a device name: cpu, host, cuda0..cudaN ('cuda' and 'cuda:N' are
+    accepted and become cuda0 / cudaN).  ValueError for anything else."""
+    import re
+    n = str(name).strip().lower()
+    if n in ("cpu", "host"):
+        return n
+    if n == "cuda":
+        return "cuda0"
+    m = re.fullmatch(r"cuda:?(\d{1,3})", n)
+    if m:
+        return f"cuda{int(m.group(1))}"
+    raise ValueError(name)
+
+
+def parse_budget(value) -> tuple[str, float]:
+    """A budget: ('auto', 0) for 'auto'; ('percent', p) for '90%' (0 < p <= 100);
+    ('bytes', n) for a size ('8GiB', '512MB', a TOML integer).  ValueError otherwise.  0 is
+    valid here (host = 0 turns swapping off); a device's budget of 0 is refused where budgets
+    become bytes (``mem.manager.budgets_from_config``)."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, int):
+        n = value
+    else:
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return ("auto", 0)
+        if text.endswith("%"):
+            p = float(text[:-1])
+            if not 0 < p <= 100:
+                raise ValueError(value)
+            return ("percent", p)
+        n = parse_size(text)
+    if n < 0:
+        raise ValueError(value)
+    return ("bytes", n)
+
+
+def _budget_pairs(text: str, source: str) -> list[tuple[str, str]]:
+    """'cpu=8GiB,host=2GiB' -> [('cpu', '8GiB'), ('host', '2GiB')] (ConfigError naming ``source``)."""
+    out = []
+    for item in (p.strip() for p in str(text).split(",")):
+        if not item:
+            continue
+        dev, eq, size = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{source}: budget {item!r} must be DEVICE=SIZE, e.g. cpu=8GiB or cuda0=90%")
+        out.append((dev.strip(), size.strip()))
+    return out
+
+
+def _set_budget(budgets: dict, sources: dict, dev: str, value, source: str) -> None:
+    try:
+        section = budget_section(dev)
+    except ValueError:
+        raise ConfigError(f"{source}: unknown device {dev!r} for a budget",
+                          hint="devices are cpu, cuda0 (cuda1, ...) and host (the swap tier)") from None
+    try:
+        parse_budget(value)
+    except ValueError:
+        raise ConfigError(f"{source}: devices.{section}.budget must be a size (8GiB, 512MB), a "
+                          f"percentage of the device's memory (90%) or auto, got {value!r}") from None
+    budgets[section] = value if isinstance(value, int) and not isinstance(value, bool) else str(value).strip()
+    sources[section] = source
+
+
 def default_config_file(user: bool) -> str:
     return paths.SYSTEM_CONFIG if os.getuid() == 0 and not user else paths.user_config()
 
@@ -129,6 +234,9 @@ def load(config_file: str | None = None, flags: dict | None = None,
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     values: dict = {}
     sources = {k: "default" for k in _KEYS}
+    budgets: dict = {}
+    bsources: dict = {}
+    flag_budgets = flags.pop("budget", None) or []
     user = bool(flags.get("user")) or _coerce("user", environ.get("LLMOSD_USER", "0"), "LLMOSD_USER")
     explicit = config_file or environ.get("LLMOSD_CONFIG")
     path = explicit or default_config_file(user)
@@ -138,8 +246,21 @@ def load(config_file: str | None = None, flags: dict | None = None,
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config file {path}: {e}") from None
+        devices = data.get("devices", {})
         data = data.get("llmosd", data)  # accept a [llmosd] table or top-level keys
+        if data is not devices and "devices" in data:      # [llmosd.devices.cpu] works too
+            devices = {**devices, **data["devices"]}
+        if not isinstance(devices, dict):
+            raise ConfigError(f"{path}: 'devices' must be tables like [devices.cpu]")
+        for dev, table in devices.items():
+            if not isinstance(table, dict) or set(table) - {"budget"}:
+                raise ConfigError(f"{path}: [devices.{dev}] may hold only 'budget'",
+                                  hint='e.g. [devices.cpu] budget = "8GiB"')
+            if "budget" in table:
+                _set_budget(budgets, bsources, dev, table["budget"], f"file {path}")
         for k, v in data.items():
+            if k == "devices":
+                continue
             if k not in _KEYS:
                 raise ConfigError(f"{path}: unknown setting '{k}'",
                                   hint="known settings: " + ", ".join(sorted(_KEYS)))
@@ -150,9 +271,18 @@ def load(config_file: str | None = None, flags: dict | None = None,
         var = "LLMOSD_" + k.upper()
         if var in environ:
             values[k], sources[k] = _coerce(k, environ[var], var), f"env {var}"
+    if "LLMOSD_BUDGET" in environ:
+        for dev, size in _budget_pairs(environ["LLMOSD_BUDGET"], "LLMOSD_BUDGET"):
+            _set_budget(budgets, bsources, dev, size, "env LLMOSD_BUDGET")
+    for item in ([flag_budgets] if isinstance(flag_budgets, str) else flag_budgets):
+        for dev, size in _budget_pairs(item, "--budget"):
+            _set_budget(budgets, bsources, dev, size, "flag --budget")
     for k, v in flags.items():
         values[k], sources[k] = _coerce(k, v, "--" + k.replace("_", "-")), "flag"
-    cfg = Config(**values, config_file=path if os.path.exists(path) else "")
+    cfg = Config(**values, budgets=budgets, budget_sources=bsources,
+                 config_file=path if os.path.exists(path) else "")
+    for section, src in bsources.items():
+        sources[f"devices.{section}.budget"] = src
     resolved = cfg.resolved()
     for k in ("socket", "state_dir"):
         if not getattr(cfg, k):
@@ -183,4 +313,11 @@ def render(cfg: Config, sources: dict) -> str:
         else:
             s = '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
         out.append(f"{k} = {s}  # {sources.get(k, 'default')}")
+    defaults = {"cpu": "auto: RAM minus max(2 GiB, 25% of RAM)", "cuda0": "auto: 90% of the device",
+                "host": "auto: 0 without CUDA, else min(RAM/4, 32 GiB)"}
+    for section in sorted(set(defaults) | set(cfg.budgets), key=lambda d: (d != "cpu", d)):
+        v = cfg.budgets.get(section, "auto")
+        s = str(v) if isinstance(v, int) else '"' + str(v).replace('"', '') + '"'
+        src = cfg.budget_sources.get(section) or f"default ({defaults.get(section, 'auto')})"
+        out += ["", f"[devices.{section}]", f"budget = {s}  # {src}"]
     return "\n".join(out) + "\n"

@@ -35,6 +35,10 @@ def parse_args(argv):
     p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", metavar="T", help="auto, float32, float16 or bfloat16")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (0 = auto)")
+    p.add_argument("--budget", action="append", metavar="DEVICE=SIZE",
+                   help="memory budget of a device: cpu, cuda0 (cuda1, ...) or host (the swap tier) "
+                        "= a size (8GiB) or a percentage of its memory (90%%); repeatable, and "
+                        "cpu=8GiB,host=2GiB works too")
     p.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     p.add_argument("--version", action="version", version=f"llmosd {llmosd.__version__}")
     return p.parse_args(argv)
@@ -43,7 +47,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
     flags = {"socket": a.socket, "state_dir": a.state_dir, "user": a.user, "log_level": a.log_level,
-             "device": a.device, "dtype": a.dtype, "threads": a.threads}
+             "device": a.device, "dtype": a.dtype, "threads": a.threads, "budget": a.budget}
     try:
         cfg, sources = config_mod.load(a.config, flags)
     except LlmosdError as e:

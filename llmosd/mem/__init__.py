@@ -1,1 +1,8 @@
-"""Devices and memory: device/dtype choice (later budgets and eviction)."""
+"""Devices and memory: what the daemon's hardware has and who may hold how much of it.
+
+- ``devices``: device and dtype choice, a device's memory (imports torch);
+- ``policy``: admission and eviction decisions on tables of holders (pure, no torch);
+- ``estimate``: memory estimates of instances and jobs, corrected by measurements (no torch);
+- ``manager``: the ledger of charges per device and tier, budgets from the config, plans on the
+  ledger, recent evictions (the control loop's side; no torch).
+"""

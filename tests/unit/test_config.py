@@ -62,3 +62,77 @@ def test_print_config_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "llmosd", "--config", "/dev/null", "--log-level", "loud"],
                        capture_output=True, text=True)
     assert r.returncode == errors.EX_CONFIG and "log_level" in r.stderr
+
+
+# -- issue 12: budgets and keep-alive ------------------------------------------------------------
+def test_i12_budgets_from_file_env_and_flags(tmp_path):
+    f = tmp_path / "llmosd.toml"
+    f.write_text('[llmosd]\nkeep_alive = "5m"\n\n[devices.cpu]\nbudget = "8GiB"\n\n'
+                 '[devices.cuda0]\nbudget = "90%"\n\n[devices.host]\nbudget = "4GiB"\n')
+    cfg, src = config.load(str(f), {}, environ={})
+    assert cfg.budgets == {"cpu": "8GiB", "cuda0": "90%", "host": "4GiB"}
+    assert cfg.keep_alive == 300.0 and src["keep_alive"].startswith("file")
+    assert src["devices.cpu.budget"] == f"file {f}"
+    cfg, src = config.load(str(f), {"budget": ["cuda:0=50%", "host=1GiB,cpu=2GiB"]},
+                           environ={"LLMOSD_BUDGET": "cpu=6GiB, host=2GiB", "LLMOSD_KEEP_ALIVE": "-1"})
+    assert cfg.budgets == {"cpu": "2GiB", "cuda0": "50%", "host": "1GiB"}
+    assert cfg.budget_sources == {"cpu": "flag --budget", "cuda0": "flag --budget", "host": "flag --budget"}
+    assert cfg.keep_alive == -1.0
+    cfg, _ = config.load(str(f), {}, environ={"LLMOSD_BUDGET": "cpu=6GiB"})
+    assert cfg.budgets["cpu"] == "6GiB" and cfg.budget_sources["cpu"] == "env LLMOSD_BUDGET"
+    # [llmosd.devices.cpu] works too; defaults are empty (auto, resolved against the hardware)
+    f.write_text('[llmosd.devices.cpu]\nbudget = 1073741824\n')
+    assert config.load(str(f), {}, environ={})[0].budgets == {"cpu": 1 << 30}
+    assert config.load("/dev/null", {}, environ={})[0].budgets == {}
+
+
+@pytest.mark.parametrize("value,want", [("5m", 300.0), ("300", 300.0), ("-1", -1.0), ("0", 0.0),
+                                        ("1h30m", 5400.0), (45, 45.0), ("2.5s", 2.5)])
+def test_i12_keep_alive_durations(value, want):
+    assert config.load("/dev/null", {}, environ={"LLMOSD_KEEP_ALIVE": str(value)})[0].keep_alive == want
+    assert config.parse_duration(value) == want
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[devices.cpu]\nbudget = "lots"', "devices.cpu.budget must be a size"),
+    ('[devices.cpu]\nbudget = "150%"', "devices.cpu.budget must be a size"),
+    ('[devices.tpu]\nbudget = "1GiB"', "unknown device 'tpu'"),
+    ('[devices.cpu]\nbudget = "1GiB"\nlimit = 3', r"\[devices.cpu\] may hold only 'budget'"),
+    ('keep_alive = "soon"', "keep_alive"),
+])
+def test_i12_bad_budgets_and_durations_are_named(tmp_path, text, needle):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(errors.ConfigError, match=needle):
+        config.load(str(f), {}, environ={})
+    with pytest.raises(errors.ConfigError, match="DEVICE=SIZE"):
+        config.load("/dev/null", {"budget": ["cpu"]}, environ={})
+
+
+def test_i12_print_config_shows_budgets_and_reloads(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llmosd", "--config", "/dev/null", "--print-config",
+                        "--budget", "cpu=8GiB", "--budget", "host=1GiB"], capture_output=True, text=True,
+                       env={"LLMOSD_BUDGET": "cuda0=80%", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert 'budget = "8GiB"  # flag --budget' in r.stdout
+    assert 'budget = "80%"  # env LLMOSD_BUDGET' in r.stdout
+    assert "keep_alive = 300.0  # default" in r.stdout
+    import tomllib
+    data = tomllib.loads(r.stdout)
+    assert data["devices"]["cpu"]["budget"] == "8GiB" and data["llmosd"]["keep_alive"] == 300.0
+    f = tmp_path / "again.toml"
+    f.write_text(r.stdout)                          # what it prints loads back as the same settings
+    cfg, _ = config.load(str(f), {}, environ={})
+    assert cfg.budgets == {"cpu": "8GiB", "cuda0": "80%", "host": "1GiB"}
+    r = subprocess.run([sys.executable, "-m", "llmosd", "--config", "/dev/null", "--print-config",
+                        "--budget", "gpu=1GiB"], capture_output=True, text=True)
+    assert r.returncode == errors.EX_CONFIG and "unknown device 'gpu'" in r.stderr
+
+
+def test_i12_example_config_lists_every_key():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "systemd" / "llmosd.toml").read_text()
+    missing = [k for k in config._KEYS if f"# {k} = " not in text]
+    assert not missing, f"systemd/llmosd.toml does not show {missing}"
+    for section in ("cpu", "cuda0", "host"):
+        assert f"# [devices.{section}]" in text

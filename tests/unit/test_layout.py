@@ -66,7 +66,8 @@ def torch_free_modules() -> list[str]:
              if p.parent == ROOT / "llmosd" and n not in ("llmosd.__main__",)]
     for pkg in ("ops", "store"):
         names += [n for n in modules(f"llmosd/{pkg}")]
-    names += ["llmosd.jobs.queue", "llmosd.serve.request"]
+    names += ["llmosd.jobs.queue", "llmosd.serve.request",
+              "llmosd.mem.policy", "llmosd.mem.estimate", "llmosd.mem.manager"]
     return sorted(set(names))
 
 

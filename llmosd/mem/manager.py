@@ -1,0 +1,203 @@
+"""The memory manager: the ledger of who holds how many bytes where, the budgets, admission
+plans on that ledger, the estimator, and the recent evictions.  Runs on the control loop; no
+torch (device sizes come in as numbers or a callable).
+
+The manager decides and keeps account; it moves nothing.  The instance manager and the job
+runner ``charge`` what they hold (an estimate while loading, the measured bytes after),
+``uncharge`` it when freed (listeners registered with ``on_freed`` then run: paused jobs may
+resume), ask for a ``plan`` before a load or a job start and carry its actions out.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Callable
+
+from llmctl.errors import ConfigError
+from llmosd.config import parse_budget
+from llmosd.mem import policy
+from llmosd.mem.estimate import Estimator
+from llmosd.mem.policy import Holder, Plan, size_text
+
+log = logging.getLogger("llmosd.mem")
+
+GiB = 1 << 30
+RECENT_EVICTIONS = 20
+
+__all__ = ["MemoryManager", "budgets_from_config", "default_budget"]
+
+
+def default_budget(device: str, total: int, ram: int, cuda_present: bool) -> int:
+    """The budget of ``device`` when the config says nothing (or ``auto``): the CPU: RAM minus
+    max(2 GiB, 25% of RAM) (a machine under ~2.7 GiB: a quarter of it); a CUDA device: 90% of
+    it; the host tier: 0 on a CPU-only machine (no swapping), else min(RAM/4, 32 GiB)."""
+    if device == "cpu":
+        return max(ram - max(2 * GiB, ram // 4), ram // 4)
+    if device == "host":
+        return min(ram // 4, 32 * GiB) if cuda_present else 0
+    return int(total * 0.9)
+
+
+def _device_of(section: str) -> str:
+    """Config section -> device name: cuda0 -> cuda:0."""
+    return "cuda:" + section[4:] if section.startswith("cuda") else section
+
+
+def budgets_from_config(cfg, device_memory: Callable[[str], int], ram: int,
+                        cuda_present: bool) -> tuple[dict[str, int], int]:
+    """({device: budget bytes}, host budget bytes) from ``cfg.budgets`` (section -> text, see
+    ``config.parse_budget``).  Devices: "cpu" always, "cuda:0" when ``cuda_present``, and every
+    CUDA device configured (a CUDA section is ignored on a machine without CUDA: one config file
+    may serve both).  ``device_memory("cuda:N")`` gives a device's bytes (an exception: no such
+    device); the CPU's and the host tier's memory is ``ram``.  Percentages are of that memory.
+    ConfigError naming the key and its source for a budget of 0 on a device, or one larger
+    than the memory behind it."""
+    texts = dict(getattr(cfg, "budgets", {}) or {})
+    srcs = dict(getattr(cfg, "budget_sources", {}) or {})
+    sections = ["cpu"] + (sorted({"cuda0"} | {s for s in texts if s.startswith("cuda")})
+                          if cuda_present else [])
+    budgets, host = {}, 0
+    for section in sections + ["host"]:
+        device = _device_of(section)
+        key = f"devices.{section}.budget"
+        where = f"{key} ({srcs[section]})" if section in srcs else key
+        if device.startswith("cuda"):
+            try:
+                total = int(device_memory(device))
+            except Exception as e:   # torch raises AssertionError/RuntimeError for a bad index
+                raise ConfigError(f"{where}: there is no device {device} ({e})",
+                                  hint="budget only the CUDA devices this machine has") from None
+            what = f"{device} has {size_text(total)}"
+        else:
+            total = ram
+            what = f"this machine has {size_text(total)} of RAM"
+        text = texts.get(section, "auto")
+        try:
+            kind, value = parse_budget(text)
+        except ValueError:
+            raise ConfigError(f"{where} must be a size (8GiB), a percentage (90%) or auto, "
+                              f"got {text!r}") from None
+        if kind == "auto":
+            n = default_budget(device, total, ram, cuda_present)
+        elif kind == "percent":
+            n = int(total * value / 100)
+        else:
+            n = int(value)
+        if section != "host" and n <= 0:
+            raise ConfigError(f"{where} = {text!r} is 0 bytes: every load would be refused",
+                              hint="give a size or a percentage, or leave it out for the default")
+        if n > total:
+            raise ConfigError(f"{where} = {text!r} ({size_text(n)}) is more than {what}",
+                              hint=f"give at most {size_text(total)}, or a percentage")
+        if section == "host":
+            host = n
+        else:
+            budgets[device] = n
+    return budgets, host
+
+
+class MemoryManager:
+    """Budgets and the ledger of charges: key (("instance", 3), ("job", 7), ...) -> (device,
+    tier, bytes).  One thread: the control loop."""
+
+    def __init__(self, budgets: dict[str, int], host_budget: int, clock=time.time):
+        self.budgets = dict(budgets)
+        self._host_budget = int(host_budget)
+        self.clock = clock
+        self.estimator = Estimator()
+        self._ledger: dict[tuple, tuple[str, str, int]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._evictions: deque = deque(maxlen=RECENT_EVICTIONS)
+
+    # -- the ledger -----------------------------------------------------------------------
+    def charge(self, key: tuple[str, int], device: str, nbytes: int, tier: str = "device") -> None:
+        """``key`` holds ``nbytes`` on ``device``'s ``tier`` ("device" or "host"), replacing
+        what it held before (an estimate becomes the measured bytes; a swap moves it)."""
+        if tier not in ("device", "host"):
+            raise ValueError(f"tier must be device or host, got {tier!r}")
+        self._ledger[tuple(key)] = (device, tier, max(0, int(nbytes)))
+
+    def uncharge(self, key) -> None:
+        """``key`` holds nothing any more; then every ``on_freed`` listener runs (a failing
+        one is logged, the others still run)."""
+        if self._ledger.pop(tuple(key), None) is None:
+            return
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception:
+                log.exception("memory freed: a listener failed")
+
+    def charged(self, key) -> tuple[str, str, int] | None:
+        """(device, tier, bytes) ``key`` holds, or None.  (An addition to the design.)"""
+        return self._ledger.get(tuple(key))
+
+    def used(self, device: str, tier: str = "device") -> int:
+        """Bytes charged on ``device``'s ``tier``."""
+        return sum(n for d, t, n in self._ledger.values() if d == device and t == tier)
+
+    def host_used(self) -> int:
+        """Bytes the host tier holds, for all devices together."""
+        return sum(n for _, t, n in self._ledger.values() if t == "host")
+
+    def budget(self, device: str) -> int:
+        """``device``'s budget in bytes (0 for a device without one: every need is refused)."""
+        return self.budgets.get(device, 0)
+
+    @property
+    def host_budget(self) -> int:
+        return self._host_budget
+
+    def on_freed(self, fn: Callable[[], None]) -> None:
+        self._listeners.append(fn)
+
+    # -- decisions ------------------------------------------------------------------------
+    def holders(self, holders: list[Holder]) -> list[Holder]:
+        """``holders`` (what the instance manager and job runner know: idle, pinned, ...) with
+        the ledger's bytes, device and tier, plus a non-evictable holder for every charge no
+        holder names (a load in progress, a reservation): the plan then sees all that is used."""
+        import dataclasses
+        out, seen = [], set()
+        for h in holders:
+            key = (h.kind, h.id)
+            seen.add(key)
+            c = self._ledger.get(key)
+            out.append(dataclasses.replace(h, device=c[0], tier=c[1], bytes=c[2]) if c else h)
+        for key, (d, t, n) in self._ledger.items():
+            if key not in seen:
+                kind, ident = (key[0], key[1]) if len(key) == 2 else (str(key[0]), -1)
+                out.append(Holder(str(kind), int(ident) if isinstance(ident, int) else -1, "",
+                                  d, t, n, idle=False))
+        return out
+
+    def plan(self, need: int, device: str, priority: int, holders: list[Holder],
+             for_what: str) -> Plan:
+        """``policy.plan_admission`` on the ledger (see ``holders``)."""
+        return policy.plan_admission(need, device, priority, self.holders(holders),
+                                     self.budget(device), self._host_budget, self.host_used(),
+                                     for_what=for_what)
+
+    def expired(self, instances: list[Holder], keep_alive: dict[int, float]) -> list[int]:
+        """``policy.expired`` at the manager's clock.  (An addition to the design.)"""
+        return policy.expired(instances, keep_alive, self.clock())
+
+    # -- reporting ------------------------------------------------------------------------
+    def note_eviction(self, row: dict) -> None:
+        """Remember an eviction (model, instance, reason, to: host|store; ``at`` filled in
+        with the clock when missing); the last 20 are kept."""
+        row = dict(row)
+        row.setdefault("at", self.clock())
+        self._evictions.append(row)
+
+    def recent_evictions(self) -> list[dict]:
+        """The last 20 evictions, oldest first."""
+        return [dict(r) for r in self._evictions]
+
+    def usage_rows(self, holders_by_device: dict[str, list[Holder]] | None = None) -> list[dict]:
+        """One ``policy.usage`` row per budgeted device (and any device a holder names), the
+        holders merged with the ledger, for status replies and top."""
+        given = [h for hs in (holders_by_device or {}).values() for h in hs]
+        merged = self.holders(given)
+        devices = list(self.budgets) + sorted({h.device for h in merged} - set(self.budgets))
+        return [policy.usage(d, merged, self.budget(d), self._host_budget) for d in devices]
