@@ -35,6 +35,27 @@ def base_entries(canon: str, man: dict, digest: str) -> dict:
     return {"name": canon, "digest": digest, **{k: man[k] for k in ENTRY_KEYS if k in man}}
 
 
+CHAR_VOCAB = 512          # a char tokenizer's vocabulary, for estimates (the data decides it)
+
+
+def job_estimate(full: dict, cfg: dict | None) -> int | None:
+    """The bytes a train or finetune job with checked spec ``full`` needs on its device, all
+    its ranks together, before any correction (``mem.estimate.estimate_job``): of model config
+    ``cfg`` (a dict: the parent's or base's), or of the new model the spec describes.  None
+    when the config lacks what an estimate needs (the job then reserves nothing)."""
+    from llmosd.mem.estimate import estimate_job
+    from llmosd.train.spec import default_hidden
+    try:
+        if cfg is None:
+            cfg = {"hidden_size": full["dim"], "intermediate_size": default_hidden(full["dim"]),
+                   "num_hidden_layers": full["layers"], "num_attention_heads": full["heads"],
+                   "num_key_value_heads": full.get("kv_heads") or full["heads"],
+                   "vocab_size": full.get("vocab_size") or CHAR_VOCAB}
+        return estimate_job(cfg, full) * max(1, int(full.get("nproc") or 1))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def check_full_model(canon: str, man: dict) -> None:
     """InvalidArgument unless ``man`` is a model with its own weights and no head: only such a
     model can be the base of an adapter (an adapter of an adapter would need both applied)."""
@@ -104,10 +125,15 @@ class FinetuneOps:
         return {rel: self.store.read_blob(d) for rel, d in data.items()}
 
     def _discard(self, digests: set) -> None:
-        """The uploaded data of a submission that started no job: deleted on the store's
-        writer unless a manifest or a job names them (as a refused import's files)."""
+        """The uploaded data of a submission that started no job: deleted unless a manifest or
+        a job names them (as a refused import's files)."""
+        # At once, on the loop (as a refused import's files): deleted later on the writer, a
+        # blob could vanish after a retry's 'upload' was told the daemon has it.
         if digests:
-            self.store.writer.submit(self.store.discard_unreferenced, _ignore, set(digests))
+            try:
+                self.store.discard_unreferenced(set(digests))
+            except OSError:
+                log.exception("removing the refused upload(s) %s failed", ", ".join(sorted(digests)))
 
     # -- finetune -----------------------------------------------------------------------------
     def op_finetune(self, ctx: Ctx) -> None:
@@ -151,13 +177,14 @@ class FinetuneOps:
             from llmosd.train.pretrain import pick_device
             pick_device(full.get("device", "auto"))
             check_nproc(full)
-            return full
+            return full, job_estimate(full, json.loads(self.store.read_blob(bman["config"]["digest"])))
 
-        def checked(full, error):                 # on the loop
+        def checked(result, error):               # on the loop
             job = None
             try:
                 if error is not None:
                     raise refusal(error, "finetune")
+                full, estimate = result
                 self._check_target(canon, force)  # again: things may have changed meanwhile
                 self.store.get(bcanon)            # the base is still there (ModelNotFound)
                 device = full.get("device")
@@ -168,7 +195,8 @@ class FinetuneOps:
                     wspec["val_data"] = val
                 job = self.jobs.start("finetune", canon, FINETUNE, wspec, ctx.uid,
                                       *self._hooks("finetune", canon, force),
-                                      data=data, refs=refs, priority=b.get("priority", 0), device=device)
+                                      data=data, refs=refs, priority=b.get("priority", 0), device=device,
+                                      preemptible=b.get("preemptible", False), mem_estimate=estimate)
             except Exception as e:     # noqa: BLE001 - a refusal, or the disk (the job's directory)
                 ctx.error(write_error(f"queueing the fine-tuning of {canon}", e))
             finally:
@@ -290,8 +318,3 @@ class FinetuneOps:
                 "_adapter_name": acanon, "_adapter_digest": adigest,
                 "_base": base_entries(bcanon, bman, bdigest)}
         self._job(ctx, "merge", MERGE, spec, refs=blob_digests(aman) | blob_digests(bman))
-
-
-def _ignore(result, error) -> None:
-    if error is not None:
-        log.warning("releasing a job's uploaded data failed: %s", error)
