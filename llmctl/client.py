@@ -23,7 +23,7 @@ import zmq
 
 from . import protocol
 from .access import check_socket_path
-from .errors import Cancelled, DaemonUnavailable, LlmosdError, Timeout, from_wire
+from .errors import Cancelled, DaemonUnavailable, LlmosdError, Timeout, UnsupportedVersion, from_wire
 from .jobs import JobsMixin
 from .paths import client_default_socket, ipc_path, normalize_socket
 from .upload import RESEND, import_source, upload_file
@@ -315,9 +315,34 @@ class Client(JobsMixin):
         """Name ``source`` also ``target``; an existing, different ``target`` needs ``force``."""
         return self._call("tag", {"source": source, "target": target, **({"force": True} if force else {})})
 
-    def load(self, model: str, timeout: float | None = None) -> dict:
-        """Load ``model`` (its instance row; ``already_loaded`` is true when it was)."""
-        return self._call("load", {"model": model}, timeout=timeout or self._work_timeout)
+    def load(self, model: str, timeout: float | None = None, *, keep_alive: float | None = None,
+             priority: int | None = None, pin: bool = False) -> dict:
+        """Load ``model`` (its instance row; ``already_loaded`` is true when it was).  Memory
+        (1.7): ``keep_alive`` seconds idle before it unloads (-1 forever, 0 at once),
+        ``priority`` (lower is evicted first), ``pin`` (never evicted, never expires)."""
+        body = _clean({"model": model, "keep_alive": keep_alive, "priority": priority, "pin": pin or None})
+        self._require_minor(7, "--keep-alive, --priority and --pin", len(body) > 1)
+        return self._call("load", body, timeout=timeout or self._work_timeout)
+
+    def pin(self, target: str | int) -> dict:
+        """Pin a model's instances (or instance ``target``): never evicted, never expired."""
+        self._require_minor(7, "pin")
+        return self._call("pin", {"target": str(target)})
+
+    def unpin(self, target: str | int) -> dict:
+        """Undo ``pin``: the instances may be evicted and expire again."""
+        self._require_minor(7, "unpin")
+        return self._call("unpin", {"target": str(target)})
+
+    def _require_minor(self, minor: int, what: str, needed: bool = True) -> None:
+        """Refuse, before sending, what an older daemon does not know (it would only say
+        "unknown field")."""
+        if needed and self.daemon_info is None:
+            self.connect()                     # hello tells the daemon's protocol
+        have = (self.daemon_info or {}).get("protocol") or [protocol.VERSION, minor]
+        if needed and have[0] == protocol.VERSION and have[1] < minor:
+            raise UnsupportedVersion(f"{what} needs protocol 1.{minor}; this llmosd speaks "
+                                     f"{have[0]}.{have[1]}", hint="upgrade llmosd")
 
     def unload(self, target: str | int, force: bool = False) -> dict:
         """{"unloaded": [ids]}: empty when a model named ``target`` was not loaded."""
@@ -393,15 +418,17 @@ class Client(JobsMixin):
                  top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, seed: int | None = None,
                  stop: list[str] | None = None, add_bos: bool | None = None,
-                 logprobs: int | None = None) -> Generation:
+                 logprobs: int | None = None, keep_alive: float | None = None) -> Generation:
         """Start generating; returns a ``Generation`` to iterate (loads the model if needed).
 
         Settings left as None take the model's defaults (from its generation_config or GGUF
         metadata), else the daemon's.  ``logprobs=k`` adds, to each chunk, every token's
-        log-probability and its k most likely alternatives.
+        log-probability and its k most likely alternatives.  ``keep_alive`` (1.7): seconds the
+        instance stays loaded once idle (-1 forever, 0 unload when this request ends).
         """
         body = {"model": model, "prompt": prompt, "add_bos": add_bos,
-                **_gen_opts(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, logprobs)}
+                **_gen_opts(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+                            logprobs, keep_alive)}
         rid, stream = self._start_stream("generate", _clean(body))
         return Generation(self, rid, stream)
 
@@ -413,25 +440,27 @@ class Client(JobsMixin):
         return Generation(self, rid, stream)
 
     # -- evaluation -------------------------------------------------------------------------
-    def score(self, model: str, text: str, *, add_bos: bool | None = None) -> dict:
-        """Per-token log-probabilities of ``text`` and its perplexity."""
-        body = {"model": model, "text": text, "add_bos": add_bos}
+    def score(self, model: str, text: str, *, add_bos: bool | None = None,
+              keep_alive: float | None = None) -> dict:
+        """Per-token log-probabilities of ``text`` and its perplexity (keep_alive: as generate)."""
+        body = {"model": model, "text": text, "add_bos": add_bos, "keep_alive": keep_alive}
         return self._call("score", _clean(body), timeout=self._work_timeout)
 
-    def embed(self, model: str, inputs: list[str], *, pooling: str = "mean", normalize: bool = True):
+    def embed(self, model: str, inputs: list[str], *, pooling: str = "mean", normalize: bool = True,
+              keep_alive: float | None = None):
         """A float32 numpy array (len(inputs), dim): one vector per input (see llmctl-embed)."""
         import numpy as np
+        body = _clean({"model": model, "pooling": pooling, "normalize": normalize, "keep_alive": keep_alive})
         rows = [np.frombuffer(r["data"], dtype="<f4").reshape(r["count"], r["dim"])
-                for r in self._batches("embed", inputs, {"model": model, "pooling": pooling,
-                                                         "normalize": normalize})]
+                for r in self._batches("embed", inputs, body)]
         return np.concatenate(rows) if rows else np.zeros((0, 0), dtype="<f4")
 
     def classify(self, model: str, inputs: list[str], labels: list[str] | None = None, *,
-                 template: str | None = None) -> list[dict]:
+                 template: str | None = None, keep_alive: float | None = None) -> list[dict]:
         """Labels for ``inputs``, in input order: [{label, scores, probs}, ...]: a classifier's
         trained head (``labels`` optional), else zero-shot among ``labels``."""
         body = _clean({"model": model, "labels": list(labels) if labels is not None else None,
-                       "template": template})
+                       "template": template, "keep_alive": keep_alive})
         return [res for r in self._batches("classify", inputs, body) for res in r["results"]]
 
     def download(self, digest: str, offset: int, size: int = protocol.UPLOAD_CHUNK) -> dict:
@@ -458,7 +487,7 @@ def _clean(body: dict) -> dict:
 
 
 def _gen_opts(max_tokens=None, temperature=None, top_k=None, top_p=None, min_p=None,
-              repetition_penalty=None, seed=None, stop=None, logprobs=None) -> dict:
+              repetition_penalty=None, seed=None, stop=None, logprobs=None, keep_alive=None) -> dict:
     return {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
             "min_p": min_p, "repetition_penalty": repetition_penalty, "seed": seed,
-            "stop": list(stop) if stop else None, "logprobs": logprobs}
+            "stop": list(stop) if stop else None, "logprobs": logprobs, "keep_alive": keep_alive}

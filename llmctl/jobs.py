@@ -67,30 +67,30 @@ class JobsMixin:
     """Job operations of ``Client`` (protocol 1.5; finetune, eval, merge: 1.6)."""
 
     def train(self, name: str, data_paths: Iterable[str], spec: dict, priority: int = 0,
-              force: bool = False, progress: Callable[[dict], None] | None = None) -> dict:
+              force: bool = False, progress: Callable[[dict], None] | None = None,
+              preemptible: bool = False) -> dict:
         """Submit a training job for model ``name`` on the text/JSONL files ``data_paths``;
         returns its row.  ``spec`` holds the spec keys (llmctl.trainspec.SPEC_KEYS); if ``name``
         exists, training continues from it.  Every file is checked before anything is sent, then
         each is uploaded unless the store has its content (``progress`` hears {file, sent,
         size[, skipped]}).  The daemon checks spec and data and refuses (InvalidArgument) without
-        queueing anything."""
+        queueing anything.  ``preemptible`` (1.7): a load that needs the job's memory pauses
+        it (checkpointed); it resumes when the room comes back."""
         files = data_files(list(data_paths))
         spec = check_spec(dict(spec))
         body = {"name": name, "spec": spec}
-        if priority:
-            body["priority"] = int(priority)
-        if force:
-            body["force"] = True
+        _job_flags(body, priority, force, preemptible)
         return self._submit("train", body, {"data": files}, progress)["job"]
 
     def finetune(self, base: str, name: str, data_paths: Iterable[str], spec: dict,
                  val_data: Iterable[str] | None = None, priority: int = 0, force: bool = False,
-                 progress: Callable[[dict], None] | None = None) -> dict:
+                 progress: Callable[[dict], None] | None = None, preemptible: bool = False) -> dict:
         """Submit a fine-tuning job of model ``base`` into ``name`` on the JSONL files
         ``data_paths`` (validation: ``val_data``, else a held-out split); returns its row.
         ``spec`` holds llmctl.trainspec.FINETUNE_KEYS (method full|lora|classify, rank, alpha,
         labels, epochs...); a combination that cannot work (labels without classify, epochs and
-        max_steps...) is refused before anything is sent.  Uploads as ``train``."""
+        max_steps...) is refused before anything is sent.  Uploads and ``preemptible`` as
+        ``train``."""
         files = data_files(list(data_paths), FT_NO_DATA)
         val = data_files(list(val_data), FT_NO_DATA) if val_data else None
         spec = check_spec(dict(spec), keys=FINETUNE_KEYS)
@@ -98,10 +98,7 @@ class JobsMixin:
         if conflict:
             raise InvalidArgument(conflict, hint="see llmctl finetune --help")
         body = {"base": base, "name": name, "spec": spec}
-        if priority:
-            body["priority"] = int(priority)
-        if force:
-            body["force"] = True
+        _job_flags(body, priority, force, preemptible)
         return self._submit("finetune", body, {"data": files, "val_data": val}, progress)["job"]
 
     def eval(self, model: str, data_paths: Iterable[str], spec: dict | None = None,  # noqa: A003
@@ -207,3 +204,14 @@ class JobsMixin:
             body["follow"] = True
         _, stream = self._start_stream("job_logs", body)
         return JobLog(int(job_id), stream)
+
+
+def _job_flags(body: dict, priority: int, force: bool, preemptible: bool) -> None:
+    """Add the submit flags that differ from the daemon's defaults (an older daemon then
+    never sees a field it does not know)."""
+    if priority:
+        body["priority"] = int(priority)
+    if force:
+        body["force"] = True
+    if preemptible:
+        body["preemptible"] = True

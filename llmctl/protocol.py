@@ -23,7 +23,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 6              # additions that old peers can ignore bump only this
+MINOR = 7              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
@@ -85,7 +85,9 @@ def _name(required=True):
     return Field(_S, required, max_len=NAME_MAX)
 
 
-_GEN = {"max_tokens": Field(_I, lo=1, hi=1_000_000), "temperature": Field(_F, lo=0, hi=100),
+# keep_alive (1.7): seconds an instance stays loaded after its last request; -1 forever, 0 none
+_KEEP = Field(_F, lo=-1, hi=10 * 365 * 86400)
+_GEN = {"keep_alive": _KEEP, "max_tokens": Field(_I, lo=1, hi=1_000_000), "temperature": Field(_F, lo=0, hi=100),
         "top_k": Field(_I, lo=0, hi=1_000_000), "top_p": Field(_F, lo=0, hi=1),
         "min_p": Field(_F, lo=0, hi=1), "repetition_penalty": Field(_F, lo=0.01, hi=100),
         "seed": Field(_I, lo=0, hi=U64), "stop": Field(_L, max_len=16, items=(str,)),
@@ -118,14 +120,21 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
     "rm": {"model": _name(), "force": Field(_B)},
     "tag": {"source": _name(), "target": _name(), "force": Field(_B)},
-    "load": {"model": _name()},
+    # memory (1.7): keep_alive in seconds (-1 forever, 0 unload when idle), priority, pins
+    "load": {"model": _name(), "keep_alive": _KEEP, "priority": Field(_I, lo=-1000, hi=1000),
+             "pin": Field(_B)},
     "unload": {"target": _name(), "force": Field(_B)},
+    # memory (1.7): pin/unpin a model's instances (target: a model name or an instance id)
+    "pin": {"target": _name()},
+    "unpin": {"target": _name()},
     "generate": {"model": _name(), "prompt": Field(_S, True), **_GEN, "add_bos": Field(_B)},
     "chat": {"model": _name(), "messages": Field(_L, True, max_len=100_000, items=(dict,)), **_GEN},
-    "score": {"model": _name(), "text": Field(_S, True), "add_bos": Field(_B)},
+    "score": {"model": _name(), "text": Field(_S, True), "add_bos": Field(_B), "keep_alive": _KEEP},
     "embed": {"model": _name(), "inputs": Field(_L, True, max_len=256, items=(str,)),
-              "pooling": Field(_S, choices=("mean", "last")), "normalize": Field(_B)},
+              "pooling": Field(_S, choices=("mean", "last")), "normalize": Field(_B),
+              "keep_alive": _KEEP},
     "classify": {"model": _name(), "inputs": Field(_L, True, max_len=256, items=(str,)),
+                 "keep_alive": _KEEP,
                  "labels": Field(_L, max_len=64, items=(str,)),      # optional since 1.6
                  "template": Field(_S, max_len=65536)},
     "cancel": {"target": Field(_I, True, lo=0, hi=U64)},
@@ -141,13 +150,13 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     # jobs (1.5): the spec's keys and values are checked by the daemon against the data
     "train": {"name": _name(), "data": Field((dict,), True, max_len=1000, items=(str,)),
               "spec": Field((dict,), True, max_len=64), "priority": Field(_I, lo=-1000, hi=1000),
-              "force": Field(_B)},
+              "force": Field(_B), "preemptible": Field(_B)},
     # fine-tuning (1.6): finetune answers with the job's row like train; eval and merge stream
     "finetune": {"base": _name(), "name": _name(),
                  "data": Field((dict,), True, max_len=1000, items=(str,)),
                  "val_data": Field((dict,), max_len=1000, items=(str,)),
                  "spec": Field((dict,), True, max_len=64), "priority": Field(_I, lo=-1000, hi=1000),
-                 "force": Field(_B)},
+                 "force": Field(_B), "preemptible": Field(_B)},
     "eval": {"model": _name(), "data": Field((dict,), True, max_len=1000, items=(str,)),
              "spec": Field((dict,), max_len=64)},
     "merge": {"adapter": _name(), "name": _name(), "force": Field(_B)},

@@ -110,16 +110,37 @@ def serve(cfg) -> int:
         server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,
                         heartbeat_ms=cfg.heartbeat_ms, socket_mode=cfg.socket_mode)
         store.writer = StoreWriter(server.post)    # manifest, rm and tag writes (fsync) off the loop
+        # one memory manager (issue 12): budgets in bytes; both admissions see each other's holders
+        import inspect
+
+        from llmosd.mem.devices import device_memory
+        from llmosd.mem.manager import MemoryManager, budgets_from_config
+        from llmosd.mem.policy import size_text
+        budgets, host = budgets_from_config(cfg, lambda d: device_memory(torch.device(d)),
+                                            device_memory(torch.device("cpu")), torch.cuda.is_available())
+        log.info("memory budgets: %s; host tier %s", ", ".join(f"{d} {size_text(n)}" for d, n in
+                                                              budgets.items()), size_text(host) if host else "off")
+        memory = MemoryManager(budgets, host)
         manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
-                                  stream_buffer=cfg.stream_buffer, max_kv_bytes=cfg.max_kv_bytes)
+                                  stream_buffer=cfg.stream_buffer, max_kv_bytes=cfg.max_kv_bytes,
+                                  memory=memory, keep_alive=cfg.keep_alive)
+        job_kw = {"memory": memory} if "memory" in inspect.signature(JobRunner).parameters else {}
         jobs = JobRunner(server.post, store.root, records, threads, max_jobs=cfg.max_jobs,
-                         stop_timeout=cfg.job_stop_timeout_s, jobs=loaded, write=store.writer.submit)
+                         stop_timeout=cfg.job_stop_timeout_s, jobs=loaded, write=store.writer.submit,
+                         **job_kw)
+        if callable(getattr(jobs, "holders", None)):
+            manager.job_holders = jobs.holders
+        if callable(getattr(jobs, "preempt", None)):
+            manager.preempt_job = jobs.preempt
+        if callable(getattr(jobs, "use_instances", None)):
+            jobs.use_instances(manager.instance_holders, manager.make_room)
         store.extra_refs = jobs.refs
         ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
         server.handler = ops.dispatch
         server.on_peer_gone.append(ops.peer_gone)
         server.idle_checks += [manager.idle, jobs.idle, store.writer.idle]
         server.bind()
+        manager.start_timer()                   # keep-alives
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.request_stop())
         log.info("llmosd %s listening on %s (state %s, device %s, %s, %d thread(s))",

@@ -3,9 +3,12 @@
 An instance is one copy of a model's weights on a device, with an id like a PID.  States::
 
     loading --> ready <--> busy          (busy while it has active requests)
-       |          \\        /
-       v           v      v
-     failed ----> unloading --> (removed from the table)
+     |   ^        |
+     |   |        v
+     |   '---- swapped                 (swapped to the host tier; a swap-in loads it back)
+     v            |
+   failed ----> unloading --> (removed from the table)
+                 (ready, busy, loading and swapped go to unloading too)
 
 Every state change goes through ``Instance.transition``, which refuses illegal ones.  The table
 is touched only by the daemon's control loop thread, so it needs no lock.
@@ -15,6 +18,11 @@ forked process shares its parent's pages: an ``Attached`` row per adapter, keyed
 adapter's manifest digest, ``loading`` while it is read and installed, then ``ready``/``busy``
 like an instance.  An instance's ``resident_bytes`` is its base's plus its adapters'; its
 request counts include the requests its adapters serve.
+
+Memory (issue 12): an instance's ``tier`` is "device" while it loads or serves and "host" while
+swapped (engine stopped, weights kept in host RAM); it has an ``estimate_bytes`` (before the
+load), a ``keep_alive`` (seconds after its last request; -1 forever, 0 none), a ``priority``
+and may be ``pinned``.  ``holders`` turns the table into ``mem.policy.Holder`` rows.
 """
 from __future__ import annotations
 
@@ -33,11 +41,13 @@ class State(str, enum.Enum):
     BUSY = "busy"
     UNLOADING = "unloading"
     FAILED = "failed"
+    SWAPPED = "swapped"
 
 
 LEGAL = {
     State.LOADING: {State.READY, State.FAILED, State.UNLOADING},
-    State.READY: {State.BUSY, State.UNLOADING},
+    State.READY: {State.BUSY, State.UNLOADING, State.SWAPPED},
+    State.SWAPPED: {State.LOADING, State.UNLOADING},
     State.BUSY: {State.READY, State.UNLOADING},
     State.FAILED: {State.UNLOADING},
     State.UNLOADING: set(),
@@ -58,6 +68,7 @@ class Attached:
     kind: str = "adapter"          # adapter | classifier
     ready: bool = False            # installed on the engine (before: loading)
     resident_bytes: int = 0
+    estimate_bytes: int = 0        # before it was read (admission charges this meanwhile)
     active_requests: int = 0
     tokens_served: int = 0
     requests_served: int = 0
@@ -73,8 +84,8 @@ class Attached:
 
     def row(self) -> dict:
         return {"model": self.model, "digest": self.digest, "kind": self.kind, "state": self.state,
-                "resident_bytes": self.resident_bytes, "active_requests": self.active_requests,
-                "requests_served": self.requests_served, "tokens_served": self.tokens_served,
+                "resident_bytes": self.resident_bytes, "estimate_bytes": self.estimate_bytes,
+                "active_requests": self.active_requests, "requests_served": self.requests_served, "tokens_served": self.tokens_served,
                 "loaded_at": self.loaded_at, "last_used": self.last_used, "uid": self.uid}
 
 
@@ -96,6 +107,39 @@ class Instance:
     engine: Any = None             # the engine thread once ready (opaque here)
     queued_requests: int = 0       # requests waiting for it to finish loading (instance manager counts)
     adapters: dict[str, Attached] = field(default_factory=dict)   # digest -> adapter, attach order
+    # memory (issue 12)
+    estimate_bytes: int = 0        # the base's estimate before its load (corrected)
+    pinned: bool = False           # never evicted, never expires
+    priority: int = 0              # eviction class: lower leaves first
+    keep_alive: float = 300.0      # seconds idle before it unloads; -1 forever; 0 at once
+    load_ms: float | None = None   # how long its load took
+    swap_in_ms: float | None = None   # how long its last swap-in took
+    swaps: int = 0                 # times swapped out to the host tier
+
+    @property
+    def tier(self) -> str:
+        """"host" while swapped out, else "device" (loading, serving, leaving)."""
+        return "host" if self.state is State.SWAPPED else "device"
+
+    @property
+    def idle(self) -> bool:
+        """Nothing runs on it or waits for it, and it is serving or swapped: evictable (unless
+        pinned) and subject to its keep-alive."""
+        return (self.state in (State.READY, State.SWAPPED) and not self.active_requests
+                and not self.queued_requests and all(a.ready for a in self.adapters.values()))
+
+    def expires_at(self) -> float | None:
+        """When its keep-alive runs out (epoch s), if it is idle, unpinned and not kept forever."""
+        if self.pinned or self.keep_alive < 0 or not self.idle:
+            return None
+        return self.last_used + self.keep_alive
+
+    def charge_bytes(self) -> int:
+        """What it holds for the memory manager: the base (measured once loaded, else the
+        estimate) plus each adapter (measured once installed, else its estimate)."""
+        base = self.base_bytes if self.base_bytes else self.estimate_bytes
+        return base + sum(a.resident_bytes if a.ready else a.estimate_bytes
+                          for a in self.adapters.values())
 
     @property
     def resident_bytes(self) -> int:
@@ -172,7 +216,12 @@ class Instance:
                 "active_requests": self.active_requests, "queued_requests": self.queued_requests,
                 "tokens_served": self.tokens_served, "requests_served": self.requests_served,
                 "loaded_at": self.loaded_at, "last_used": self.last_used, "uid": self.uid,
-                "reason": self.reason, "adapters": [a.row() for a in self.adapters.values()]}
+                "reason": self.reason, "adapters": [a.row() for a in self.adapters.values()],
+                "tier": self.tier, "estimate_bytes": self.estimate_bytes + sum(
+                    a.estimate_bytes for a in self.adapters.values()),
+                "pinned": self.pinned, "priority": self.priority, "keep_alive": self.keep_alive,
+                "expires_at": self.expires_at(), "load_ms": self.load_ms,
+                "swap_in_ms": self.swap_in_ms, "swaps": self.swaps}
 
 
 class ModelTable:
@@ -214,10 +263,19 @@ class ModelTable:
         return [i for i in self if i.attached(model, digest) is not None]
 
     def usable(self, model: str, digest: str) -> Instance | None:
-        """A loading or serving instance of exactly this model version (least busy first)."""
-        cands = [i for i in self.for_model(model, digest)
-                 if i.state in (State.LOADING, State.READY, State.BUSY)]
-        return min(cands, key=lambda i: (i.state is State.LOADING, i.active_requests, i.id), default=None)
+        """A loading, serving or swapped instance of exactly this model version (serving and
+        least busy first, then loading, then swapped)."""
+        order = {State.READY: 0, State.BUSY: 0, State.LOADING: 1, State.SWAPPED: 2}
+        cands = [i for i in self.for_model(model, digest) if i.state in order]
+        return min(cands, key=lambda i: (order[i.state], i.active_requests, i.id), default=None)
+
+    def holders(self, busy: frozenset = frozenset()) -> list:
+        """The instances holding memory as ``mem.policy.Holder`` rows (failed ones hold
+        nothing); those whose ids are in ``busy`` count as not idle (never chosen)."""
+        from llmosd.mem.policy import Holder
+        return [Holder("instance", i.id, i.model, i.device, i.tier, i.charge_bytes(), i.uid,
+                       i.pinned, i.priority, i.last_used, i.idle and i.id not in busy)
+                for i in self if i.state is not State.FAILED]
 
     def __iter__(self):
         return iter(sorted(self._rows.values(), key=lambda i: i.id))

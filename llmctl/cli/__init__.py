@@ -1,7 +1,8 @@
 """``llmctl``: the command line.  It reaches the daemon only through ``llmctl.Client``.
 
 The commands live by subject, each a module-level click command: ``store`` (ls, show, rm, tag,
-create, import, export), ``table`` (status, ps, load, unload), ``infer`` (run, generate, chat,
+create, import, export), ``table`` (status, free, ps, load, unload, pin, unpin), ``top`` (the
+live view), ``infer`` (run, generate, chat,
 score, classify, embed), ``jobs`` (train, jobs, logs, cancel, pause, resume; ``job_export``
 writes ``train --export``'s cluster jobs), ``finetune`` (finetune, eval, merge); ``repl`` is
 the conversation loop of chat and run.
@@ -23,7 +24,7 @@ import zmq
 
 from ..errors import EX_IOERR, EX_PROTOCOL, EX_UNAVAILABLE, EX_USAGE, LlmosdError
 from ..paths import normalize_socket
-from . import finetune, infer, jobs, store, table
+from . import finetune, infer, jobs, store, table, top
 
 # What users of other tools type, and what llmctl calls it.
 ALIASES = {
@@ -98,11 +99,12 @@ def cli(ctx, socket, timeout):
       llmctl jobs --all
       llmctl logs -f 3
       llmctl ps
+      llmctl top
     """
     ctx.obj = {**(ctx.obj or {}), "socket": socket, "timeout": timeout}   # a given obj may hold a client
 
 
-for _module in (store, table, infer, jobs, finetune):
+for _module in (store, table, top, infer, jobs, finetune):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -81,6 +81,9 @@ def _arch_options(f):
               help="TOML or JSON file with the same keys (method, rank, labels, epochs...); flags override it.")
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True, metavar="N",
               help="-1000..1000: higher runs first (first come, first served within one).")
+@click.option("--preemptible", is_flag=True,
+              help="Let loads that need its memory pause it (checkpointed); it resumes when the "
+                   "room comes back.")
 @click.option("--wait", is_flag=True, help="Follow the job to its end and exit with its status.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the job row as JSON (and, with --wait, one line per metrics report).")
@@ -92,8 +95,8 @@ def _arch_options(f):
               help="Nodes of an exported job.")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of an exported torchrun job [localhost:29500].")
 @click.pass_context
-def finetune(ctx, base, name, more_data, data, val_data, spec_file, priority, wait, as_json, force,
-             export, nnodes, rdzv_endpoint, **flags):
+def finetune(ctx, base, name, more_data, data, val_data, spec_file, priority, preemptible, wait, as_json,
+             force, export, nnodes, rdzv_endpoint, **flags):
     """Fine-tune model BASE into NAME[:TAG] on JSONL examples: a queued job that prints its id
     (with --wait: follows it, validation metrics included).
 
@@ -128,7 +131,8 @@ def finetune(ctx, base, name, more_data, data, val_data, spec_file, priority, wa
     progress, line = _upload_progress(as_json)
     try:
         row = c.finetune(base, name, list(files.values()), spec, val_data=list(val.values()) if val else None,
-                         priority=priority, force=force, progress=progress)
+                         priority=priority, force=force, progress=progress,
+                         **common.preempt(preemptible))
     finally:
         line.done()
     if as_json:

@@ -92,7 +92,13 @@ def sampling_options(f):
 def _opts(opts: dict) -> dict:
     opts = dict(opts)
     opts["stop"] = list(opts.get("stop") or []) or None
-    return opts
+    keep = _keep(opts.pop("keep_alive", None))
+    return {**opts, **keep}
+
+
+def _keep(keep_alive: float | None) -> dict:
+    """The keep_alive keyword when --keep-alive was given (none otherwise: the daemon's default)."""
+    return {} if keep_alive is None else {"keep_alive": keep_alive}
 
 
 def stats_line(s: dict) -> str:
@@ -107,6 +113,8 @@ def stats_line(s: dict) -> str:
         parts.append(f"{s['dropped_messages']} oldest message(s) left out to fit the context")
     if s.get("loaded"):
         parts.append(f"loaded in {s['load_ms'] / 1000:.2f}s")
+    if s.get("swap_in_ms") is not None:          # 1.7: it was swapped out to host RAM
+        parts.append(f"swapped back in {s['swap_in_ms'] / 1000:.2f}s")
     return ", ".join(parts)
 
 
@@ -161,6 +169,7 @@ def stream_out(gen, as_json: bool, verbose: bool, newline: bool = False) -> dict
 @click.argument("model")
 @click.argument("prompt", required=False)
 @sampling_options
+@common.keep_alive_option
 @click.option("--chat", "as_chat", is_flag=True,
               help="Send PROMPT as a user message through the model's chat template.")
 @click.option("--system", help="System message (implies --chat).")
@@ -200,6 +209,7 @@ def generate(ctx, model, prompt, as_chat, system, no_bos, logprobs, as_json, ver
 @click.argument("model")
 @click.argument("prompt", required=False)
 @sampling_options
+@common.keep_alive_option
 @click.option("--system", help="System message (models with a chat template).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per chunk, then the stats.")
 @click.option("-v", "--verbose", is_flag=True, help="Print timing statistics to stderr.")
@@ -229,6 +239,7 @@ def run(ctx, model, prompt, system, as_json, verbose, **opts):
 @click.command()
 @click.argument("model")
 @sampling_options
+@common.keep_alive_option
 @click.option("--system", help="System message for the conversation.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per reply.")
 @click.option("-v", "--verbose", is_flag=True, help="Print timing statistics after each reply.")
@@ -262,8 +273,9 @@ def _note_file_arguments(texts, command: str) -> None:
 @click.argument("text", required=False)
 @click.option("--no-bos", is_flag=True, help="Do not prepend the beginning-of-sequence token.")
 @click.option("--json", "as_json", is_flag=True, help="Print every token's log-probability as JSON.")
+@common.keep_alive_option
 @click.pass_context
-def score(ctx, model, text, no_bos, as_json):
+def score(ctx, model, text, no_bos, as_json, keep_alive):
     """Score TEXT (or stdin): per-token log-probabilities and perplexity.
 
     Perplexity is exp of the mean negative log-likelihood of every token after the first.
@@ -275,7 +287,7 @@ def score(ctx, model, text, no_bos, as_json):
         text = sys.stdin.read()
     else:
         _note_file_arguments([text], "score")
-    r = common.client(ctx).score(model, text, add_bos=False if no_bos else None)
+    r = common.client(ctx).score(model, text, add_bos=False if no_bos else None, **_keep(keep_alive))
     if as_json:
         return echo_json(r)
     for t in r["tokens"]:
@@ -293,8 +305,9 @@ def score(ctx, model, text, no_bos, as_json):
 @click.option("--template", help="Prompt with {text} (and optionally {labels}) [default: a plain "
                                  "'Classify the text into one of these labels' prompt].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input, with every label's score.")
+@common.keep_alive_option
 @click.pass_context
-def classify(ctx, model, texts, labels, template, as_json):
+def classify(ctx, model, texts, labels, template, as_json, keep_alive):
     """Classify each of TEXTS (or each stdin line) as one of --labels, zero-shot, or with a
     classifier model's trained head and labels.
 
@@ -310,7 +323,7 @@ def classify(ctx, model, texts, labels, template, as_json):
     c = common.client(ctx)
     if texts:
         _note_file_arguments(texts, "classify")
-        _classify_batch(c, model, list(texts), labs, template, as_json)
+        _classify_batch(c, model, list(texts), labs, template, as_json, keep_alive)
         return
     if sys.stdin.isatty():
         raise click.UsageError("give TEXTS, or pipe lines in")
@@ -320,14 +333,14 @@ def classify(ctx, model, texts, labels, template, as_json):
         if line.strip():
             batch.append(line)
         if len(batch) >= 16:
-            _classify_batch(c, model, batch, labs, template, as_json)
+            _classify_batch(c, model, batch, labs, template, as_json, keep_alive)
             batch = []
     if batch:
-        _classify_batch(c, model, batch, labs, template, as_json)
+        _classify_batch(c, model, batch, labs, template, as_json, keep_alive)
 
 
-def _classify_batch(c, model, batch, labs, template, as_json):
-    for text, r in zip(batch, c.classify(model, batch, labs or None, template=template)):
+def _classify_batch(c, model, batch, labs, template, as_json, keep_alive=None):
+    for text, r in zip(batch, c.classify(model, batch, labs or None, template=template, **_keep(keep_alive))):
         if as_json:
             echo_json({"text": text, **r})
         else:
@@ -344,8 +357,9 @@ def _classify_batch(c, model, batch, labs, template, as_json):
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write this file, in .npy format (float32, one row per input), instead of "
                    "JSON lines (the name is used as given).")
+@common.keep_alive_option
 @click.pass_context
-def embed(ctx, model, texts, pooling, no_normalize, output):
+def embed(ctx, model, texts, pooling, no_normalize, output, keep_alive):
     """Embed each of TEXTS (or each stdin line): one vector per input, in input order.
 
     A vector is the model's final (normalized) hidden states pooled over the input's tokens,
@@ -359,7 +373,8 @@ def embed(ctx, model, texts, pooling, no_normalize, output):
         _note_file_arguments(texts, "embed")
     if output:
         check_output_file(output)       # before the work, not after it
-    vecs = common.client(ctx).embed(model, list(texts), pooling=pooling, normalize=not no_normalize)
+    vecs = common.client(ctx).embed(model, list(texts), pooling=pooling, normalize=not no_normalize,
+                                    **_keep(keep_alive))
     if output:
         save_npy(output, vecs)
         click.echo(f"wrote {vecs.shape[0]} x {vecs.shape[1]} float32 to {output}", err=True)

@@ -103,6 +103,9 @@ _spec_options = spec_options()
               help="TOML or JSON file with the same keys (vocab_size, max_steps...); flags override it.")
 @click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True, metavar="N",
               help="-1000..1000: higher runs first (first come, first served within one).")
+@click.option("--preemptible", is_flag=True,
+              help="Let loads that need its memory pause it (checkpointed); it resumes when the "
+                   "room comes back.")
 @click.option("--wait", is_flag=True, help="Follow the job to its end and exit with its status.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the job row as JSON (and, with --wait, one line per metrics report).")
@@ -112,7 +115,8 @@ _spec_options = spec_options()
               help="Nodes of an exported job.")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of an exported torchrun job [localhost:29500].")
 @click.pass_context
-def train(ctx, name, more_data, data, spec_file, priority, wait, as_json, export, nnodes, rdzv_endpoint, **flags):
+def train(ctx, name, more_data, data, spec_file, priority, preemptible, wait, as_json, export, nnodes,
+          rdzv_endpoint, **flags):
     """Train model NAME[:TAG] on text: a queued job that prints its id (with --wait: follows it).
 
     A new NAME is created from the architecture flags; an existing one is trained further (its
@@ -139,7 +143,8 @@ def train(ctx, name, more_data, data, spec_file, priority, wait, as_json, export
     c = common.client(ctx)
     progress, line = _upload_progress(as_json)
     try:
-        row = c.train(name, list(files.values()), spec, priority=priority, progress=progress)
+        row = c.train(name, list(files.values()), spec, priority=priority, progress=progress,
+                      **common.preempt(preemptible))
     finally:
         line.done()
     if as_json:

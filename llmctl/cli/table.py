@@ -1,9 +1,13 @@
-"""The model table's commands: status, ps, load, unload."""
+"""The model table's commands: status, free, ps, load, unload, pin, unpin; the memory columns
+and lines that ``top`` shows too."""
 from __future__ import annotations
+
+import time
 
 import click
 
 from .. import format as fmt
+from ..errors import UnsupportedVersion
 from . import common
 
 
@@ -24,6 +28,45 @@ def status(ctx, as_json):
             ("memory", f"{fmt.size(s['rss_bytes'])} RSS"), ("jobs", len(s["jobs"]))]
     for k, v in rows:
         click.echo(f"{k + ':':<11}{v}")
+    if s.get("devices"):                 # protocol 1.7: the memory budgets
+        click.echo()
+        click.echo(devices_table(s["devices"]))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON ({devices: [...]}).")
+@click.pass_context
+def free(ctx, as_json):
+    """Show memory per device, as free(1) does for RAM: budget, used by instances and jobs,
+    reserved, free, and the host tier that swapped instances use."""
+    devices = common.client(ctx).status().get("devices")
+    if as_json:
+        return fmt.echo_json({"devices": devices or []})
+    if devices is None:
+        raise UnsupportedVersion("this llmosd reports no memory budgets (it speaks protocol 1.6 or older)",
+                                 hint="upgrade llmosd")
+    click.echo(devices_table(devices))
+
+
+DEVICE_HEADERS = ["DEVICE", "BUDGET", "INSTANCES", "JOBS", "RESERVED", "FREE"]
+
+
+def devices_table(devices: list[dict]) -> str:
+    """The per-device table of status and free: one row per device, then the host tier."""
+    return fmt.table(DEVICE_HEADERS, device_rows(devices))
+
+
+def device_rows(devices: list[dict]) -> list[list]:
+    """Each device's budget, bytes held by instances, by jobs, reserved and free; then "host":
+    the swap tier's budget, the bytes swapped instances hold there, and its free bytes (one
+    pool for every device: each row repeats it)."""
+    rows = [[d["device"], fmt.size(d.get("budget")), fmt.size(d.get("instances")), fmt.size(d.get("jobs")),
+             fmt.size(d.get("reserved")), fmt.size(d.get("free"))] for d in devices]
+    if devices:
+        hb, hu = devices[0].get("host_budget"), devices[0].get("host_used")
+        hfree = None if hb is None or hu is None else max(0, hb - hu)
+        rows.append(["host", fmt.size(hb), fmt.size(hu), "-", "-", fmt.size(hfree)])
+    return rows
 
 
 @click.command()
@@ -36,30 +79,60 @@ def ps(ctx, as_json):
     if as_json:
         return fmt.echo_json(body)
     click.echo(fmt.table(PS_HEADERS, ps_rows(body["instances"])))
+    evicted = body.get("evicted") or []
+    if evicted:
+        click.echo()
+        click.echo("\n".join(eviction_line(e) for e in evicted[-EVICTED_SHOWN:]))
     if body["jobs"]:
         click.echo()
         click.echo(fmt.table(["JOB", "KIND", "MODEL", "STATE", "PROGRESS", "PID"],
                              [job_cells(j) for j in body["jobs"]]))
 
 
-PS_HEADERS = ["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "ACTIVE", "TOKENS", "LOADED",
-              "LAST USED", "UID"]
+PS_HEADERS = ["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "EST", "TIER", "KEEP-ALIVE", "ACTIVE",
+              "TOKENS", "LAST USED", "UID"]
 ADAPTER_MARK = "`- "          # an adapter under its base instance, as pstree -A draws a child
+EVICTED_SHOWN = 5             # ps shows the latest evictions; --json has all the daemon keeps
 
 
-def ps_rows(instances: list[dict]) -> list[list]:
+def ps_rows(instances: list[dict], now: float | None = None) -> list[list]:
     """The table's rows: each instance, then its adapters indented under it (a process tree:
-    their bytes count in the instance's RESIDENT, which includes them)."""
+    their bytes count in the instance's RESIDENT, which includes them).  RESIDENT is measured,
+    EST the estimate made before the load; rows of an older daemon lack the memory fields."""
     rows = []
     for i in instances:
         rows.append([i["id"], i["model"], i["state"] + (f" ({i['reason']})" if i.get("reason") else ""),
-                     i["device"], fmt.size(i["resident_bytes"]), i["active_requests"], i["tokens_served"],
-                     fmt.ago(i["loaded_at"]), fmt.ago(i["last_used"]), _uid(i.get("uid"))])
+                     i["device"], fmt.size(i["resident_bytes"]), fmt.size(i.get("estimate_bytes")),
+                     i.get("tier") or "-", keep_alive_text(i, now), i["active_requests"], i["tokens_served"],
+                     fmt.ago(i["last_used"], now), _uid(i.get("uid"))])
         for a in i.get("adapters") or []:
             rows.append(["", ADAPTER_MARK + a["model"], a["state"], "", fmt.size(a.get("resident_bytes")),
-                         a.get("active_requests", 0), a.get("tokens_served", 0),
-                         fmt.ago(a.get("loaded_at")), fmt.ago(a.get("last_used")), _uid(a.get("uid"))])
+                         fmt.size(a.get("estimate_bytes")), "", "", a.get("active_requests", 0),
+                         a.get("tokens_served", 0), fmt.ago(a.get("last_used"), now), _uid(a.get("uid"))])
     return rows
+
+
+def keep_alive_text(i: dict, now: float | None = None) -> str:
+    """KEEP-ALIVE: "pinned", "forever" (-1), the time left before an idle instance unloads,
+    or, while it is in use, its keep-alive and "idle" ("5m00s idle": counted once idle)."""
+    if i.get("pinned"):
+        return "pinned"
+    ka = i.get("keep_alive")
+    if ka is None:
+        return "-"
+    if ka < 0:
+        return "forever"
+    if i.get("expires_at") is not None:
+        return fmt.duration(i["expires_at"] - (time.time() if now is None else now))
+    return f"{fmt.duration(ka)} idle"
+
+
+def eviction_line(e: dict, now: float | None = None) -> str:
+    """One of ps's recent evictions: when, what, where it went, why:
+    "evicted 2 minutes ago: tiny:latest (instance 3) to host: room for big:latest"."""
+    to = {"host": "to host", "store": "unloaded"}.get(e.get("to"), f"to {e.get('to')}")
+    return (f"evicted {fmt.ago(e.get('at'), now)}: {e.get('model')} (instance {e.get('instance')}) "
+            f"{to}: {e.get('reason') or '-'}")
 
 
 def _uid(uid) -> str:
@@ -80,14 +153,22 @@ def job_cells(j: dict) -> list:
 @click.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the instance as JSON.")
+@common.keep_alive_option
+@click.option("--priority", type=click.IntRange(-1000, 1000), metavar="N",
+              help="-1000..1000: when room is needed, lower priorities are evicted first [0].")
+@click.option("--pin", is_flag=True, help="Never evict it, never let it expire (until 'llmctl unpin').")
 @click.pass_context
-def load(ctx, model, as_json):
-    """Load MODEL into the model table (no-op if it is already loaded)."""
+def load(ctx, model, as_json, keep_alive, priority, pin):
+    """Load MODEL into the model table (no-op if it is already loaded; the memory settings
+    given then apply to it).  A load that does not fit evicts idle, unpinned models of no
+    higher priority, least recently used first, or is refused saying what holds the memory."""
     c = common.client(ctx)
+    mem = {k: v for k, v in (("keep_alive", keep_alive), ("priority", priority), ("pin", pin or None))
+           if v is not None}
     line = fmt.StatusLine(enabled=not as_json)
     line.update(f"loading {model}...")
     try:
-        r = c.load(model)
+        r = c.load(model, **mem)
     finally:
         line.clear()                       # the result (or the error) replaces the live line
     if as_json:
@@ -95,11 +176,12 @@ def load(ctx, model, as_json):
     if r.get("adapter"):
         click.echo(adapter_line(r))
         return
+    keep = "" if r.get("keep_alive") is None else f"; keep-alive {keep_alive_text(r)}"
     if r.get("already_loaded"):
-        click.echo(f"{r['model']} already loaded (instance {r['id']}, {r['state']} on {r['device']})")
+        click.echo(f"{r['model']} already loaded (instance {r['id']}, {r['state']} on {r['device']}{keep})")
         return
     click.echo(f"instance {r['id']}: {r['model']} {r['state']} on {r['device']} "
-               f"({fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s)")
+               f"({fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s{keep})")
 
 
 def adapter_line(r: dict) -> str:
@@ -130,4 +212,34 @@ def unload(ctx, target, force):
     click.echo("unloaded instance " + ", ".join(map(str, r["unloaded"])))
 
 
-COMMANDS = [status, ps, load, unload]
+@click.command()
+@click.argument("target", metavar="MODEL|ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@click.pass_context
+def pin(ctx, target, as_json):
+    """Pin MODEL's instances (or instance ID): they are never evicted to make room and never
+    unload when their keep-alive runs out."""
+    _pin_reply(common.client(ctx).pin(target), target, "pinned", as_json)
+
+
+@click.command()
+@click.argument("target", metavar="MODEL|ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@click.pass_context
+def unpin(ctx, target, as_json):
+    """Unpin MODEL's instances (or instance ID): they may be evicted and expire again."""
+    _pin_reply(common.client(ctx).unpin(target), target, "unpinned", as_json)
+
+
+def _pin_reply(r: dict, target: str, verb: str, as_json: bool) -> None:
+    """What pin/unpin print: the instances changed (the reply's ids, or its rows)."""
+    if as_json:
+        return fmt.echo_json(r)
+    ids = r.get(verb, r.get("ids"))
+    if ids is None:
+        ids = [i["id"] for i in r.get("instances", [])] or ([r["id"]] if "id" in r else [])
+    ids = [i["id"] if isinstance(i, dict) else i for i in ids]
+    click.echo(f"{verb} instance " + ", ".join(map(str, ids)) if ids else f"{target} is not loaded")
+
+
+COMMANDS = [status, free, ps, load, unload, pin, unpin]

@@ -79,11 +79,17 @@ class Job:
     progress: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)    # the last metrics map
     val_loss: float | None = None                  # the last evaluated one
+    # memory (issue 12): a preemptible job is paused when a load needs its room (``preempted``
+    # until it is queued again); ``mem_estimate``: the bytes it needs, uncorrected (all ranks)
+    preemptible: bool = False
+    preempted: bool = False
+    mem_estimate: int | None = None
     # runtime only
     process: object = None
     blobs: set = field(default_factory=set)        # blobs the worker added (orphans if it fails)
     stop: str | None = None                        # "pause" | "cancel": asked of the worker
     requeue: bool = False                          # stopping for a daemon shutdown
+    mem_bytes: int | None = None                   # measured peak of this run (all ranks)
 
     @property
     def target(self) -> str:       # the name before protocol 1.5
@@ -136,7 +142,9 @@ class Job:
                 "checkpoint_step": self.checkpoint_step,
                 "nproc": self.spec.get("nproc") if self.kind in TRAINERS else None,
                 "pid": getattr(self.process, "pid", None) if self.state in ACTIVE else None,
-                "progress": dict(self.progress)}     # create/import stage and message (ps)
+                "progress": dict(self.progress),     # create/import stage and message (ps)
+                "preemptible": self.preemptible, "estimate_bytes": self.mem_estimate,
+                "mem_bytes": self.mem_bytes if self.state in ACTIVE else None}
 
 
 def reads(job: Job) -> set[str]:
@@ -167,17 +175,34 @@ def order(jobs) -> list[Job]:
     return sorted((j for j in jobs if j.state is Q), key=lambda j: (-j.priority, j.id))
 
 
-def next_to_start(jobs, running_by_device: dict[str, int], max_jobs: int) -> list[Job]:
+def next_to_start(jobs, running_by_device: dict[str, int], max_jobs: int,
+                  admit=None) -> list[Job]:
     """The queued jobs to start now: in ``order``, each whose device has fewer than
-    ``max_jobs`` running jobs (counting those started by this decision).  A full device never
-    holds back a job for another device."""
+    ``max_jobs`` running jobs (counting those started by this decision) and that ``admit(job)``
+    lets in (memory: called in order, only for a job that has a slot; None: all).  A full
+    device never holds back a job for another device; a job that is not admitted holds back
+    no smaller one behind it."""
     busy = dict(running_by_device)
     out = []
     for job in order(jobs):
-        if busy.get(job.device, 0) < max_jobs:
+        if busy.get(job.device, 0) < max_jobs and (admit is None or admit(job)):
             busy[job.device] = busy.get(job.device, 0) + 1
             out.append(job)
     return out
+
+
+def mem_device(device: str | None) -> str:
+    """The memory manager's name of a job's device: "cuda" is "cuda:0", None is "cpu"."""
+    if not device:
+        return "cpu"
+    return "cuda:0" if device == "cuda" else device
+
+
+def estimator_key(job: Job) -> tuple:
+    """What the estimator learns a job's measured/estimated ratio under: its kind (train,
+    finetune), its method (full, lora, classify) and its device type."""
+    method = job.spec.get("method", "full") if isinstance(job.spec, dict) else "full"
+    return ("job", job.kind, method, mem_device(job.device).partition(":")[0])
 
 
 def running_by_device(jobs) -> dict[str, int]:
@@ -192,9 +217,14 @@ def running_by_device(jobs) -> dict[str, int]:
 def after_restart(job: Job, now: float | None = None) -> bool:
     """What a daemon start does to a job loaded from its record (it may have been cut off by a
     crash or a kill -9): a training job (train, finetune) that was running, pausing or queued
-    is queued again (it resumes from its last checkpoint); any other job (create, import,
+    is queued again (it resumes from its last checkpoint), and so is one paused to make room
+    for a load (``preempted``: no user asked for that pause); any other job (create, import,
     eval, merge) that was running or queued failed (its client is gone) and keeps no blobs
     (``keeps_refs``).  Returns whether the job changed."""
+    if job.state is P and job.preempted and job.kind in TRAINERS:
+        job.transition(Q, "", now=now)
+        job.preempted = False
+        return True
     if job.state not in (Q, R, PG):
         return False
     if job.kind in TRAINERS:

@@ -30,7 +30,7 @@ log = logging.getLogger("llmosd.jobs")
 RECORD, METRICS, LOG, LAST_ID = "record.json", "metrics.jsonl", "log.txt", "last_id"
 PERSISTED = ("id", "kind", "model", "owner", "spec", "data", "refs", "priority", "device",
              "state", "reason", "created", "started", "finished", "checkpoint_step", "progress",
-             "metrics", "val_loss")
+             "metrics", "val_loss", "preemptible", "preempted", "mem_estimate")
 
 
 def json_safe(value):

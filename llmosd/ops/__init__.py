@@ -71,12 +71,22 @@ class Ops:
             "instances": len(table), "active_requests": sum(i.active_requests for i in table),
             "tokens_served": sum(i.tokens_served for i in table),
             "resident_bytes": sum(i.resident_bytes for i in table),
-            "rss_bytes": _rss(), "jobs": self._job_rows(),
+            "rss_bytes": _rss(), "jobs": self._job_rows(), "devices": self._devices(),
         }
         ctx.ok(body)
 
     def op_ps(self, ctx: Ctx) -> None:
-        ctx.ok({"instances": self.manager.table.rows(), "jobs": self._job_rows()})
+        ctx.ok({"instances": self.manager.table.rows(), "jobs": self._job_rows(),
+                "evicted": self.manager.memory.recent_evictions()})
+
+    def _devices(self) -> list[dict]:
+        """Per device: budget, bytes used by instances, by jobs, reserved (KV cache, loads),
+        free, and the host tier's budget and use (the memory manager's rows)."""
+        holders = self.manager.holders()
+        by_device: dict = {}
+        for h in holders:
+            by_device.setdefault(h.device, []).append(h)
+        return self.manager.memory.usage_rows(by_device)
 
     def _job_rows(self) -> list[dict]:
         """The jobs not finished (queued, running, pausing, paused), as job rows."""

@@ -17,7 +17,8 @@ from llmctl.errors import (AlreadyExists, Busy, Cancelled, InvalidArgument, JobF
                            LlmosdError, ModelNotFound, ShuttingDown)
 from llmosd.formats.importer import import_model
 from llmosd.jobs.queue import ACTIVE, FINISHED, TRAINERS, JobState
-from llmosd.ops.finetune import FINETUNE, IMPORT_ADAPTER, FinetuneOps, check_full_model, off_loop, refusal
+from llmosd.ops.finetune import (FINETUNE, IMPORT_ADAPTER, FinetuneOps, check_full_model, job_estimate,
+                                 off_loop, refusal)
 from llmosd.ops.store import check_not_a_base, write_error
 from llmosd.server import Ctx
 from llmosd.store.store import Store, canonical
@@ -224,18 +225,19 @@ class JobOps(FinetuneOps):
 
         def check():                              # on a short thread: reads the data
             texts = {rel: self.store.read_blob(d) for rel, d in data.items()}
-            seen = parent
+            seen = cfg = parent
             if parent is not None:                # the parent's context bounds block_size
                 cfg = json.loads(self.store.read_blob(parent["config"]["digest"]))
                 seen = {**parent, "context": cfg.get("max_position_embeddings")}
-            return check_train(spec, texts, seen)
+            full = check_train(spec, texts, seen)
+            return full, job_estimate(full, cfg)
 
         def checked(result, error):              # on the loop
             job = None
             try:
                 if error is not None:
                     raise refusal(error, "train")
-                full = result
+                full, estimate = result
                 self._check_train_target(canon, force, parent is not None)   # again: things
                 device = full.get("device")                                  # may have changed
                 if device in (None, "auto"):
@@ -245,7 +247,8 @@ class JobOps(FinetuneOps):
                     wspec["_parent"] = parent
                 job = self.jobs.start("train", canon, TRAIN, wspec, ctx.uid,
                                       *self._hooks("train", canon, parent is not None or force),
-                                      data=data, refs=refs, priority=b.get("priority", 0), device=device)
+                                      data=data, refs=refs, priority=b.get("priority", 0), device=device,
+                                      preemptible=b.get("preemptible", False), mem_estimate=estimate)
             except Exception as e:     # noqa: BLE001 - a refusal, or the disk (the job's directory)
                 ctx.error(write_error(f"queueing the training of {canon}", e))
             finally:

@@ -7,7 +7,11 @@ constructor).
 An adapter or classifier on a base is served by its base's instance: ``_resolve`` finds the
 base (``bases.resolve_base``; its errors go to the client as they are) and requests carry the
 adapter's key, its manifest digest.  ``load``/``unload`` of an adapter attach it to / detach it
-from that instance."""
+from that instance.
+
+Memory (issue 12): ``load`` takes ``keep_alive`` (seconds; -1 forever, 0 unload when idle),
+``priority`` and ``pin``; every request may carry ``keep_alive`` (the latest wins); ``pin`` and
+``unpin`` take a model name or an instance id."""
 from __future__ import annotations
 
 import logging
@@ -91,6 +95,12 @@ def head_max_len(man: dict) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
+def _memory_opts(body: dict) -> dict:
+    """A load's memory settings (issue 12) as ``InstanceManager.acquire`` takes them."""
+    return {"keep_alive": body.get("keep_alive"), "priority": body.get("priority"),
+            "pin": bool(body.get("pin"))}
+
+
 class ServeOps:
     def __init__(self, cfg, store: Store, manager: InstanceManager):
         self.cfg, self.store, self.manager = cfg, store, manager
@@ -120,7 +130,7 @@ class ServeOps:
                 log.info("load %s by uid %s (instance %d)", canon, ctx.uid, inst.id)
             ctx.ok({**inst.row(), "load_ms": round((time.perf_counter() - t0) * 1000, 3),
                     "already_loaded": already})
-        self.manager.acquire(canon, man, digest, ctx.uid, ready)
+        self.manager.acquire(canon, man, digest, ctx.uid, ready, **_memory_opts(ctx.body))
 
     def _load_adapter(self, ctx: Ctx, canon: str, man: dict, digest: str, base: tuple) -> None:
         """Attach an adapter to its base's instance (loading the base if needed): the reply is
@@ -139,7 +149,7 @@ class ServeOps:
             got = inst.adapters.get(digest)     # named as asked (a second tag shares the row)
             ctx.ok({**inst.row(), "adapter": {**got.row(), "model": canon} if got is not None else None,
                     "load_ms": round((time.perf_counter() - t0) * 1000, 3), "already_loaded": already})
-        self.manager.acquire_adapter(base, canon, man, digest, ctx.uid, ready)
+        self.manager.acquire_adapter(base, canon, man, digest, ctx.uid, ready, **_memory_opts(ctx.body))
 
     def op_unload(self, ctx: Ctx) -> None:
         target, force = ctx.body["target"], ctx.body.get("force", False)
@@ -174,6 +184,43 @@ class ServeOps:
                 ctx.ok({"unloaded": ids})
         for inst in insts:
             self.manager.unload(inst, force, lambda iid=inst.id: done(iid))
+
+    # -- pins -------------------------------------------------------------------------------
+    def op_pin(self, ctx: Ctx) -> None:
+        self._pin(ctx, True)
+
+    def op_unpin(self, ctx: Ctx) -> None:
+        self._pin(ctx, False)
+
+    def _pin(self, ctx: Ctx, pinned: bool) -> None:
+        """Pin (never evicted, never expires) or unpin the instances ``target`` names: an
+        instance id, or a model (or an adapter: the instances it is attached to)."""
+        insts = self._targets(ctx.body["target"], "pin" if pinned else "unpin")
+        for inst in insts:
+            inst.pinned = pinned
+        ids = [i.id for i in insts]
+        log.info("%s instance %s by uid %s", "pin" if pinned else "unpin", ", ".join(map(str, ids)), ctx.uid)
+        ctx.ok({"pinned" if pinned else "unpinned": ids, "instances": [i.row() for i in insts]})
+
+    def _targets(self, target: str, verb: str) -> list:
+        """The live instances ``target`` (an id or a model name) names; InstanceNotFound when
+        none (ModelNotFound for a model the store does not have)."""
+        table = self.manager.table
+        if target.isascii() and target.isdigit():
+            if len(target) > 18:
+                raise InstanceNotFound(f"no instance with id {target[:20]}...")
+            insts = [table.get(int(target))]
+        else:
+            canon = canonical(target)
+            insts = [table.get(i) for i in table.ids_of(canon)]
+            if not insts:
+                self.store.find(canon)          # a model that does not exist: its own error
+                raise InstanceNotFound(f"{canon} is not loaded", hint=f"load it first (llmctl load "
+                                       f"{target}{' --pin' if verb == 'pin' else ''})")
+        insts = [i for i in insts if i.state not in (State.FAILED, State.UNLOADING)]
+        if not insts:
+            raise InstanceNotFound(f"{target} has no loaded instance to {verb}")
+        return insts
 
     def _adapter_digest(self, canon: str) -> str | None:
         """The manifest digest of adapter ``canon``, the key it is attached by whatever tag
@@ -228,7 +275,8 @@ class ServeOps:
                 if task.req.logprobs:
                     first["logprobs"] = []
                 task.stream.chunk(first)
-        self.manager.run(canon, man, digest, ctx.uid, task, loading, base=base)
+        self.manager.run(canon, man, digest, ctx.uid, task, loading, base=base,
+                         keep_alive=ctx.body.get("keep_alive"))
 
     # -- evaluation -----------------------------------------------------------------------
     def op_score(self, ctx: Ctx) -> None:

@@ -23,7 +23,10 @@ A sequence's KV cache is never larger than the positions the instance manager re
 the reservation shrinks to it.  ``stop()`` is cooperative and prompt: the thread checks it
 between sequences of a step and, through ``should_stop``, between the windows and inputs of a
 call, so shutting down waits for at most one forward pass.  As the thread ends it drops the
-model and gives its memory back (``Runner.close``), then emits ``stopped``.
+model and gives its memory back (``Runner.close``), then emits ``stopped``.  ``stop(swap=True)``
+swaps out instead (issue 12): the runner keeps the model, moved to host RAM
+(``Runner.offload``), ``stopped`` says ``{"swapped": True}``, and a later engine built on the
+same runner (``Engine(..., runner=)``, after ``Runner.onload``) serves it again.
 
 Adapters: ``add_adapter(key, adapter, token)`` installs one between steps (in inbox order, so
 a request submitted after it finds it) and answers with an ``adapter`` message, keyed by the
@@ -85,12 +88,13 @@ class _AdapterOp:
 
 class Engine(threading.Thread):
     def __init__(self, instance_id: int, model, tokenizer, device, emit: Emit, *,
-                 max_batch: int = 16, stream_buffer: int = 64, own_head=None):
+                 max_batch: int = 16, stream_buffer: int = 64, own_head=None, runner: Runner | None = None):
         """``own_head``: a merged classifier's head (a ``lora.Adapter`` without LoRA), used
         by its requests that name no adapter; installed here, on the loader's thread, before
-        the engine's own starts."""
+        the engine's own starts.  ``runner``: a swapped-in instance's runner (its model,
+        adapters and heads already on the device); ``model`` is then ignored."""
         super().__init__(name=f"engine-{instance_id}", daemon=True)
-        self.runner = Runner(model, tokenizer, device)
+        self.runner = runner if runner is not None else Runner(model, tokenizer, device)
         self.own_head_bytes = self.runner.install(None, own_head) if own_head is not None else 0
         self.tok, self.emit = tokenizer, emit
         self.context = self.runner.context
@@ -103,6 +107,7 @@ class Engine(threading.Thread):
         self._cancels: list[tuple] = []
         self._credits: dict[Hashable, int] = {}
         self._stopping = False
+        self._swap = False                 # stop(swap=True): keep the model, on the host
         self._halt = threading.Event()     # stop(), readable without the lock inside long work
 
     # -- called from other threads -----------------------------------------------------------
@@ -128,9 +133,11 @@ class Engine(threading.Thread):
         """``n`` more of ``key``'s chunks reached the client's socket (unknown keys: ignored)."""
         self._send(lambda: self._credits.__setitem__(key, self._credits.get(key, 0) + n))
 
-    def stop(self) -> None:
+    def stop(self, swap: bool = False) -> None:
         """Ask the thread to end: it finishes the forward pass it is in, abandons the rest of
-        a step or call, fails every open request with Cancelled and emits ``stopped``."""
+        a step or call, fails every open request with Cancelled and emits ``stopped``.  With
+        ``swap`` the model is kept, moved to host RAM, for a later engine on ``self.runner``."""
+        self._swap = swap
         self._halt.set()
         self._send(lambda: setattr(self, "_stopping", True))
 
@@ -161,10 +168,18 @@ class Engine(threading.Thread):
         finally:
             for key in list(self.live):
                 self._drop(key)
+            swapped = False
             try:
+                if self._swap:
+                    self.runner.offload()
+                    swapped = True
+                else:
+                    self.runner.close()
+            except Exception:
+                log.exception("swapping out failed: the model is dropped")
                 self.runner.close()
             finally:
-                self.emit(None, "stopped", {})
+                self.emit(None, "stopped", {"swapped": True} if swapped else {})
 
     def _admit(self) -> bool:
         """Take what arrived: new requests start, credits and cancels apply.  False once

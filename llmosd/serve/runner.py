@@ -182,6 +182,46 @@ class Runner:
             log.exception("%s failed", call.name)
             raise Internal(f"{call.name} failed: {e}") from None
 
+    # -- the host tier (issue 12) ---------------------------------------------------------------
+    def offload(self) -> None:
+        """Swap out: the model (with its installed adapters and heads) leaves the device for
+        host RAM, pinned on CUDA so the swap-in copies fast; on the CPU it stays as it is.
+        Engine thread (as it ends) only."""
+        if self.device.type == "cpu":
+            return
+        self._move(torch.device("cpu"), pin=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def onload(self) -> None:
+        """Swap in: the model back onto ``self.device`` (a no-op on the CPU).  OutOfMemory if
+        the device has no room (the model is left on the host).  Loader thread only."""
+        if self.device.type == "cpu":
+            return
+        try:
+            self._move(self.device, pin=False)
+        except torch.OutOfMemoryError:
+            self._move(torch.device("cpu"), pin=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise OutOfMemory(f"not enough memory on {self.device} to swap the model back in") from None
+
+    def _move(self, device: torch.device, pin: bool) -> None:
+        """Every tensor of the model (each storage once: tied weights stay tied) and every
+        installed head to ``device``."""
+        seen = set()
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            data = t.data.to(device, non_blocking=not pin)
+            t.data = data.pin_memory() if pin and torch.cuda.is_available() else data
+        for got in self.adapters.values():
+            if got.head is not None:
+                got.head = got.head.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     def close(self) -> None:
         """Drop the model and give its memory back (on the engine thread, never the loop's):
         a collection frees the tensors now, and on CUDA the caching allocator's blocks return

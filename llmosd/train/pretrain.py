@@ -118,6 +118,17 @@ def pick_device(name: str, local_rank: int = 0):
     return torch.device(name)
 
 
+def peak_bytes(device) -> int:
+    """The most memory this process has held for training (its metrics' ``mem_bytes``, which
+    the daemon's reservation follows): on CUDA the caching allocator's peak on ``device`` (what
+    the device gave it), else the process's peak resident set (torch runtime included)."""
+    if device.type == "cuda":
+        import torch
+        return int(torch.cuda.max_memory_reserved(device))
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def amp_dtype(name: str, device):
     """The autocast dtype: bf16 where CUDA supports it (``auto``), as asked, or None (float32)."""
     import torch
@@ -351,7 +362,8 @@ class Trainer:
                     self.final["val_loss"] = val
                 if self.rank == 0:
                     extra = self.eval_record() if val is not None else {}
-                    self.ctl.metrics({**meter.record(done, loss, val, lr_at(step, s)), **extra})
+                    self.ctl.metrics({**meter.record(done, loss, val, lr_at(step, s)), **extra,
+                                      "mem_bytes": peak_bytes(self.device)})
             if done % s["checkpoint_every"] == 0 or done == s["max_steps"]:
                 self.save()
         return self.last_ck if self.rank == 0 else None

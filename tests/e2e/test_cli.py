@@ -27,7 +27,8 @@ def test_i9_cli_is_a_package_of_module_level_commands():
 
     import llmctl.cli
     subjects = {"store": ["ls", "show", "rm", "tag", "create", "import", "export"],
-                "table": ["status", "ps", "load", "unload"],
+                "table": ["status", "free", "ps", "load", "unload", "pin", "unpin"],
+                "top": ["top"],
                 "infer": ["run", "generate", "chat", "score", "classify", "embed"],
                 "jobs": ["train", "jobs", "logs", "cancel", "pause", "resume"],
                 "finetune": ["finetune", "eval", "merge"]}

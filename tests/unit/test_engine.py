@@ -424,3 +424,32 @@ def test_i11_review_1_a_failed_install_leaves_nothing_behind_and_a_retry_works()
         assert not any(len(m.lora_A) for _, m in lora._lora_modules(runner.model))
     assert runner.install(good.key, good) == sum(t.numel() * 4 for t in good.tensors.values())
     assert list(runner.adapters) == [good.key]
+
+
+# -- issue 12: swapping out keeps the model for a later engine ------------------------------------
+
+def _greedy_ids(eng, events, key):
+    eng.submit(Request(key, "abc", 5, SamplingParams(temperature=0)))
+    ids = []
+    while (got := events.get(timeout=10))[1] != "end":
+        ids += got[2].get("token_ids", []) if got[1] == "chunk" else []
+    return ids
+
+
+def test_i12_2_an_engine_stopped_to_swap_keeps_its_runner_for_the_next_engine():
+    eng, events = start_engine(stream_buffer=100)
+    before = _greedy_ids(eng, events, "a")
+    eng.stop(swap=True)
+    eng.join(10)
+    assert next_of(events, "stopped", timeout=5) == {"swapped": True}
+    assert eng.runner.model is not None                   # kept (on the CPU: where it was)
+    eng.runner.onload()
+    again = queue.Queue()
+    eng2 = Engine(1, None, eng.runner.tok, torch.device("cpu"),
+                  lambda k, kind, body: again.put((k, kind, body)), runner=eng.runner)
+    eng2.start()
+    try:
+        assert _greedy_ids(eng2, again, "b") == before and before
+    finally:
+        eng2.stop()
+        eng2.join(10)

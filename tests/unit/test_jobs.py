@@ -139,7 +139,7 @@ def test_i10_row():
         "step": 20, "max_steps": 100, "loss": 2.4, "val_loss": 2.7, "tokens_per_s": 1100.0,
         "eta_s": 8.0, "device": "cpu", "owner": 1000, "priority": 2, "created": 1.0,
         "started": None, "finished": None, "checkpoint_step": 20, "nproc": 1, "pid": 4242,
-        "progress": {}}
+        "progress": {}, "preemptible": False, "estimate_bytes": None, "mem_bytes": None}
     j.transition(F, "worker killed by signal 9", now=4.0)
     row = j.row()
     assert row["state"] == "failed" and row["reason"] == "worker killed by signal 9"

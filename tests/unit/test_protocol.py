@@ -112,5 +112,32 @@ def test_i11_protocol_1_6_fine_tuning_messages():
     protocol.check_request(protocol.request(1, "classify", {"model": "m", "inputs": ["x"]}))
     with pytest.raises(errors.InvalidArgument, match="needs the field 'base'"):
         protocol.check_request(protocol.request(1, "finetune", {"name": "n", "data": {}, "spec": {}}))
-    assert protocol.MINOR == 6 and {"finetune", "eval", "merge"} <= set(protocol.JOB_KINDS)
+    assert protocol.MINOR >= 6 and {"finetune", "eval", "merge"} <= set(protocol.JOB_KINDS)
     assert {"eval", "merge"} <= protocol.STREAMING and "finetune" not in protocol.STREAMING
+
+
+def test_i12_protocol_1_7_memory_fields():
+    """Minor 7: load's keep_alive/priority/pin, keep_alive on every request that runs a model,
+    pin/unpin, train/finetune preemptible; each typed and ranged."""
+    assert protocol.MINOR == 7
+    for mtype, body in (("load", {"model": "m", "keep_alive": 300.0, "priority": -3, "pin": True}),
+                        ("load", {"model": "m", "keep_alive": -1}),
+                        ("generate", {"model": "m", "prompt": "p", "keep_alive": 0}),
+                        ("chat", {"model": "m", "messages": [], "keep_alive": 2.5}),
+                        ("score", {"model": "m", "text": "t", "keep_alive": 60}),
+                        ("embed", {"model": "m", "inputs": ["a"], "keep_alive": 60}),
+                        ("classify", {"model": "m", "inputs": ["a"], "keep_alive": 60}),
+                        ("pin", {"target": "m"}), ("unpin", {"target": "3"}),
+                        ("train", {"name": "n", "data": {}, "spec": {}, "preemptible": True}),
+                        ("finetune", {"base": "b", "name": "n", "data": {}, "spec": {}, "preemptible": False})):
+        protocol.check_request(protocol.request(1, mtype, body))
+    for mtype, body, needle in (("load", {"model": "m", "keep_alive": -2}, "keep_alive"),
+                                ("load", {"model": "m", "keep_alive": "5m"}, "keep_alive"),
+                                ("load", {"model": "m", "priority": 1001}, "priority"),
+                                ("load", {"model": "m", "pin": 1}, "pin"),
+                                ("generate", {"model": "m", "prompt": "p", "keep_alive": 1e12}, "keep_alive"),
+                                ("pin", {}, "target"),
+                                ("train", {"name": "n", "data": {}, "spec": {}, "preemptible": "yes"},
+                                 "preemptible")):
+        with pytest.raises(errors.InvalidArgument, match=needle):
+            protocol.check_request(protocol.request(1, mtype, body))

@@ -48,7 +48,7 @@ def test_i11_3_adapter_rows_nest_in_the_instance_row_and_add_their_bytes():
     assert [r["model"] for r in row["adapters"]] == ["ad1:latest", "clf:latest"]
     assert set(row["adapters"][0]) == {"model", "digest", "kind", "state", "resident_bytes",
                                        "active_requests", "requests_served", "tokens_served",
-                                       "loaded_at", "last_used", "uid"}
+                                       "loaded_at", "last_used", "uid", "estimate_bytes"}
     assert row["adapters"][1]["kind"] == "classifier" and row["adapters"][0]["state"] == "ready"
     # rm/tag/show see a model as loaded while it is attached
     assert t.ids_of("ad1:latest") == [i.id] and t.ids_of("base:latest") == [i.id]

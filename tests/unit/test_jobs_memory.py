@@ -1,0 +1,186 @@
+"""Jobs and the memory manager (issue 12): reservations at start, waiting with a reason,
+refusal at submit, room made by the instance manager's side (a fake here), measured bytes,
+and preemptible jobs paused for a load and queued again when the room comes back.  Real worker
+processes running trivial job functions; the instance manager is played by the test."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from llmctl.errors import InvalidArgument
+from llmosd.jobs.queue import Job, JobState, after_restart
+from llmosd.mem.manager import MemoryManager
+from llmosd.mem.policy import Holder
+from test_jobs_runner import Loop, counter_job, env  # noqa: F401 - env is a fixture
+
+Q, R, PG, P, S, F, C = (JobState.QUEUED, JobState.RUNNING, JobState.PAUSING, JobState.PAUSED,
+                        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+def measuring_job(spec, store_root, ctl):
+    """Reports the bytes it "measured", then waits to be stopped (or ends after a while)."""
+    ctl.metrics({"step": 1, "mem_bytes": spec["mem"]})
+    for _ in range(2000):
+        if ctl.stop_requested():
+            raise type("Cancelled", (Exception,), {})()
+        time.sleep(0.01)
+    return {"count": 1}
+
+
+def submit(runner, func=counter_job, n=3, sleep=0.0, done=None, **kw):
+    done = [] if done is None else done
+
+    def on_done(job, manifest, error):
+        done.append((job.state, manifest, error))
+        if manifest is not None:
+            runner.settle(job, None)
+    return runner.start("train", "m:latest", func, {"n": n, "sleep": sleep, **kw.pop("spec", {})},
+                        1000, None, on_done, **kw)
+
+
+def drain(loop: Loop, seconds: float = 0.3) -> None:
+    """Play the loop for a while (posted calls run), whatever comes."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            fn, args = loop.calls.get(timeout=0.02)
+        except Exception:   # noqa: BLE001 - empty
+            continue
+        fn(*args)
+
+
+@pytest.fixture
+def mem_env(env):
+    loop, records, make = env
+    memory = MemoryManager({"cpu": 1000}, 0)
+    return loop, records, lambda **kw: make(memory=memory, **kw), memory
+
+
+def test_i12_5_job_reserves_its_estimate_and_gives_it_back(mem_env):
+    loop, _, make, memory = mem_env
+    runner = make()
+    job = submit(runner, n=3, mem_estimate=600)
+    assert job.state is R and memory.charged(("job", job.id)) == ("cpu", "device", 600)
+    (h,) = runner.holders("cpu")
+    assert (h.kind, h.id, h.bytes, h.idle, h.preemptible) == ("job", job.id, 600, False, False)
+    loop.until(lambda: job.state is S)
+    assert memory.charged(("job", job.id)) is None and memory.used("cpu") == 0
+    assert job.row()["estimate_bytes"] == 600
+
+
+def test_i12_5_job_bigger_than_the_budget_is_refused_at_submit(mem_env):
+    _, _, make, _ = mem_env
+    runner = make()
+    with pytest.raises(InvalidArgument) as e:
+        submit(runner, mem_estimate=5000)
+    assert "4.9 KiB on cpu, more than the whole budget of cpu (1000 B)" in e.value.message
+    assert "--budget cpu=" in e.value.hint and runner.jobs == {}
+
+
+def test_i12_5_job_that_does_not_fit_waits_with_its_reason(mem_env):
+    loop, _, make, memory = mem_env
+    runner = make()
+    memory.charge(("instance", 1), "cpu", 700)        # nobody may evict it (no holder row)
+    job = submit(runner, n=3, mem_estimate=600)
+    assert job.state is Q and job.reason == "waiting for memory: needs 600 B on cpu, 300 B free of 1000 B"
+    assert job.row()["reason"].startswith("waiting for memory")
+    memory.uncharge(("instance", 1))                  # the room comes back: it starts
+    loop.until(lambda: job.state is S)
+    assert job.reason == ""
+
+
+def test_i12_5_a_job_start_has_idle_instances_evicted_through_make_room(mem_env):
+    loop, _, make, memory = mem_env
+    runner = make()
+    idle = Holder("instance", 4, "smol:latest", "cpu", "device", 700, 1000, last_used=1.0)
+    memory.charge(("instance", 4), "cpu", 700)
+    runner.other_holders = lambda: [idle] if memory.charged(("instance", 4)) else []
+    plans = []
+    job = submit(runner, n=3, mem_estimate=600)
+    assert job.state is Q and job.reason.startswith("waiting for memory")   # nobody makes room yet
+
+    def make_room(plan, done):                         # the instance manager's side
+        plans.append(plan)
+        memory.uncharge(("instance", 4))
+        done(True)
+    runner.make_room = make_room
+    runner.schedule()
+    assert [(a.kind, a.holder.id) for a in plans[0].actions] == [("unload", 4)]
+    assert job.reason.startswith("making room: unload instance 4")
+    loop.until(lambda: job.state is S)
+    assert len(plans) == 1 and memory.used("cpu") == 0
+
+
+def test_i12_5_measured_bytes_move_the_reservation_and_teach_the_estimator(mem_env):
+    loop, _, make, memory = mem_env
+    runner = make()
+    job = submit(runner, measuring_job, mem_estimate=400, spec={"mem": 800})
+    loop.until(lambda: job.mem_bytes is not None)
+    assert memory.charged(("job", job.id)) == ("cpu", "device", 800)
+    assert job.row()["mem_bytes"] == 800
+    assert memory.estimator.correct(("job", "train", "full", "cpu"), 400) > 400
+    runner.stop(job, "cancel")
+    loop.until(lambda: job.state is C)
+    assert memory.used("cpu") == 0
+
+
+def test_i12_5_preempted_job_pauses_for_a_load_and_resumes_when_room_is_back(mem_env):
+    loop, records, make, memory = mem_env
+    runner = make()
+    job = submit(runner, n=300, sleep=0.01, mem_estimate=600, preemptible=True)
+    loop.until(lambda: job.metrics.get("step", 0) >= 10)
+    (h,) = runner.holders("cpu")
+    assert h.idle and h.preemptible and job.row()["preemptible"]
+    # the instance manager plans a load of 700 B: the job's room is needed
+    plan = memory.plan(700, "cpu", 0, runner.holders("cpu"), for_what="smol:latest")
+    ((action),) = plan.actions
+    assert plan.ok and action.kind == "pause" and action.holder.id == job.id
+    got = []
+
+    def on_done(ok):                                   # the load goes on: it charges its room
+        got.append((ok, memory.used("cpu")))
+        memory.charge(("instance", 9), "cpu", 700)
+    runner.preempt(job.id, action.reason, on_done)
+    assert job.state is PG
+    loop.until(lambda: got)
+    assert got == [(True, 0)] and job.state is P and job.checkpoint_step
+    assert job.reason == "preempted: room for smol:latest"
+    assert runner.jobs[job.id].row()["reason"] == "preempted: room for smol:latest"
+    drain(loop)                                        # no room: it stays paused
+    assert job.state is P and records.load()[0].preempted
+    paused_at = job.checkpoint_step
+    memory.uncharge(("instance", 9))                   # unloaded: the job resumes and ends
+    loop.until(lambda: job.state is S)
+    events = records.read_events(job.id, records.sizes(job.id))
+    text = "\n".join(e["line"] for e in events if "line" in e)
+    assert f"starting at {paused_at}" in text.split("queued, to resume")[-1]
+    assert "memory is free again: queued, to resume" in text
+    assert job.metrics["step"] == 300 and memory.used("cpu") == 0
+
+
+def test_i12_5_user_paused_and_non_preemptible_jobs_stay_put(mem_env):
+    loop, _, make, memory = mem_env
+    runner = make()
+    plain = submit(runner, n=10_000, sleep=0.01, mem_estimate=300)
+    loop.until(lambda: plain.metrics.get("step", 0) >= 1)
+    got = []
+    runner.preempt(plain.id, "preempted: room for x", got.append)
+    loop.until(lambda: got)
+    assert got == [False] and plain.state is R
+    assert not runner.holders("cpu")[0].idle
+    runner.stop(plain, "pause")
+    loop.until(lambda: plain.state is P)
+    assert memory.used("cpu") == 0
+    memory.charge(("instance", 1), "cpu", 10)
+    memory.uncharge(("instance", 1))                   # memory freed: a user's pause holds
+    drain(loop)
+    assert plain.state is P and plain.reason == ""
+
+
+def test_i12_5_preempted_job_is_queued_again_after_a_restart():
+    j = Job(3, "train", "m:latest", 1000, state=P, reason="preempted: room for smol:latest",
+            preemptible=True, preempted=True)
+    assert after_restart(j) and j.state is Q and not j.preempted and j.reason == ""
+    user = Job(4, "train", "m:latest", 1000, state=P, preemptible=True)
+    assert not after_restart(user) and user.state is P
