@@ -19,16 +19,10 @@ docstring gives the design): reserved at ``submit``, shrunk on the engine's ``kv
 released on the request's ``end``/``error`` or when its instance stops.  And it returns the
 engine's stream credits: each chunk written to a client's socket is one ``Engine.credit``.
 
-Memory (issue 12) is admitted through the memory manager (``mem.manager``): before a load, a
-swap-in or an adapter's attach, the estimate (``mem.estimate``, corrected by what earlier loads
-measured) is planned against the device's budget with every holder (this table's instances, the
-job runner's jobs through ``job_holders``); the plan's actions are carried out (an idle instance
-swapped to the host tier or unloaded, a preemptible job paused through ``preempt_job``) and the
-work starts once they have left; a refused plan ends the request with its OutOfMemory.  Loaded,
-an instance is charged its measured bytes (the estimator learns), the KV cache reserved by
-running requests is charged apart (``("kv", 0)``), and a timer (``start_timer``) unloads
-instances whose keep-alive ran out.  Swapped instances keep their ``Runner`` (weights moved to
-host RAM); a request brings them back with a new engine on it.
+Memory (issue 12) is its ``Placement``'s (``serve.placement``, which it owns): before a load,
+a swap-in or an adapter's attach, the estimate is planned there and the plan carried out, and
+the work starts once the room is made; a refused plan ends the request with its OutOfMemory.
+Loaded, an instance is charged what it measured; swapped ones come back on a request.
 """
 from __future__ import annotations
 
@@ -41,12 +35,11 @@ import torch
 
 from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory, from_wire
 from llmosd.mem.devices import device_memory
-from llmosd.mem.estimate import estimate_instance
 from llmosd.mem.manager import MemoryManager
-from llmosd.mem.policy import Action, Holder, Plan, plan_admission
 from llmosd.models import lora
 from llmosd.models.loader import load_model, resident_bytes
 from llmosd.serve.engine import Engine
+from llmosd.serve.placement import Placement, configure, delegated, drop_runner
 from llmosd.serve.request import Request, Task
 from llmosd.serve.scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
 from llmosd.store.manifest import base_of, kind_of
@@ -57,10 +50,6 @@ log = logging.getLogger("llmosd.instances")
 
 Ready = Callable[[Instance | None, LlmosdError | None], None]
 
-TICK_S = 0.5          # how often keep-alives are checked
-WAIT_LIMIT_S = 60.0   # a load waiting longer for its evictions (a job that does not pause) goes on
-KV_KEY = ("kv", 0)    # the ledger's key of the KV cache reserved by running requests
-
 
 def default_kv_limit(device: torch.device) -> int:
     """``max_kv_bytes = 0`` (auto): a quarter of the memory the caches live in, physical RAM
@@ -68,39 +57,29 @@ def default_kv_limit(device: torch.device) -> int:
     return device_memory(device) // 4
 
 
-def _key(inst: Instance) -> tuple[str, int]:
-    return ("instance", inst.id)
-
-
-def _drop(runner) -> None:
-    """Let go of a runner that no engine runs (swapped, or never started): its model and
-    heads are freed with the last reference."""
-    if runner is not None:
-        runner.model = None
-        runner.adapters.clear()
-
-
 class InstanceManager:
+    job_holders = delegated("job_holders")     # the job runner's holders, once wired (main)
+    preempt_job = delegated("preempt_job")     # (job id, reason): pause it for room (main)
+
     def __init__(self, post: Callable, store: Store, device: torch.device, dtype: torch.dtype,
                  *, max_batch: int, stream_buffer: int, max_kv_bytes: int = 0,
                  memory: MemoryManager | None = None, keep_alive: float = 300.0):
         """``memory``: the daemon's memory manager (None: an unlimited one, for tests);
         ``keep_alive``: the default keep-alive of an instance (seconds; -1 forever)."""
         self.post, self.store, self.device, self.dtype = post, store, device, dtype
-        self.memory = memory if memory is not None else MemoryManager({str(device): 1 << 62}, 0)
-        self.keep_alive = keep_alive
-        self.job_holders: Callable[[], list[Holder]] = lambda: []   # the job runner's, once wired
-        self.preempt_job: Callable[[int, str], None] | None = None
-        self._waits: list[tuple[list, Callable[[], None], float]] = []   # (keys leaving, go, since)
-        self._leaving: set[int] = set()     # instances swapping out (their engines still stop)
-        self._runners: dict = {}            # swapped instance id -> its Runner (on the host)
-        self._estimates: dict = {}          # instance id / (id, digest) -> (estimator key, raw estimate)
-        self._timer_stop = threading.Event()
-        self.memory.on_freed(self._check_waits)
+        self.table = ModelTable()
+        self.place = Placement(post, self.table, str(device), dtype.itemsize, memory=memory,
+                               keep_alive=keep_alive, unload=lambda inst: self.unload(inst, True, lambda: None),
+                               stopped=self._stopped, engine_for=self._engine_for,
+                               waiting=lambda iid: len(self._ready_waiters.get(iid, ())),
+                               take_waiters=lambda iid: self._ready_waiters.pop(iid, []))
+        # the placement's side that the daemon wires (main, ops, the job runner) and tests drive
+        self.memory: MemoryManager = self.place.memory
+        self.holders, self.instance_holders = self.place.holders, self.place.instance_holders
+        self.make_room, self.start_timer, self._tick = self.place.make_room, self.place.start_timer, self.place.tick
         self.max_batch, self.stream_buffer = max_batch, stream_buffer
         self.kv = KVBudget(max_kv_bytes if max_kv_bytes > 0 else default_kv_limit(device))
         log.info("KV-cache limit %s%s", size_text(self.kv.limit), "" if max_kv_bytes > 0 else " (auto)")
-        self.table = ModelTable()
         self._tasks: dict = {}                      # request key -> Task: only these methods touch it
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
         self._ready_waiters: dict[int, list[Ready]] = {}
@@ -116,40 +95,31 @@ class InstanceManager:
         given, apply to the instance (the latest wins).  Returns the instance (None: refused)."""
         inst = self.table.usable(model, digest)
         if inst is not None:
-            self._configure(inst, priority, keep_alive, pin)
+            configure(inst, priority, keep_alive, pin)
             if inst.serving:
                 on_ready(inst, None)
             elif inst.state is State.SWAPPED:
-                self._swap_in(inst, on_ready)
+                self._ready_waiters.setdefault(inst.id, []).append(on_ready)
+                self.place.swap_in(inst)
             else:
                 self._ready_waiters.setdefault(inst.id, []).append(on_ready)
             return inst
-        raw = estimate_instance(manifest, self.dtype.itemsize)
         ekey = ("instance", str(self.dtype).replace("torch.", ""))
-        need = self.memory.estimator.correct(ekey, raw)
-        plan = self._plan(need, priority or 0, f"loading {model}")
+        need, raw = self.place.estimate(manifest, ekey)
+        plan = self.place.plan(need, priority or 0, f"loading {model}")
         if not plan.ok:
             log.info("refused to load %s: %s", model, plan.message)
             on_ready(None, plan.error())
             return None
         inst = self.table.add(model, digest, str(self.device), uid)
-        inst.estimate_bytes, inst.keep_alive = need, self.keep_alive
-        self._configure(inst, priority, keep_alive, pin)
-        self._estimates[inst.id] = (ekey, raw)
+        inst.estimate_bytes, inst.keep_alive = need, self.place.keep_alive
+        configure(inst, priority, keep_alive, pin)
+        self.place.expect(inst.id, ekey, raw)
         self._ready_waiters[inst.id] = [on_ready]
-        self.memory.charge(_key(inst), inst.device, need)
+        self.place.charge(inst, need)
         log.info("loading %s as instance %d on %s (estimate %d bytes)", model, inst.id, self.device, need)
-        self.make_room(plan.actions, lambda: self._start_load(inst, manifest))
+        self.place.make_room(plan.actions, lambda: self._start_load(inst, manifest))
         return inst
-
-    @staticmethod
-    def _configure(inst: Instance, priority: int | None, keep_alive: float | None, pin: bool) -> None:
-        if priority is not None:
-            inst.priority = priority
-        if keep_alive is not None:
-            inst.keep_alive = -1.0 if keep_alive < 0 else float(keep_alive)
-        if pin:
-            inst.pinned = True
 
     def _start_load(self, inst: Instance, manifest: dict) -> None:
         if inst.state is State.UNLOADING:           # unloaded while it waited for room
@@ -187,27 +157,26 @@ class InstanceManager:
     def _loaded(self, inst: Instance, engine: Engine | None, resident: int, secs: float,
                 err: LlmosdError | None) -> None:
         waiters = self._ready_waiters.pop(inst.id, [])
-        ekey, raw = self._estimates.pop(inst.id, (None, 0))
         if inst.state is State.UNLOADING:          # unloaded (forced) while it was loading
+            self.place.forget(inst.id)
             err = err or Cancelled(f"instance {inst.id} was unloaded while loading")
             if engine is not None:
-                _drop(engine.runner)                # never started: nothing else holds it
+                drop_runner(engine.runner)          # never started: nothing else holds it
             self.table.remove(inst.id)
-            self.memory.uncharge(_key(inst))
+            self.place.uncharge(inst)
             self._notify_unloaded(inst.id)
         elif err is not None:
             inst.transition(State.FAILED, str(err))
-            if isinstance(err, OutOfMemory) and ekey is not None:   # rolled back; learn from it
-                self.memory.estimator.learn_oom(ekey, raw, inst.estimate_bytes)
-            self.memory.uncharge(_key(inst))
+            oom = isinstance(err, OutOfMemory)     # rolled back; learn from it
+            self.place.learn(inst.id, None, inst.estimate_bytes if oom else None)
+            self.place.uncharge(inst)
             log.warning("instance %d (%s) failed to load: %s", inst.id, inst.model, err)
         else:
             inst.engine, inst.resident_bytes = engine, resident
             inst.load_ms, inst.last_used = round(secs * 1000, 3), time.time()
             inst.transition(State.READY)
-            if ekey is not None:
-                self.memory.estimator.learn(ekey, raw, resident)
-            self._recharge(inst)
+            self.place.learn(inst.id, resident)
+            self.place.recharge(inst)
             for old in self.table.for_model(inst.model):   # a success clears earlier failures
                 if old.state is State.FAILED:
                     self.table.remove(old.id)
@@ -217,199 +186,12 @@ class InstanceManager:
         for cb in waiters:
             cb(None if err else inst, err)
 
-    # -- memory: admission, eviction, swapping ----------------------------------------------
-    def instance_holders(self, busy: frozenset = frozenset()) -> list[Holder]:
-        """The table's instances as holders (those swapping out and those in ``busy`` are
-        never chosen).  For the job runner's admissions."""
-        return self.table.holders(frozenset(busy) | frozenset(self._leaving))
-
-    def holders(self, busy: frozenset = frozenset()) -> list[Holder]:
-        """Everything holding memory: the instances and the job runner's jobs."""
-        return self.instance_holders(busy) + list(self.job_holders())
-
-    def _plan(self, need: int, priority: int, for_what: str, busy: frozenset = frozenset(),
-              host_freed: int = 0) -> Plan:
-        """The memory manager's plan; ``host_freed``: host-tier bytes that leave the host as
-        this need is met (a swap-in's own), room for what the plan swaps out."""
-        if not host_freed:
-            return self.memory.plan(need, str(self.device), priority, self.holders(busy), for_what)
-        m, dev = self.memory, str(self.device)
-        return plan_admission(need, dev, priority, m.holders(self.holders(busy)), m.budget(dev),
-                              m.host_budget, max(0, m.host_used() - host_freed), for_what=for_what)
-
-    def make_room(self, actions: tuple[Action, ...], go: Callable[[], None]) -> None:
-        """Carry out a plan's ``actions`` (swap or unload instances, pause jobs), then call
-        ``go()`` once all of them have left the device (at once when there are none; after
-        ``WAIT_LIMIT_S`` anyway).  Also for the job runner's admissions."""
-        keys = []
-        for a in actions:
-            h = a.holder
-            if h.kind == "instance":
-                try:
-                    inst = self.table.get(h.id)
-                except LlmosdError:
-                    continue
-                if a.kind == "swap" and inst.engine is not None:
-                    self._swap_out(inst, a.reason)
-                    keys.append((_key(inst), "host"))
-                else:
-                    self._evict(inst, a.reason)
-                    keys.append((_key(inst), None))
-            elif h.kind == "job" and self.preempt_job is not None:
-                log.info("pausing job %d (%s): %s", h.id, h.name, a.reason)
-                self.preempt_job(h.id, a.reason)
-                keys.append((("job", h.id), None))
-        if keys:
-            self._waits.append((keys, go, time.monotonic()))
-            self._check_waits()
-        else:
-            go()
-
-    def _check_waits(self) -> None:
-        """Start the admissions whose evictions are done (a key gone from the ledger, or on
-        the host tier for a swap), and those that waited too long."""
-        def gone(key, tier):
-            c = self.memory.charged(key)
-            return c is None or (tier is not None and c[1] == tier)
-        now, done, keep = time.monotonic(), [], []
-        for w in self._waits:
-            stale = now - w[2] > WAIT_LIMIT_S
-            if stale or all(gone(k, t) for k, t in w[0]):
-                if stale:
-                    log.warning("evictions did not finish in %.0fs; going on", WAIT_LIMIT_S)
-                done.append(w[1])
-            else:
-                keep.append(w)
-        self._waits = keep
-        for go in done:
-            go()
-
-    def _recharge(self, inst: Instance) -> None:
-        """Tell the ledger what ``inst`` holds now (and where)."""
-        tier = "device" if inst.id in self._leaving else inst.tier
-        self.memory.charge(_key(inst), inst.device, inst.charge_bytes(), tier)
-
-    def _charge_kv(self) -> None:
-        used = self.kv.used
-        if used:
-            self.memory.charge(KV_KEY, str(self.device), used)
-        else:
-            self.memory.uncharge(KV_KEY)
-
-    def _evict(self, inst: Instance, reason: str) -> None:
-        """Unload ``inst`` to make room or because its keep-alive ran out (logged, and kept in
-        the recent evictions)."""
-        log.info("evicting instance %d (%s): %s", inst.id, inst.model, reason)
-        self.memory.note_eviction({"model": inst.model, "instance": inst.id, "reason": reason,
-                                   "to": "store"})
-        self.unload(inst, True, lambda: None)
-
-    def _swap_out(self, inst: Instance, reason: str) -> None:
-        """Move ``inst`` to the host tier: its engine stops keeping the model (moved to host
-        RAM); ``stopped`` then charges it on the host tier."""
-        log.info("swapping instance %d (%s) out to host memory: %s", inst.id, inst.model, reason)
-        self.memory.note_eviction({"model": inst.model, "instance": inst.id, "reason": reason,
-                                   "to": "host"})
-        inst.transition(State.SWAPPED)
-        inst.swaps += 1
-        self._leaving.add(inst.id)
-        inst.engine.stop(swap=True)
-
-    def _swapped_out(self, inst: Instance) -> None:
-        """Its engine ended with the model on the host: keep the runner, charge the host."""
-        self._leaving.discard(inst.id)
-        self._runners[inst.id] = inst.engine.runner
-        inst.engine = None
-        self._recharge(inst)
-        log.info("instance %d (%s) swapped out, %d bytes on the host", inst.id, inst.model,
-                 inst.charge_bytes())
-        self._check_waits()
-        if self._ready_waiters.get(inst.id):          # asked for again meanwhile
-            self._start_swap_in(inst)
-
-    def _swap_in(self, inst: Instance, on_ready: Ready) -> None:
-        waiters = self._ready_waiters.setdefault(inst.id, [])
-        waiters.append(on_ready)
-        if len(waiters) == 1 and inst.id not in self._leaving:
-            self._start_swap_in(inst)
-
-    def _start_swap_in(self, inst: Instance) -> None:
-        need = inst.charge_bytes()
-        plan = self._plan(need, inst.priority, f"swapping in {inst.model} (instance {inst.id})",
-                          frozenset({inst.id}), host_freed=need)
-        if not plan.ok:
-            log.info("refused to swap in instance %d (%s): %s", inst.id, inst.model, plan.message)
-            for cb in self._ready_waiters.pop(inst.id, []):
-                cb(None, plan.error())
-            return
-        inst.transition(State.LOADING)
-        self.memory.charge(_key(inst), inst.device, need)
-        self.make_room(plan.actions, lambda: self._spawn_swap_in(inst))
-
-    def _spawn_swap_in(self, inst: Instance) -> None:
-        runner = self._runners.pop(inst.id, None)
-        if inst.state is State.UNLOADING or runner is None:
-            self._swapped_in(inst, None, runner, 0.0, None)
-            return
-        threading.Thread(target=self._swap_in_thread, args=(inst, runner), name=f"load-{inst.id}-swap",
-                         daemon=True).start()
-
-    def _swap_in_thread(self, inst: Instance, runner) -> None:
-        t0 = time.perf_counter()
-        try:
-            runner.onload()
-            engine = Engine(inst.id, None, runner.tok, self.device,
-                            lambda key, kind, body: self.post(self._on_engine, inst, engine, key, kind, body),
-                            max_batch=self.max_batch, stream_buffer=self.stream_buffer, runner=runner)
-            self.post(self._swapped_in, inst, engine, runner, time.perf_counter() - t0, None)
-        except LlmosdError as e:
-            self.post(self._swapped_in, inst, None, runner, 0.0, e)
-        except Exception as e:
-            log.exception("swap-in of %s failed", inst.model)
-            self.post(self._swapped_in, inst, None, runner, 0.0, LoadFailed(f"swapping in {inst.model} failed: {e}"))
-
-    def _swapped_in(self, inst: Instance, engine: Engine | None, runner, secs: float,
-                    err: LlmosdError | None) -> None:
-        if inst.state is State.LOADING and err is None and engine is not None:
-            inst.engine, inst.swap_in_ms, inst.last_used = engine, round(secs * 1000, 3), time.time()
-            inst.transition(State.READY)
-            self._recharge(inst)
-            engine.start()
-            log.info("instance %d (%s) swapped in in %.3fs", inst.id, inst.model, secs)
-            for cb in self._ready_waiters.pop(inst.id, []):
-                cb(inst, None)
-            return
-        _drop(runner)                                # its memory goes back
-        err = err or Cancelled(f"instance {inst.id} was unloaded while it swapped in")
-        if inst.state is State.LOADING:
-            inst.transition(State.FAILED, str(err))
-            self.memory.uncharge(_key(inst))
-            inst.adapters.clear()
-            log.warning("instance %d (%s) failed to swap in: %s", inst.id, inst.model, err)
-        else:
-            self._stopped(inst)
-        for cb in self._ready_waiters.pop(inst.id, []):
-            cb(None, err)
-
-    def start_timer(self, every: float = TICK_S) -> None:
-        """Check keep-alives (and stale waits) every ``every`` seconds, on the control loop."""
-        def loop():
-            while not self._timer_stop.wait(every):
-                self.post(self._tick)
-        threading.Thread(target=loop, name="keep-alive", daemon=True).start()
-
-    def _tick(self) -> None:
-        ka = {i.id: i.keep_alive for i in self.table}
-        for iid in self.memory.expired(self.table.holders(frozenset(self._leaving)), ka):
-            inst = self.table.get(iid)
-            self._evict(inst, f"keep-alive of {ka[iid]:g}s expired")
-        if self._waits:
-            self._check_waits()
-
-    def _after_request(self, inst: Instance) -> None:
-        """A request ended: keep-alive 0 unloads the instance as soon as it is idle."""
-        if inst.keep_alive == 0 and inst.idle and not inst.pinned:
-            self._evict(inst, "keep-alive 0: unloaded after its last request")
+    def _engine_for(self, inst: Instance, runner) -> Engine:
+        """A new engine on a swapped-in instance's kept ``runner`` (on the loader thread)."""
+        engine = Engine(inst.id, None, runner.tok, self.device,
+                        lambda key, kind, body: self.post(self._on_engine, inst, engine, key, kind, body),
+                        max_batch=self.max_batch, stream_buffer=self.stream_buffer, runner=runner)
+        return engine
 
     # -- adapters ---------------------------------------------------------------------------
     def acquire_adapter(self, base: tuple[str, dict, str], model: str, manifest: dict, digest: str,
@@ -440,11 +222,10 @@ class InstanceManager:
             self._adapter_waiters.setdefault((inst.id, digest), []).append(on_ready)
             return
         # the first to ask reads and installs it, once admitted (the base is not a candidate)
-        raw = estimate_instance(manifest, self.dtype.itemsize)
         ekey = ("adapter", kind_of(manifest))
-        need = self.memory.estimator.correct(ekey, raw)
-        plan = self._plan(need, inst.priority, f"attaching {model} to instance {inst.id}",
-                          frozenset({inst.id}))
+        need, raw = self.place.estimate(manifest, ekey)
+        plan = self.place.plan(need, inst.priority, f"attaching {model} to instance {inst.id}",
+                               frozenset({inst.id}))
         if not plan.ok:
             log.info("refused to attach %s to instance %d: %s", model, inst.id, plan.message)
             on_ready(None, plan.error())
@@ -452,15 +233,15 @@ class InstanceManager:
         self._adapter_waiters.setdefault((inst.id, digest), []).append(on_ready)
         a = inst.attach(model, digest, uid, kind_of(manifest))
         a.estimate_bytes = need
-        self._estimates[(inst.id, digest)] = (ekey, raw)
-        self._recharge(inst)
+        self.place.expect((inst.id, digest), ekey, raw)
+        self.place.recharge(inst)
         log.info("attaching %s to instance %d (%s), estimate %d bytes", model, inst.id, inst.model, need)
 
         def go():
             if inst.adapters.get(digest) is a and inst.serving:
                 threading.Thread(target=self._read_adapter, args=(inst, a, manifest),
                                  name=f"load-{inst.id}-adapter", daemon=True).start()
-        self.make_room(plan.actions, go)
+        self.place.make_room(plan.actions, go)
 
     def _read_adapter(self, inst: Instance, a: Attached, manifest: dict) -> None:
         """Loader thread: the adapter's tensors (on the CPU) for the engine to install."""
@@ -493,18 +274,17 @@ class InstanceManager:
             return                                 # detached meanwhile (the engine dropped it)
         waiters = self._adapter_waiters.pop((inst.id, key), [])
         err = from_wire(body["error"]) if "error" in body else None
-        ekey, raw = self._estimates.pop((inst.id, key), (None, 0))
         if err is not None:
+            self.place.forget((inst.id, key))
             inst.detach(key)
             log.warning("adapter %s failed to install on instance %d: %s", a.model, inst.id, err)
         else:
             a.resident_bytes, a.ready, a.loaded_at = int(body["bytes"]), True, time.time()
-            if ekey is not None:
-                self.memory.estimator.learn(ekey, raw, a.resident_bytes)
+            self.place.learn((inst.id, key), a.resident_bytes)
             log.info("adapter %s installed on instance %d (%s), %d bytes", a.model, inst.id,
                      inst.model, a.resident_bytes)
         if inst.state not in (State.FAILED, State.UNLOADING):
-            self._recharge(inst)
+            self.place.recharge(inst)
         for cb in waiters:
             cb(None if err else inst, err)
 
@@ -523,9 +303,9 @@ class InstanceManager:
                 inst.engine.cancel(key, "unloaded", Cancelled(
                     f"{a.model} was unloaded from instance {inst.id} while this request ran"))
         inst.detach(a.digest)
-        self._estimates.pop((inst.id, a.digest), None)
+        self.place.forget((inst.id, a.digest))
         if inst.state not in (State.FAILED, State.UNLOADING):
-            self._recharge(inst)
+            self.place.recharge(inst)
         if inst.engine is not None:
             inst.engine.drop_adapter(a.digest)
         for cb in self._adapter_waiters.pop((inst.id, a.digest), []):
@@ -624,7 +404,7 @@ class InstanceManager:
         bound = prompt_token_bound(req.prompt, req.messages)
         positions = kv_positions(eng.context, bound, req.max_tokens)
         self.kv.admit(req.key, inst.id, positions * eng.kv_position_bytes, eng.kv_position_bytes, bound)
-        self._charge_kv()
+        self.place.charge_kv(self.kv.used)
         return positions
 
     def cancel(self, key, reason: str) -> None:
@@ -641,25 +421,19 @@ class InstanceManager:
             task.stream.error(Cancelled(f"request cancelled ({reason}) before it started"))
 
     def _on_engine(self, inst: Instance, engine: Engine, key, kind: str, body: dict) -> None:
-        if kind == "stopped":
-            if body.get("swapped") and inst.state is State.SWAPPED:
-                self._swapped_out(inst)
-                return
-            if body.get("swapped"):                 # unloaded while it swapped out
-                _drop(engine.runner)
-            self._leaving.discard(inst.id)
-            self._stopped(inst)
+        if kind == "stopped":                   # swapped out, or gone (then ``_stopped``)
+            self.place.engine_stopped(inst, engine, bool(body.get("swapped")))
             return
         if kind == "kv":
             self.kv.shrink(key, body["bytes"])
-            self._charge_kv()
+            self.place.charge_kv(self.kv.used)
             return
         if kind == "adapter":
             self._adapter_installed(inst, key, body)
             return
         if kind in ("end", "error"):       # whoever still holds the task: the bytes are free
             self.kv.release(key)
-            self._charge_kv()
+            self.place.charge_kv(self.kv.used)
         task = self._tasks.get(key)
         if task is None:
             return
@@ -673,7 +447,7 @@ class InstanceManager:
                              "model": task.model or inst.model})
         else:
             task.stream.error(body)
-        self._after_request(inst)
+        self.place.after_request(inst)
 
     # -- unloading --------------------------------------------------------------------------
     def unload(self, inst: Instance, force: bool, on_done: Callable[[], None]) -> None:
@@ -687,7 +461,7 @@ class InstanceManager:
             return
         if not force:
             self.check_unloadable(inst)
-        swapped = inst.state is State.SWAPPED and inst.id not in self._leaving
+        swapped = inst.state is State.SWAPPED and not self.place.leaving(inst.id)
         inst.transition(State.UNLOADING)
         self._drop_adapters(inst, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
         self._unload_waiters.setdefault(inst.id, []).append(on_done)
@@ -697,10 +471,9 @@ class InstanceManager:
                     f"instance {inst.id} ({inst.model}) was unloaded while this request ran"))
         log.info("unloading instance %d (%s)", inst.id, inst.model)
         if swapped:                        # on the host, no engine: its runner just goes
-            runner = self._runners.pop(inst.id, None)
-            _drop(runner)
+            self.place.drop_swapped(inst)
             self._stopped(inst)
-        elif inst.engine is not None and inst.id not in self._leaving:
+        elif inst.engine is not None and not self.place.leaving(inst.id):
             inst.engine.stop()
 
     def check_unloadable(self, inst: Instance) -> None:
@@ -721,7 +494,7 @@ class InstanceManager:
 
     def _stopped(self, inst: Instance) -> None:
         self.kv.release_owner(inst.id)
-        self._charge_kv()
+        self.place.charge_kv(self.kv.used)
         for key, task in list(self._tasks.items()):   # anything the engine never answered
             if task.inst is inst and task.running:
                 self._tasks.pop(key)
@@ -732,20 +505,13 @@ class InstanceManager:
         inst.adapters.clear()
         inst.engine = None              # its thread already dropped the model and freed the memory
         self.table.remove(inst.id)
-        self.memory.uncharge(_key(inst))
+        self.place.uncharge(inst)
         log.info("instance %d (%s) unloaded", inst.id, inst.model)
         self._notify_unloaded(inst.id)
 
     def _notify_unloaded(self, iid: int) -> None:
         for cb in self._unload_waiters.pop(iid, []):
             cb()
-
-    def _flush_waits(self) -> None:
-        """Shutting down: whatever waits for evictions goes on now (and finds its row
-        unloading)."""
-        waits, self._waits = self._waits, []
-        for _, go, _ in waits:
-            go()
 
     def shutdown(self, err: LlmosdError) -> None:
         """Every request ends with ``err`` (engines are told to stop them), then all unload."""
@@ -755,9 +521,9 @@ class InstanceManager:
             task.stream.error(err)
             if task.running and isinstance(task.req, Request):
                 task.inst.engine.cancel(key, "shutdown")
-        self._timer_stop.set()
+        self.place.stop_timer()
         self.unload_all()
-        self._flush_waits()
+        self.place.flush_waits()
 
     def unload_all(self) -> None:
         for inst in list(self.table):

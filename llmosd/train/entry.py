@@ -196,7 +196,7 @@ def prepare(run_dir: str, spec: dict, parent: dict | None):
         return (lambda d, ctl, group: Trainer(s, data, parent, d, ctl, group)), s, sources, finish
     from llmosd.store.manifest import finetune_lineage
     from llmosd.train.finetune import FineTuner, base_facts
-    from llmosd.train.spec import check_finetune_spec
+    from llmosd.train.ftspec import check_finetune_spec
     if parent is None:
         raise ValueError(f"a fine-tune needs its base model in {run_dir}/parent (meta.json, "
                          "config.json, tokenizer.bin, model.safetensors)")

@@ -59,7 +59,7 @@ def run(spec: dict, store_root: str, ctl) -> dict:
     ValueError for bad input, Paused / Cancelled when asked to stop."""
     from llmosd.store.store import Store
     from llmosd.train.pretrain import Cancelled, Paused
-    from llmosd.train.spec import check_finetune_spec
+    from llmosd.train.ftspec import check_finetune_spec
     store = Store(store_root)
     base = spec["_base"]
     sources, vsources = dict(spec.get("data") or {}), dict(spec.get("val_data") or {})

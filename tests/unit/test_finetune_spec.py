@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from llmosd.train.spec import FINETUNE_KEYS, check_eval_spec, check_finetune_spec
+from llmosd.train.ftspec import FINETUNE_KEYS, check_eval_spec, check_finetune_spec
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BASE = {"name": "smol:latest", "context": 256, "has_template": True, "targets_known": TARGETS}
@@ -263,7 +263,7 @@ def test_i11_review_workers_always_check_the_spec_again(tmp_path, monkeypatch):
     """finetune.run, metrics.run_eval and entry.prepare check a spec the daemon checked (it
     has kind) again, instead of trusting it."""
     from llmosd.store.store import Store
-    from llmosd.train import entry, finetune, metrics, spec as spec_mod
+    from llmosd.train import entry, finetune, ftspec as spec_mod, metrics
     store = Store(str(tmp_path / "store"))
     cfg = {"max_position_embeddings": 256}
     cd, cs = store.put_blob(json.dumps(cfg).encode())

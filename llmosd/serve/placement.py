@@ -1,0 +1,356 @@
+"""Where the instances' memory goes (issue 12): admission, evictions and swaps, keep-alives,
+and the memory manager's ledger kept true.
+
+``Placement`` is owned by ``serve.instances.InstanceManager`` and runs on the control loop (a
+swap-in's reads run on a loader thread and report back through ``post``).  It decides nothing
+itself: ``mem.policy`` plans through the memory manager (``mem.manager``); this carries the plans
+out.  Its contract:
+
+- ``estimate``, ``expect``, ``learn``: an instance's or an adapter's estimate (``mem.estimate``,
+  corrected by what earlier loads measured), and the estimator taught what a load measured;
+- ``plan(need, priority, for_what)`` against every holder (the table's instances, the job
+  runner's jobs through ``job_holders``); ``make_room(actions, go)`` carries a plan's actions out
+  (an idle instance swapped to the host tier or unloaded, a preemptible job paused through
+  ``preempt_job``) and calls ``go()`` once all of them have left the device (at once when there
+  are none; after ``WAIT_LIMIT_S`` anyway);
+- ``charge``, ``recharge``, ``uncharge``, ``charge_kv``: the ledger holds each instance (on its
+  tier) and, apart (``("kv", 0)``), the KV cache reserved by running requests;
+- swaps: ``swap_out`` has an instance's engine stop keeping its ``Runner`` (weights moved to host
+  RAM); ``swap_in`` brings it back, once admitted, with a new engine on that runner;
+- keep-alive: ``start_timer`` checks expiries every ``TICK_S`` (``tick``); ``after_request``
+  unloads a keep-alive 0 instance once idle; ``configure`` sets pin, priority and keep-alive.
+
+What it needs of its owner comes in as callables (``unload``, ``stopped``, ``engine_for``,
+``waiting``, ``take_waiters``): it never touches the owner's tasks or talks to an engine but to
+stop it.  No torch here.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from llmctl.errors import Cancelled, LlmosdError, LoadFailed
+from llmosd.mem.estimate import estimate_instance
+from llmosd.mem.manager import MemoryManager
+from llmosd.mem.policy import Action, Holder, Plan, plan_admission
+from llmosd.table import Instance, ModelTable, State
+
+log = logging.getLogger("llmosd.instances")
+
+TICK_S = 0.5          # how often keep-alives are checked
+WAIT_LIMIT_S = 60.0   # a load waiting longer for its evictions (a job that does not pause) goes on
+KV_KEY = ("kv", 0)    # the ledger's key of the KV cache reserved by running requests
+
+
+def _key(inst: Instance) -> tuple[str, int]:
+    return ("instance", inst.id)
+
+
+def drop_runner(runner) -> None:
+    """Let go of a runner that no engine runs (swapped, or never started): its model and
+    heads are freed with the last reference."""
+    if runner is not None:
+        runner.model = None
+        runner.adapters.clear()
+
+
+def configure(inst: Instance, priority: int | None, keep_alive: float | None, pin: bool) -> None:
+    """Apply what a load or request asked for (None / False: left as it is)."""
+    if priority is not None:
+        inst.priority = priority
+    if keep_alive is not None:
+        inst.keep_alive = -1.0 if keep_alive < 0 else float(keep_alive)
+    if pin:
+        inst.pinned = True
+
+
+def delegated(name: str) -> property:
+    """An owner's attribute that is its placement's (``self.place``): the daemon wires
+    ``job_holders`` and ``preempt_job`` on the instance manager."""
+    return property(lambda self: getattr(self.place, name),
+                    lambda self, value: setattr(self.place, name, value))
+
+
+class Placement:
+    def __init__(self, post: Callable, table: ModelTable, device: str, dtype_bytes: int, *,
+                 memory: MemoryManager | None, keep_alive: float,
+                 unload: Callable[[Instance], None], stopped: Callable[[Instance], None],
+                 engine_for: Callable, waiting: Callable[[int], int],
+                 take_waiters: Callable[[int], list]):
+        """``memory``: the daemon's memory manager (None: an unlimited one, for tests);
+        ``keep_alive``: the default keep-alive of an instance (seconds; -1 forever).  The
+        owner's side: ``unload(inst)`` (forced), ``stopped(inst)`` (its engine is gone: the row
+        goes), ``engine_for(inst, runner)`` (a new engine on a swapped-in runner, on a loader
+        thread), ``waiting(id)`` (how many wait for the instance to serve) and
+        ``take_waiters(id)`` (those callbacks, taken)."""
+        self.post, self.table, self.device, self.dtype_bytes = post, table, device, dtype_bytes
+        self.memory = memory if memory is not None else MemoryManager({device: 1 << 62}, 0)
+        self.keep_alive = keep_alive
+        self.job_holders: Callable[[], list[Holder]] = lambda: []   # the job runner's, once wired
+        self.preempt_job: Callable[[int, str], None] | None = None
+        self._unload, self._stopped, self._engine_for = unload, stopped, engine_for
+        self._waiting, self._take_waiters = waiting, take_waiters
+        self._waits: list[tuple[list, Callable[[], None], float]] = []   # (keys leaving, go, since)
+        self._leaving: set[int] = set()     # instances swapping out (their engines still stop)
+        self._runners: dict = {}            # swapped instance id -> its Runner (on the host)
+        self._estimates: dict = {}          # instance id / (id, digest) -> (estimator key, raw estimate)
+        self._timer_stop = threading.Event()
+        self.memory.on_freed(self.check_waits)
+
+    # -- estimates --------------------------------------------------------------------------
+    def estimate(self, manifest: dict, ekey) -> tuple[int, int]:
+        """(corrected, raw) estimate of ``manifest``'s bytes under estimator key ``ekey``."""
+        raw = estimate_instance(manifest, self.dtype_bytes)
+        return self.memory.estimator.correct(ekey, raw), raw
+
+    def expect(self, key, ekey, raw: int) -> None:
+        """Remember the raw estimate of what loads under ``key`` (an instance id, or (id,
+        adapter digest)) until its load says what it measured."""
+        self._estimates[key] = (ekey, raw)
+
+    def forget(self, key) -> None:
+        """``key`` will not load (detached, unloaded): nothing to learn."""
+        self._estimates.pop(key, None)
+
+    def learn(self, key, measured: int | None, oom_estimate: int | None = None) -> None:
+        """``key``'s load is over: the estimator learns what it ``measured`` (None: nothing,
+        the load failed), or from an out-of-memory load that was estimated ``oom_estimate``."""
+        ekey, raw = self._estimates.pop(key, (None, 0))
+        if ekey is None:
+            return
+        if oom_estimate is not None:
+            self.memory.estimator.learn_oom(ekey, raw, oom_estimate)
+        elif measured is not None:
+            self.memory.estimator.learn(ekey, raw, measured)
+
+    # -- admission --------------------------------------------------------------------------
+    def leaving(self, iid: int) -> bool:
+        """Whether instance ``iid`` is swapping out (its engine still stops)."""
+        return iid in self._leaving
+
+    def instance_holders(self, busy: frozenset = frozenset()) -> list[Holder]:
+        """The table's instances as holders (those swapping out and those in ``busy`` are
+        never chosen).  For the job runner's admissions."""
+        return self.table.holders(frozenset(busy) | frozenset(self._leaving))
+
+    def holders(self, busy: frozenset = frozenset()) -> list[Holder]:
+        """Everything holding memory: the instances and the job runner's jobs."""
+        return self.instance_holders(busy) + list(self.job_holders())
+
+    def plan(self, need: int, priority: int, for_what: str, busy: frozenset = frozenset(),
+             host_freed: int = 0) -> Plan:
+        """The memory manager's plan; ``host_freed``: host-tier bytes that leave the host as
+        this need is met (a swap-in's own), room for what the plan swaps out."""
+        if not host_freed:
+            return self.memory.plan(need, self.device, priority, self.holders(busy), for_what)
+        m, dev = self.memory, self.device
+        return plan_admission(need, dev, priority, m.holders(self.holders(busy)), m.budget(dev),
+                              m.host_budget, max(0, m.host_used() - host_freed), for_what=for_what)
+
+    def make_room(self, actions: tuple[Action, ...], go: Callable[[], None]) -> None:
+        """Carry out a plan's ``actions`` (swap or unload instances, pause jobs), then call
+        ``go()`` once all of them have left the device (at once when there are none; after
+        ``WAIT_LIMIT_S`` anyway).  Also for the job runner's admissions."""
+        keys = []
+        for a in actions:
+            h = a.holder
+            if h.kind == "instance":
+                try:
+                    inst = self.table.get(h.id)
+                except LlmosdError:
+                    continue
+                if a.kind == "swap" and inst.engine is not None:
+                    self.swap_out(inst, a.reason)
+                    keys.append((_key(inst), "host"))
+                else:
+                    self.evict(inst, a.reason)
+                    keys.append((_key(inst), None))
+            elif h.kind == "job" and self.preempt_job is not None:
+                log.info("pausing job %d (%s): %s", h.id, h.name, a.reason)
+                self.preempt_job(h.id, a.reason)
+                keys.append((("job", h.id), None))
+        if keys:
+            self._waits.append((keys, go, time.monotonic()))
+            self.check_waits()
+        else:
+            go()
+
+    def check_waits(self) -> None:
+        """Start the admissions whose evictions are done (a key gone from the ledger, or on
+        the host tier for a swap), and those that waited too long."""
+        def gone(key, tier):
+            c = self.memory.charged(key)
+            return c is None or (tier is not None and c[1] == tier)
+        now, done, keep = time.monotonic(), [], []
+        for w in self._waits:
+            stale = now - w[2] > WAIT_LIMIT_S
+            if stale or all(gone(k, t) for k, t in w[0]):
+                if stale:
+                    log.warning("evictions did not finish in %.0fs; going on", WAIT_LIMIT_S)
+                done.append(w[1])
+            else:
+                keep.append(w)
+        self._waits = keep
+        for go in done:
+            go()
+
+    def flush_waits(self) -> None:
+        """Shutting down: whatever waits for evictions goes on now (and finds its row
+        unloading)."""
+        waits, self._waits = self._waits, []
+        for _, go, _ in waits:
+            go()
+
+    # -- the ledger -------------------------------------------------------------------------
+    def charge(self, inst: Instance, nbytes: int) -> None:
+        """``inst`` holds ``nbytes`` on its device (its estimate, while it loads)."""
+        self.memory.charge(_key(inst), inst.device, nbytes)
+
+    def recharge(self, inst: Instance) -> None:
+        """Tell the ledger what ``inst`` holds now (and where)."""
+        tier = "device" if inst.id in self._leaving else inst.tier
+        self.memory.charge(_key(inst), inst.device, inst.charge_bytes(), tier)
+
+    def uncharge(self, inst: Instance) -> None:
+        self.memory.uncharge(_key(inst))
+
+    def charge_kv(self, used: int) -> None:
+        """The KV cache reserved by running requests is ``used`` bytes now."""
+        if used:
+            self.memory.charge(KV_KEY, self.device, used)
+        else:
+            self.memory.uncharge(KV_KEY)
+
+    # -- evictions and swaps ----------------------------------------------------------------
+    def evict(self, inst: Instance, reason: str) -> None:
+        """Unload ``inst`` to make room or because its keep-alive ran out (logged, and kept in
+        the recent evictions)."""
+        log.info("evicting instance %d (%s): %s", inst.id, inst.model, reason)
+        self.memory.note_eviction({"model": inst.model, "instance": inst.id, "reason": reason,
+                                   "to": "store"})
+        self._unload(inst)
+
+    def swap_out(self, inst: Instance, reason: str) -> None:
+        """Move ``inst`` to the host tier: its engine stops keeping the model (moved to host
+        RAM); ``stopped`` then charges it on the host tier."""
+        log.info("swapping instance %d (%s) out to host memory: %s", inst.id, inst.model, reason)
+        self.memory.note_eviction({"model": inst.model, "instance": inst.id, "reason": reason,
+                                   "to": "host"})
+        inst.transition(State.SWAPPED)
+        inst.swaps += 1
+        self._leaving.add(inst.id)
+        inst.engine.stop(swap=True)
+
+    def engine_stopped(self, inst: Instance, engine, swapped: bool) -> None:
+        """``inst``'s engine ended (``swapped``: it kept the model on the host).  Swapped out
+        as planned, the runner is kept; else the instance is gone (``stopped``)."""
+        if swapped and inst.state is State.SWAPPED:
+            self._swapped_out(inst)
+            return
+        if swapped:                             # unloaded while it swapped out
+            drop_runner(engine.runner)
+        self._leaving.discard(inst.id)
+        self._stopped(inst)
+
+    def _swapped_out(self, inst: Instance) -> None:
+        """Its engine ended with the model on the host: keep the runner, charge the host."""
+        self._leaving.discard(inst.id)
+        self._runners[inst.id] = inst.engine.runner
+        inst.engine = None
+        self.recharge(inst)
+        log.info("instance %d (%s) swapped out, %d bytes on the host", inst.id, inst.model,
+                 inst.charge_bytes())
+        self.check_waits()
+        if self._waiting(inst.id):               # asked for again meanwhile
+            self._start_swap_in(inst)
+
+    def drop_swapped(self, inst: Instance) -> None:
+        """``inst``, on the host with no engine, is unloaded: its runner just goes."""
+        drop_runner(self._runners.pop(inst.id, None))
+
+    def swap_in(self, inst: Instance) -> None:
+        """Someone waits (registered with the owner) for swapped ``inst``: the first starts
+        its swap-in, unless it is still swapping out (then ``_swapped_out`` does)."""
+        if self._waiting(inst.id) == 1 and inst.id not in self._leaving:
+            self._start_swap_in(inst)
+
+    def _start_swap_in(self, inst: Instance) -> None:
+        need = inst.charge_bytes()
+        plan = self.plan(need, inst.priority, f"swapping in {inst.model} (instance {inst.id})",
+                         frozenset({inst.id}), host_freed=need)
+        if not plan.ok:
+            log.info("refused to swap in instance %d (%s): %s", inst.id, inst.model, plan.message)
+            for cb in self._take_waiters(inst.id):
+                cb(None, plan.error())
+            return
+        inst.transition(State.LOADING)
+        self.charge(inst, need)
+        self.make_room(plan.actions, lambda: self._spawn_swap_in(inst))
+
+    def _spawn_swap_in(self, inst: Instance) -> None:
+        runner = self._runners.pop(inst.id, None)
+        if inst.state is State.UNLOADING or runner is None:
+            self._swapped_in(inst, None, runner, 0.0, None)
+            return
+        threading.Thread(target=self._swap_in_thread, args=(inst, runner), name=f"load-{inst.id}-swap",
+                         daemon=True).start()
+
+    def _swap_in_thread(self, inst: Instance, runner) -> None:
+        t0 = time.perf_counter()
+        try:
+            runner.onload()
+            engine = self._engine_for(inst, runner)
+            self.post(self._swapped_in, inst, engine, runner, time.perf_counter() - t0, None)
+        except LlmosdError as e:
+            self.post(self._swapped_in, inst, None, runner, 0.0, e)
+        except Exception as e:
+            log.exception("swap-in of %s failed", inst.model)
+            self.post(self._swapped_in, inst, None, runner, 0.0, LoadFailed(f"swapping in {inst.model} failed: {e}"))
+
+    def _swapped_in(self, inst: Instance, engine, runner, secs: float, err: LlmosdError | None) -> None:
+        if inst.state is State.LOADING and err is None and engine is not None:
+            inst.engine, inst.swap_in_ms, inst.last_used = engine, round(secs * 1000, 3), time.time()
+            inst.transition(State.READY)
+            self.recharge(inst)
+            engine.start()
+            log.info("instance %d (%s) swapped in in %.3fs", inst.id, inst.model, secs)
+            for cb in self._take_waiters(inst.id):
+                cb(inst, None)
+            return
+        drop_runner(runner)                          # its memory goes back
+        err = err or Cancelled(f"instance {inst.id} was unloaded while it swapped in")
+        if inst.state is State.LOADING:
+            inst.transition(State.FAILED, str(err))
+            self.uncharge(inst)
+            inst.adapters.clear()
+            log.warning("instance %d (%s) failed to swap in: %s", inst.id, inst.model, err)
+        else:
+            self._stopped(inst)
+        for cb in self._take_waiters(inst.id):
+            cb(None, err)
+
+    # -- keep-alive -------------------------------------------------------------------------
+    def start_timer(self, every: float = TICK_S) -> None:
+        """Check keep-alives (and stale waits) every ``every`` seconds, on the control loop."""
+        def loop():
+            while not self._timer_stop.wait(every):
+                self.post(self.tick)
+        threading.Thread(target=loop, name="keep-alive", daemon=True).start()
+
+    def stop_timer(self) -> None:
+        self._timer_stop.set()
+
+    def tick(self) -> None:
+        ka = {i.id: i.keep_alive for i in self.table}
+        for iid in self.memory.expired(self.table.holders(frozenset(self._leaving)), ka):
+            inst = self.table.get(iid)
+            self.evict(inst, f"keep-alive of {ka[iid]:g}s expired")
+        if self._waits:
+            self.check_waits()
+
+    def after_request(self, inst: Instance) -> None:
+        """A request ended: keep-alive 0 unloads the instance as soon as it is idle."""
+        if inst.keep_alive == 0 and inst.idle and not inst.pinned:
+            self.evict(inst, "keep-alive 0: unloaded after its last request")
