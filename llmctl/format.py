@@ -207,19 +207,31 @@ def job_state(row: dict, width: int = 40) -> str:
 def job_table(rows: list[dict], now: float | None = None) -> str:
     """Jobs as ``llmctl jobs`` lists them, like ps: newest last."""
     cells = [[r.get("job_id"), r.get("kind") or "-", r.get("model") or "-", job_state(r),
-              steps(r.get("step"), r.get("max_steps")), loss(r.get("loss")), r.get("device") or "-",
+              _step_cell(r), loss(r.get("loss")), r.get("device") or "-",
               "-" if r.get("owner") is None else r["owner"], ago(r.get("created"), now)]
              for r in rows]
     return table(["ID", "KIND", "MODEL", "STATE", "STEP", "LOSS", "DEVICE", "OWNER", "AGE"], cells)
 
 
+def _step_cell(r: dict) -> str:
+    """A job table's STEP cell: step/max; for an eval, its number of examples ("40 ex")."""
+    m = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
+    if r.get("kind") == "eval" and m.get("examples") is not None:
+        return f"{m['examples']} ex"
+    return steps(r.get("step"), r.get("max_steps"))
+
+
 def train_progress(m: dict, max_steps: int | None = None, lr: bool = False) -> str:
     """One metrics report as one line: step 120/2000  loss 2.3141  val 2.4012  12.3k tok/s  ETA 3m12s
-    (with ``lr``, the learning rate after the losses)."""
+    (with ``lr``, the learning rate after the losses); a fine-tune's validation figures follow
+    the validation loss: ... val 0.5200 ppl 1.68 em 0.75 chrF 91.2 ..."""
     parts = [f"step {steps(m.get('step'), max_steps or m.get('max_steps'))}",
              f"loss {loss(m.get('loss'))}"]
     if m.get("val_loss") is not None:
         parts.append(f"val {loss(m['val_loss'])}")
+    figures = val_metrics(m)
+    if figures:
+        parts.append(figures)
     if lr and m.get("lr") is not None:
         parts.append(f"lr {m['lr']:.2e}")
     if m.get("tokens_per_s") is not None:
@@ -227,3 +239,23 @@ def train_progress(m: dict, max_steps: int | None = None, lr: bool = False) -> s
     if m.get("eta_s") is not None:
         parts.append(f"ETA {duration(m['eta_s'])}")
     return "  ".join(parts)
+
+
+# A fine-tune's validation figures (metrics.jsonl keys; a lineage's ``final.metrics`` names
+# perplexity "perplexity"), as progress lines and ``show`` print them: (key, label, format).
+VAL_FIGURES = (("val_ppl", "ppl", "{:.2f}"), ("perplexity", "ppl", "{:.2f}"),
+               ("accuracy", "acc", "{:.3f}"), ("f1", "f1", "{:.3f}"),
+               ("exact_match", "em", "{:.2f}"), ("chrf", "chrF", "{:.1f}"))
+
+
+def val_metrics(m: dict, sep: str = " ") -> str:
+    """The validation figures of a metrics map in one short string ("ppl 1.68 em 0.75 chrF
+    91.2"; "acc 0.900 f1 0.889"), '' when it has none.  Perplexity once (val_ppl first)."""
+    out, seen = [], set()
+    for key, label, form in VAL_FIGURES:
+        v = m.get(key)
+        if label in seen or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        seen.add(label)
+        out.append(f"{label} {form.format(v)}")
+    return sep.join(out)

@@ -120,6 +120,60 @@ class JobsMixin:
                 if attempt == 2 or RESEND not in str(e):
                     raise
 
+    def eval_many(self, models: list[str], data_paths: Iterable[str], spec: dict | None = None,
+                  progress: Callable[[dict], None] | None = None) -> list[dict]:
+        """``eval`` of each of ``models`` on the same files, side by side: the files are
+        uploaded once and every evaluation is asked for at once (each a job: the daemon keeps
+        the data while any of them needs it); returns their end bodies in ``models``' order.
+        ``progress`` hears uploads and each job's chunks with ``model`` added.  The first
+        error (an unknown model...) or Ctrl-C cancels the others, then propagates."""
+        files = data_files(list(data_paths), FT_NO_DATA)
+        body: dict = {}
+        if spec:
+            body["spec"] = check_spec(dict(spec), keys=EVAL_KEYS)
+        for attempt in (1, 2):
+            body["data"] = {rel: self.upload_file(p, progress) for rel, p in files.items()}
+            try:
+                return self._eval_streams(list(models), body, progress)
+            except InvalidArgument as e:
+                if attempt == 2 or RESEND not in str(e):
+                    raise
+
+    def _eval_streams(self, models: list[str], body: dict, progress) -> list[dict]:
+        """Send one ``eval`` per model, then read their replies as they come (one socket:
+        ``_recv`` is given an id that equals any still open one)."""
+        from . import protocol
+        from .errors import from_wire
+        if self._sock is None:
+            self.connect()
+        self._cancel_stale()
+        rids = {}
+        for i, model in enumerate(models):
+            rid = next(self._ids)
+            self._send(protocol.request(rid, "eval", {**body, "model": model}))
+            rids[rid] = i
+        results: list = [None] * len(models)
+        open_ids = set(rids)
+        try:
+            while open_ids:
+                msg = self._recv(AnyOf(open_ids), self.stream_idle_timeout)
+                i, kind = rids[msg["id"]], msg["type"]
+                if kind == "chunk":
+                    if progress:
+                        progress({**msg["body"], "model": models[i]})
+                    continue
+                open_ids.discard(msg["id"])
+                if kind == "error":
+                    raise from_wire(msg["body"])
+                if kind != "end":
+                    raise LlmosdError(f"unexpected reply type {kind!r} to eval")
+                results[i] = msg["body"]
+        except BaseException:            # Ctrl-C or an error: the others are not waited for
+            for rid in open_ids:
+                self._send_cancel(rid)
+            raise
+        return results
+
     def merge(self, adapter: str, name: str, force: bool = False,
               progress: Callable[[dict], None] | None = None) -> dict:
         """Write the adapter or classifier ``adapter`` merged into its base's weights as the
@@ -204,6 +258,22 @@ class JobsMixin:
             body["follow"] = True
         _, stream = self._start_stream("job_logs", body)
         return JobLog(int(job_id), stream)
+
+
+class AnyOf:
+    """A request id equal to each of ``ids`` (and unequal to any other): ``Client._recv``
+    keeps a reply whose ``msg["id"] != rid`` is false, so several streams read on one socket."""
+
+    def __init__(self, ids):
+        self.ids = frozenset(ids)
+
+    def __eq__(self, other) -> bool:
+        return other in self.ids
+
+    def __ne__(self, other) -> bool:
+        return other not in self.ids
+
+    __hash__ = None
 
 
 def _job_flags(body: dict, priority: int, force: bool, preemptible: bool) -> None:

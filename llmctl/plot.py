@@ -1,4 +1,5 @@
-"""``llmctl logs JOB --plot FILE``: a training job's train and validation loss against steps.
+"""``llmctl logs JOB --plot FILE``: a training job's train and validation loss against steps
+(and a fine-tune's validation scores, accuracy and F1 or exact match and chrF, on a second axis).
 
 matplotlib is an optional extra (``pip install 'llmosd[plot]'``); it is imported only here and
 only when a plot is asked for.  The picture is drawn on a Figure of its own (no pyplot state),
@@ -36,6 +37,36 @@ def series(metrics: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int
     return sorted(train.items()), sorted(val.items())
 
 
+# A fine-tune's validation scores, drawn on a second axis from 0 to 1: (key, label, scale).
+SCORES = (("accuracy", "accuracy", 1.0), ("f1", "macro-F1", 1.0),
+          ("exact_match", "exact match", 1.0), ("chrf", "chrF / 100", 0.01))
+SCORE_COLORS = ("#55a868", "#8172b3", "#937860", "#da8bc3")     # in the order drawn
+
+
+def scores(metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{label: [(step, value on 0..1)]} of the validation scores the reports hold (accuracy
+    and macro-F1 of a classifier; exact match and chrF of a generative fine-tune), each step
+    once, in step order; only the scores that have points."""
+    out = {}
+    for key, label, scale in SCORES:
+        pts = {}
+        for m in metrics:
+            v = m.get(key)
+            if m.get("step") is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+                pts[m["step"]] = float(v) * scale
+        if pts:
+            out[label] = sorted(pts.items())
+    return out
+
+
+def loss_label(metrics: list[dict]) -> str:
+    """The loss axis' label: a classifier's loss is its head's cross entropy per example
+    (its reports have accuracy), any other's per (trained) token."""
+    if any(m.get("accuracy") is not None for m in metrics):
+        return "loss (cross entropy per example, nats)"
+    return "loss (nats per token)"
+
+
 def smooth(values: list[float], window: int) -> list[float]:
     """Centred moving average over ``window`` points, narrowing symmetrically towards the ends
     (the first and last points are their own): unlike an exponential average it neither lags
@@ -53,8 +84,9 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_losses(metrics: list[dict], path: str, *, title: str = "", subtitle: str = "") -> dict:
-    """Draw train and validation loss against steps into ``path``; returns a summary
-    {points, val_points, last_loss, best_val_loss, best_val_step}.  PlotUnavailable without
+    """Draw train and validation loss against steps into ``path`` (a fine-tune's validation
+    scores too, on a 0..1 axis; the legend under the plot); returns a summary {points,
+    val_points, last_loss, best_val_loss, best_val_step, scores: {label: last value}}.  PlotUnavailable without
     matplotlib; ValueError when there is nothing to draw; OSError when ``path`` cannot be written."""
     train, val = series(metrics)
     if not train and not val:
@@ -70,8 +102,13 @@ def plot_losses(metrics: list[dict], path: str, *, title: str = "", subtitle: st
     summary = {"points": len(train), "val_points": len(val), "last_loss": None,
                "best_val_loss": None, "best_val_step": None}
     summary.update(_draw(ax, train, val, legend=True))
-    _frame(ax, train, val, MaxNLocator)
-    _zoom(ax, train, val, MaxNLocator)
+    score = scores(metrics)
+    summary["scores"] = {label: pts[-1][1] for label, pts in score.items()}
+    _frame(ax, train, val, MaxNLocator, loss_label(metrics))
+    extra = _draw_scores(ax, score) if score else []
+    _legend(fig, ax, extra)
+    if not score:                          # an inset would sit on the score curves
+        _zoom(ax, train, val, MaxNLocator)
     if title:
         fig.suptitle(title, fontsize=13, fontweight="bold")
     if subtitle:
@@ -103,6 +140,30 @@ def _draw(ax, train, val, legend: bool) -> dict:
         ax.plot([vx[best]], [vy[best]], linestyle="none", marker="*", markersize=14, color=BEST,
                 label=label(f"best validation {vy[best]:.3f} at step {vx[best]}"), zorder=5)
     return out
+
+
+def _draw_scores(ax, score: dict) -> list:
+    """The validation scores on a second y axis (0..1, right), dashed; returns their lines
+    for the legend."""
+    right = ax.twinx()
+    lines = []
+    for (label, pts), color in zip(score.items(), SCORE_COLORS):
+        xs, ys = zip(*pts)
+        lines += right.plot(xs, ys, color=color, linestyle="--", linewidth=1.6, marker="s", markersize=3,
+                            label=f"{label} (last {ys[-1]:.3f})")
+    right.set_ylim(0, 1.02)
+    right.set_ylabel("validation score (0 to 1)")
+    right.spines["top"].set_visible(False)
+    return lines
+
+
+def _legend(fig, ax, extra: list) -> None:
+    """One legend for every curve (both axes), under the plot: never over a curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    handles += extra
+    labels += [h.get_label() for h in extra]
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), frameon=False)
 
 
 INSET = (0.42, 0.30, 0.55, 0.40)      # x, y, width, height in axes coordinates
@@ -153,10 +214,10 @@ def _behind(ax, series: list[tuple[int, float]], margin: float = 0.04) -> bool:
     return False
 
 
-def _frame(ax, train, val, locator) -> None:
-    """Axes, grid and legend; the y range shows the first report but not a spike above it."""
+def _frame(ax, train, val, locator, ylabel: str = "loss (nats per token)") -> None:
+    """Axes and grid; the y range shows the first report but not a spike above it."""
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(locator(integer=True))
     ax.grid(True, color="#dddddd", linewidth=0.6)
     ax.set_axisbelow(True)
@@ -168,7 +229,6 @@ def _frame(ax, train, val, locator) -> None:
         first = max([y for _, y in train[:1]] + [y for _, y in val[:1]])
         top = max(first, hi) if first <= hi + (hi - lo) else hi
         ax.set_ylim(lo - 0.05 * (top - lo or 1), top + 0.04 * (top - lo or 1))
-    ax.legend(loc="upper right", frameon=False)
 
 
 def _save(fig, path: str) -> None:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -170,9 +171,9 @@ def _export(ctx, export, base, name, spec, files, val, nnodes, endpoint, as_json
 
 @click.command("eval")
 @click.argument("model")
-@click.argument("more_data", nargs=-1, metavar="[FILE]...")
+@click.argument("more", nargs=-1, metavar="[MODEL]...")
 @click.option("--data", multiple=True, metavar="FILE",
-              help="JSONL examples, as finetune takes them; repeat it, or list more files after it.")
+              help="JSONL examples, as finetune takes them; repeat it for more files.")
 @click.option("--metric", "metrics", multiple=True, type=click.Choice(EVAL_METRICS),
               help="A metric to compute; repeat it [default: every one the data allows].")
 @click.option("--eval-samples", type=int, metavar="N",
@@ -180,42 +181,91 @@ def _export(ctx, export, base, name, spec, files, val, nnodes, endpoint, as_json
 @click.option("--block-size", type=int, metavar="N", help="Tokens per example, longer ones cut.")
 @click.option("--batch-size", type=int, metavar="N", help="Examples per forward pass.")
 @click.option("--device", metavar="D", help="auto, cpu, cuda or cuda:N [daemon default: auto].")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (a list with several models).")
 @click.pass_context
-def eval_(ctx, model, more_data, data, metrics, eval_samples, block_size, batch_size, device, as_json):
-    """Evaluate MODEL on JSONL examples with the metrics fine-tuning reports (loss and
-    perplexity; accuracy and macro-F1 for labelled data; exact match and chrF for completions
-    and chats), without training: compare a base and its fine-tunes side by side.  Ctrl-C
-    cancels the evaluation.
+def eval_(ctx, model, more, data, metrics, eval_samples, block_size, batch_size, device, as_json):
+    """Evaluate MODEL (and each further MODEL, side by side: one column each, the data sent
+    once) on JSONL examples with the metrics fine-tuning reports (loss and perplexity;
+    accuracy and macro-F1 for labelled data; exact match and chrF for completions and chats),
+    without training.  Ctrl-C cancels the evaluation.
 
     \b
     Examples:
       llmctl eval smollm2 --data qa-test.jsonl
+      llmctl eval smollm2 smollm2-qa --data qa-test.jsonl
       llmctl eval smollm2-qa --data qa-test.jsonl --metric exact_match --metric chrf --json
     """
+    models, paths = split_eval_args(model, more, data)
     try:
-        files = data_files(list(data) + list(more_data), FT_NO_DATA)
+        files = data_files(paths, FT_NO_DATA)
     except OSError as e:
         raise NoInput(e) from None
     spec = {k: v for k, v in (("metrics", list(metrics) or None), ("eval_samples", eval_samples),
                               ("block_size", block_size), ("batch_size", batch_size),
                               ("device", device)) if v is not None}
     progress, line = _progress(as_json)
+    c = common.client(ctx)
     try:
-        r = common.client(ctx).eval(model, list(files.values()), spec or None, progress=progress)
+        if len(models) == 1:
+            results = [c.eval(models[0], list(files.values()), spec or None, progress=progress)]
+        else:
+            results = c.eval_many(models, list(files.values()), spec or None,
+                                  progress=lambda p: progress(_named(p)))
     finally:
         line.done()
     if as_json:
-        return fmt.echo_json(r)
-    click.echo(metrics_table(r.get("metrics") or {}))
-    click.echo(f"{r.get('examples')} examples, model {r.get('model') or model}"
-               + (f" (job {r['job']})" if r.get("job") is not None else ""))
+        return fmt.echo_json(results[0] if len(models) == 1 else results)
+    if len(models) == 1:
+        r = results[0]
+        click.echo(metrics_table(r.get("metrics") or {}))
+        click.echo(f"{r.get('examples')} examples, model {r.get('model') or model}"
+                   + (f" (job {r['job']})" if r.get("job") is not None else ""))
+        return
+    click.echo(side_by_side(results))
+    jobs = [str(r["job"]) for r in results if r.get("job") is not None]
+    click.echo(f"{results[0].get('examples')} examples" + (f" (jobs {', '.join(jobs)})" if jobs else ""))
+
+
+def _named(p: dict) -> dict:
+    """A side-by-side evaluation's job chunk with its model in the stage ("qa eval: ...")."""
+    if "model" in p and "file" not in p:
+        return {**p, "stage": f"{str(p['model']).removesuffix(':latest')} {p.get('stage', '')}".rstrip()}
+    return p
+
+
+def split_eval_args(model: str, more: tuple, data: tuple) -> tuple[list[str], list[str]]:
+    """(models, data paths) of ``eval MODEL [MODEL]... --data FILE...``.  Before several
+    models were taken, the arguments after MODEL were more data files: one that names an
+    existing file still is one (a model is never a file here), so old command lines work."""
+    models, paths = [model], list(data)
+    for arg in more:
+        (paths if os.path.isfile(arg) else models).append(arg)
+    if len(set(models)) != len(models):
+        raise click.UsageError(f"a model is named twice: {', '.join(models)}")
+    return models, paths
+
+
+def ordered(metrics: dict) -> list[tuple[str, object]]:
+    """The metrics as (name, value) in EVAL_METRICS' order (others after, by name)."""
+    order = [m for m in EVAL_METRICS if m in metrics] + sorted(m for m in metrics if m not in EVAL_METRICS)
+    return [(m, metrics[m]) for m in order]
 
 
 def metrics_table(metrics: dict) -> str:
     """A METRIC / VALUE table in EVAL_METRICS' order (others after, by name)."""
-    order = [m for m in EVAL_METRICS if m in metrics] + sorted(m for m in metrics if m not in EVAL_METRICS)
-    return fmt.table(["METRIC", "VALUE"], [[m, _value(metrics[m])] for m in order])
+    return fmt.table(["METRIC", "VALUE"], [[m, _value(v)] for m, v in ordered(metrics)])
+
+
+def side_by_side(results: list[dict]) -> str:
+    """A METRIC table with a column per evaluated model (its name), rows in EVAL_METRICS'
+    order; a metric one model lacks is '-' there."""
+    union: dict = {}
+    for r in results:
+        union.update({k: None for k in r.get("metrics") or {}})
+    names = [m for m, _ in ordered(union)]
+    heads = [str(r.get("model") or "?").removesuffix(":latest") for r in results]
+    return fmt.table(["METRIC", *heads],
+                     [[m, *(_value((r.get("metrics") or {}).get(m)) for r in results)] for m in names])
 
 
 def _value(v) -> str:

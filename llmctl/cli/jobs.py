@@ -257,6 +257,9 @@ class Follow:
             return
         what = (f"{row.get('model')}: step {fmt.steps(row.get('step'), row.get('max_steps'))}, "
                 f"loss {fmt.loss(row.get('loss'))}, val {fmt.loss(row.get('val_loss'))}")
+        figures = fmt.val_metrics(self.metrics, ", ")      # the last report's, as the row has none
+        if figures:
+            what += ", " + figures
         if row.get("state") == "succeeded":
             click.echo(f"job {row['job_id']} succeeded: {what}")
         else:
@@ -298,6 +301,8 @@ def jobs_show(ctx, job, as_json):
     click.echo(f"{'progress:':<17}step {fmt.steps(row.get('step'), row.get('max_steps'))}, "
                f"loss {fmt.loss(row.get('loss'))}, val {fmt.loss(row.get('val_loss'))}, "
                f"{fmt.rate(row.get('tokens_per_s'))}, ETA {fmt.duration(row.get('eta_s'))}")
+    for line in result_lines(r):
+        click.echo(line)
     if row.get("checkpoint_step") is not None:
         click.echo(f"{'checkpoint:':<17}step {row['checkpoint_step']}")
     for key in ("created", "started", "finished"):
@@ -307,6 +312,27 @@ def jobs_show(ctx, job, as_json):
                                                   if not k.startswith("_") and k != "data" and v is not None))
     for rel, digest in sorted((r.get("data") or {}).items()):
         click.echo(f"data:            {rel} ({fmt.short_digest(digest)})")
+
+
+def result_lines(r: dict) -> list[str]:
+    """``jobs show``'s lines for what a job measured (its row's ``metrics``, from daemons that
+    send it): a fine-tune's last validation figures; an eval's metrics and example count."""
+    row = r.get("job") or {}
+    m, kind = row.get("metrics") or {}, row.get("kind")
+    if kind == "eval" and isinstance(m.get("metrics"), dict):
+        from .finetune import ordered
+        figures = ", ".join(f"{k} {_num(v)}" for k, v in ordered(m["metrics"]))
+        return [f"{'result:':<17}{figures or '-'}"
+                + (f" on {m['examples']} examples" if m.get("examples") is not None else "")]
+    figures = fmt.val_metrics(m, ", ")
+    if not figures:
+        return []
+    return [f"{'validation:':<17}" + (f"step {m['step']}: " if m.get("step") is not None else "")
+            + (f"loss {fmt.loss(m['val_loss'])}, " if m.get("val_loss") is not None else "") + figures]
+
+
+def _num(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 @jobs.command("rm")
@@ -419,6 +445,7 @@ def _plot(info: dict, job: int, metrics: list[dict], path: str, as_json: bool) -
     arch = ", ".join(f"{v} {k}" for k, v in (("layers", spec.get("layers")), ("dim", spec.get("dim")),
                                             ("heads", spec.get("heads"))) if v is not None)
     sub = " · ".join(x for x in (f"job {job} ({row.get('state')})", arch,
+                                 spec.get("method") and f"{spec['method']} fine-tune",
                                  spec.get("tokenizer") and f"{spec['tokenizer']} tokenizer",
                                  row.get("device")) if x)
     try:
@@ -431,7 +458,8 @@ def _plot(info: dict, job: int, metrics: list[dict], path: str, as_json: bool) -
         return fmt.echo_json({"plot": path, **s})
     best = (f"; best validation {s['best_val_loss']:.4f} at step {s['best_val_step']}"
             if s["best_val_loss"] is not None else "")
-    click.echo(f"wrote {path}: {s['points']} train and {s['val_points']} validation points{best}")
+    last = "".join(f"; last {k} {v:.3f}" for k, v in (s.get("scores") or {}).items())
+    click.echo(f"wrote {path}: {s['points']} train and {s['val_points']} validation points{best}{last}")
 
 
 COMMANDS = [train, jobs, logs, cancel, pause, resume]

@@ -55,7 +55,7 @@ def show(ctx, model, as_json):
     click.echo(f"digest:        {s['digest']}")
     for line in adapter_lines(man):
         click.echo(line)
-    click.echo(f"architecture:  {man.get('architecture')}  ({fmt.count(man.get('parameters'))} parameters, {fmt.size(s['size'])})")
+    click.echo("architecture:  " + architecture(s, _base_show(ctx, man)))
     click.echo(f"created:       {man.get('created')}  by {lin.get('method')}"
                + (f" from {lin['parent']}" if lin.get("parent") else "")
                + (f" ({fmt.short_digest(lin['args']['parent_digest'])})"       # the name may be this model's own
@@ -77,6 +77,34 @@ def show(ctx, model, as_json):
         click.echo(f"  {k:<25}{cfg.get(k)}")
     if s["instances"]:
         click.echo("instances:     " + ", ".join(f"{i['id']} ({i['state']})" for i in s["instances"]))
+
+
+def _base_show(ctx, man: dict) -> dict | None:
+    """``show`` of an adapter's base (for its architecture and size), None without a base or
+    when it cannot be had (gone: the adapter's own lines say enough)."""
+    from ..errors import LlmosdError
+    base = (man.get("base") or {}).get("model") if isinstance(man.get("base"), dict) else None
+    if not base:
+        return None
+    try:
+        return common.client(ctx).show(base)
+    except LlmosdError:
+        return None
+
+
+def architecture(s: dict, base: dict | None = None) -> str:
+    """``show``'s architecture line: "llama  (134.5M parameters, 269.1 MB)"; for an adapter
+    or classifier on a base, its own figures and the base's: "adapter of smollm2:latest:
+    460.8K parameters (1.9 MB); base llama 134.5M" (``base``: the base's ``show``)."""
+    man = s["manifest"]
+    own = f"{fmt.count(man.get('parameters'))} parameters"
+    on = (man.get("base") or {}).get("model") if isinstance(man.get("base"), dict) else None
+    if not on:
+        return f"{man.get('architecture')}  ({own}, {fmt.size(s.get('size'))})"
+    bman = (base or {}).get("manifest") or {}
+    arch = bman.get("architecture") or man.get("architecture")
+    return (f"{man.get('kind') or 'adapter'} of {on}: {own} ({fmt.size(s.get('size'))}); base {arch}"
+            + (f" {fmt.count(bman['parameters'])}" if bman.get("parameters") else ""))
 
 
 def adapter_lines(man: dict) -> list[str]:
@@ -102,6 +130,9 @@ def trained(lin: dict) -> str:
     if fin:
         text += (f": step {fin.get('step')}, loss {fmt.loss(fin.get('loss'))}, "
                  f"val {fmt.loss(fin.get('val_loss'))} (best {fmt.loss(fin.get('best_val_loss'))})")
+        figures = fmt.val_metrics(fin.get("metrics") if isinstance(fin.get("metrics"), dict) else {}, ", ")
+        if figures:                     # a fine-tune's last validation: ppl, em, chrF / acc, f1
+            text += ", " + figures
     return text
 
 
@@ -117,6 +148,18 @@ def rm(ctx, models, force):
         click.echo(f"deleted {r['model']} ({fmt.size(r['freed_bytes'])} freed)")
         if r.get("removed"):
             click.echo(f"also removed what was made on it: {', '.join(r['removed'])}")
+        if r.get("kept_by_jobs"):
+            click.echo(kept_line(r))
+
+
+def kept_line(r: dict) -> str:
+    """Why an rm freed less than the model's size: job records that still name its blobs."""
+    ids = " ".join(map(str, r["kept_by_jobs"]))
+    many = len(r["kept_by_jobs"]) > 1
+    size = f" ({fmt.size(r['kept_bytes'])})" if r.get("kept_bytes") else ""
+    return (f"weights{size} kept for job{'s' if many else ''} {', '.join(map(str, r['kept_by_jobs']))}, "
+            f"{'whose records name' if many else 'whose record names'} them "
+            f"(llmctl jobs rm {ids} frees them)")
 
 
 @click.command()

@@ -209,7 +209,8 @@ def unload(ctx, target, force):
     if not r["unloaded"]:
         click.echo(f"{target} is not loaded")
         return
-    click.echo("unloaded instance " + ", ".join(map(str, r["unloaded"])))
+    click.echo("unloaded instance " + ", ".join(map(str, r["unloaded"]))
+               + (f" and the adapters attached to it: {', '.join(r['adapters'])}" if r.get("adapters") else ""))
 
 
 @click.command()

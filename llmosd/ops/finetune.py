@@ -56,6 +56,16 @@ def job_estimate(full: dict, cfg: dict | None) -> int | None:
         return None
 
 
+def eval_record(result: dict) -> dict:
+    """What an eval job's record keeps of its result (as its last metrics map): the metrics,
+    the number of examples and, for the job row's LOSS column, the loss when measured."""
+    metrics = dict(result.get("metrics") or {})
+    out = {"metrics": metrics, "examples": result.get("examples")}
+    if isinstance(metrics.get("loss"), (int, float)):
+        out["loss"] = metrics["loss"]
+    return out
+
+
 def check_full_model(canon: str, man: dict) -> None:
     """InvalidArgument unless ``man`` is a model with its own weights and no head: only such a
     model can be the base of an adapter (an adapter of an adapter would need both applied)."""
@@ -169,7 +179,7 @@ class FinetuneOps:
 
         def check():                              # on a short thread: reads the data
             from llmosd.models.lora import TARGETS            # torch: on this thread only
-            from llmosd.train.spec import check_finetune_spec
+            from llmosd.train.ftspec import check_finetune_spec
             seen = {"name": bcanon, "context": self._context(bman), "has_template": self._has_template(bman),
                     "targets_known": TARGETS}
             full = check_finetune_spec(spec, self._read_data(data), self._read_data(val) if val else None, seen)
@@ -243,7 +253,7 @@ class FinetuneOps:
         stream = ctx.stream(cancel)
 
         def check():
-            from llmosd.train.spec import check_eval_spec
+            from llmosd.train.ftspec import check_eval_spec
             seen = {"kind": kind_of(man), "labels": head.get("labels"),
                     "has_template": self._has_template(man), "context": self._context(man)}
             full = check_eval_spec(spec, self._read_data(data), seen)
@@ -288,6 +298,8 @@ class FinetuneOps:
             bad = self._refusal("eval", canon, job, result, error)
             if bad is None and not isinstance(result.get("metrics"), dict):
                 bad = Internal(f"eval of {canon}: the job returned no metrics")
+            if bad is None:                       # kept in its record: jobs show, jobs --all
+                job.metrics = eval_record(result)
             self._settle(job, bad.message if bad else None)
             self.jobs.drop_refs(job)
             self._discard(set(data.values()))

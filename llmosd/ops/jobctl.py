@@ -21,6 +21,14 @@ def public_spec(spec: dict) -> dict:
     return json_safe({k: v for k, v in spec.items() if not str(k).startswith("_") and k != "data"})
 
 
+def job_row(job: Job) -> dict:
+    """The job row with ``metrics``: the job's last metrics map (a fine-tune's validation
+    figures: val_ppl, exact_match, chrf, accuracy, f1...; an eval's result: {metrics,
+    examples, loss?}), None before any."""
+    from llmosd.jobs.records import json_safe
+    return {**job.row(), "metrics": json_safe(job.metrics) if job.metrics else None}
+
+
 class JobCtlOps:
     """``op_<type>`` for the job listing and control messages.  Changing a job (rm, cancel,
     pause, resume) is for its owner, root and the daemon's own user."""
@@ -41,12 +49,12 @@ class JobCtlOps:
 
     def op_jobs(self, ctx: Ctx) -> None:
         every = ctx.body.get("all", False)
-        ctx.ok({"jobs": [j.row() for _, j in sorted(self.jobs.jobs.items())
+        ctx.ok({"jobs": [job_row(j) for _, j in sorted(self.jobs.jobs.items())
                          if every or not j.is_finished()]})
 
     def op_job(self, ctx: Ctx) -> None:
         job = self._job(ctx)
-        ctx.ok({"job": job.row(), "spec": public_spec(job.spec), "data": dict(job.data)})
+        ctx.ok({"job": job_row(job), "spec": public_spec(job.spec), "data": dict(job.data)})
 
     def op_job_cancel(self, ctx: Ctx) -> None:
         """Answered once the job has stopped (at once when no worker runs)."""
@@ -102,7 +110,7 @@ class JobCtlOps:
         def end() -> None:
             self.jobs.unsubscribe(job.id, live)
             self.followers.discard(stop)
-            stream.end({"job": job.row()})
+            stream.end({"job": job_row(job)})
 
         def stop(err) -> None:                   # the client cancelled, left, or we stop
             self.jobs.unsubscribe(job.id, live)

@@ -175,13 +175,15 @@ class ServeOps:
                     self.manager.check_unloadable(inst)
         ids = [i.id for i in insts]
         pending = set(ids)
+        # the adapters attached to them go with them: named in the reply (before they are gone)
+        adapters = sorted({a.model for i in insts for a in (getattr(i, "adapters", None) or {}).values()})
 
         def done(iid):
             pending.discard(iid)
             if not pending:
                 log.info("unload %s by uid %s (instance %s)", ", ".join(sorted({i.model for i in insts})),
                          ctx.uid, ", ".join(map(str, ids)))
-                ctx.ok({"unloaded": ids})
+                ctx.ok({"unloaded": ids, **({"adapters": adapters} if adapters else {})})
         for inst in insts:
             self.manager.unload(inst, force, lambda iid=inst.id: done(iid))
 

@@ -7,6 +7,7 @@ import logging
 from llmctl import protocol
 from llmctl.errors import (AlreadyExists, Busy, Internal, InvalidArgument, LlmosdError, ModelNotFound,
                            StoreCorrupt)
+from llmosd.jobs.queue import keeps_refs
 from llmosd.server import Ctx
 from llmosd.store.bases import dependents
 from llmosd.store.manifest import base_of, kind_of
@@ -59,14 +60,15 @@ class StoreOps:
         the reply comes when the store's writer has removed them."""
         canon, _, _ = self.store.find(ctx.body["model"])
         deps = dependents(self.store, canon)
-        if deps and not ctx.body.get("force", False):
+        if deps and not ctx.body.get("force", False):     # lasting: not busy, retrying won't help
             short = canon.removesuffix(":latest")
-            raise Busy(f"{canon} is the base of {len(deps)} model(s) that use its weights: "
+            raise InvalidArgument(f"{canon} is the base of {len(deps)} model(s) that use its weights: "
                        f"{', '.join(deps)}",
                        hint=f"remove them first, or remove them with it: llmctl rm --force {short}")
         for model in (canon, *deps):
             self._check_removable(model)
         gone = [*deps, canon]
+        blobs = blob_sizes(*(self.store.get(m)[1] for m in gone))
 
         def remove():                 # on the store's writer: the dependents first
             removed, freed = [], 0
@@ -83,12 +85,27 @@ class StoreOps:
             if error is not None:
                 ctx.error(write_error(f"removing {canon}", error))
                 return
+            r.update(self._kept_by_jobs(blobs))
             log.info("rm %s by uid %s (freed %d bytes)%s", canon, ctx.uid, r.get("freed_bytes", 0),
                      f"; with it {', '.join(r['removed'])}" if r.get("removed") else "")
             ctx.ok(r)
         for model in gone:
             self.store.leaving(model)
         self.store.writer.submit(remove, done)
+
+    def _kept_by_jobs(self, blobs: dict[str, int]) -> dict:
+        """Of a removed model's ``blobs`` ({digest: size}), those the store kept only because
+        job records name them (a finished training's data and parent, resumable until
+        ``jobs rm``): {"kept_by_jobs": [job ids], "kept_bytes": n}, or {} when none."""
+        jobs = getattr(self.jobs, "jobs", None) or {}
+        kept = {d for d in blobs if not self.store.referenced(d)}
+        ids, held = [], set()
+        for jid, job in sorted(jobs.items()):
+            mine = kept & set(getattr(job, "refs", ()) or ())
+            if mine and keeps_refs(job):
+                ids.append(jid)
+                held |= mine
+        return {"kept_by_jobs": ids, "kept_bytes": sum(blobs[d] for d in held)} if ids else {}
 
     def _check_removable(self, canon: str) -> None:
         """Busy when ``canon`` is loaded (as a model, or as an adapter on its base's
@@ -190,6 +207,16 @@ class StoreOps:
 
 
 
+def blob_sizes(*manifests: dict) -> dict[str, int]:
+    """{digest: size} of the blobs the manifests name (their entries' sizes; 0 when unsaid)."""
+    out = {}
+    for man in manifests:
+        for v in man.values():
+            if isinstance(v, dict) and isinstance(v.get("digest"), str):
+                out[v["digest"]] = int(v.get("size") or 0)
+    return out
+
+
 def adapter_hosts(table, canon: str) -> list[int]:
     """Ids of the instances that have adapter ``canon`` attached: ``Instance.adapters`` keyed
     by the adapter's name, or holding entries whose ``model`` is it (a table without adapters
@@ -203,15 +230,16 @@ def adapter_hosts(table, canon: str) -> list[int]:
 
 def check_not_a_base(store, canon: str, doing: str = "replacing it",
                      hint: str = "choose another name") -> None:
-    """Busy when adapters or classifiers use ``canon``'s weights (``bases.dependents``):
+    """InvalidArgument (a lasting state, not a busy one: exit 65, not "try again") when
+    adapters or classifiers use ``canon``'s weights (``bases.dependents``):
     ``doing`` (replacing it, training it further) would give it other weights, and they would
     then fail to load ("other weights").  The hint names the other way and ``rm --force``."""
     deps = dependents(store, canon)
     if deps:
         short = canon.removesuffix(":latest")
-        raise Busy(f"{canon} is the base of {len(deps)} model(s) that use its weights: "
-                   f"{', '.join(deps)}; {doing} would break them",
-                   hint=f"{hint}, or remove {canon} with them first: llmctl rm --force {short}")
+        raise InvalidArgument(f"{canon} is the base of {len(deps)} model(s) that use its weights: "
+                              f"{', '.join(deps)}; {doing} would break them",
+                              hint=f"{hint}, or remove {canon} with them first: llmctl rm --force {short}")
 
 
 def write_error(what: str, e: Exception, other: type[LlmosdError] = Internal) -> LlmosdError:

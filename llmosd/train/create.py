@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Callable
 
 from llmosd.store.manifest import Blob, Lineage, Manifest
@@ -17,6 +18,21 @@ from llmosd.train.spec import default_hidden
 
 ARGS = ("layers", "dim", "heads", "kv_heads", "vocab_size", "seed", "hidden_dim", "context",
         "rope_theta", "tie_embeddings")
+
+
+REQUIRED_CHARS = re.compile(r"required_chars\.\s*(\d+)\s*vs\s*(\d+)")
+
+
+def vocab_error(e: RuntimeError, vocab: int) -> Exception:
+    """sentencepiece's "Vocabulary size is smaller than required_chars. 300 vs 301" as a
+    ValueError naming the least ``--vocab-size`` that works (the job system makes a
+    ValueError invalid input, exit 65); any other RuntimeError as it is."""
+    m = REQUIRED_CHARS.search(str(e))
+    if m is None:
+        return e
+    need = int(m.group(2))
+    return ValueError(f"--vocab-size must be at least {need} for this text (its distinct characters, "
+                      f"the 256 byte pieces and the special pieces each need one), not {vocab}")
 
 
 def create(spec: dict, store_root: str, progress: Callable[[dict], None]) -> dict:
@@ -35,7 +51,10 @@ def create(spec: dict, store_root: str, progress: Callable[[dict], None]) -> dic
     vocab = spec.get("vocab_size") or 1024
     progress({"stage": "tokenizer", "message": f"training a {vocab}-piece tokenizer on "
                                                f"{len(text):,} characters"})
-    sp_bytes = train_sentencepiece(text, vocab, seed)
+    try:
+        sp_bytes = train_sentencepiece(text, vocab, seed)
+    except RuntimeError as e:       # sentencepiece's own refusal: bad input, said for the user
+        raise vocab_error(e, vocab) from None
     tok = SentencePieceTokenizer(sp_bytes)
     cfg = LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=spec["dim"],

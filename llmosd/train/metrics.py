@@ -250,6 +250,14 @@ def model_facts(store, man: dict, base: dict | None) -> dict:
             "has_template": bool(template), "context": cfg.get("max_position_embeddings")}
 
 
+def eval_metrics(asked, classifier: bool) -> list[str]:
+    """The metrics ``eval`` computes: those asked for, and for a classifier its loss and
+    perplexity too (its head's cross entropy per example, computed with its predictions at no
+    extra cost; labelled data has no token targets, so they cannot be asked for by name)."""
+    asked = list(asked)
+    return ([m for m in LOSS_METRICS if m not in asked] + asked) if classifier else asked
+
+
 def run_eval(spec: dict, store_root: str, ctl) -> dict:
     """Job function of ``llmctl eval``: the metrics of ``spec["model"]`` on ``spec["data"]``;
     returns {"model", "examples", "metrics", "predictions_file"}."""
@@ -258,7 +266,7 @@ def run_eval(spec: dict, store_root: str, ctl) -> dict:
     from llmosd.store.store import Store
     from llmosd.train import sft
     from llmosd.train.pretrain import amp_dtype, pick_device, user_spec
-    from llmosd.train.spec import check_eval_spec
+    from llmosd.train.ftspec import check_eval_spec
     store = Store(store_root)
     man, base = spec["_model"], spec.get("_base")
     ctl.progress({"stage": "data", "message": f"reading {len(spec['data'])} data file(s)"})
@@ -272,7 +280,8 @@ def run_eval(spec: dict, store_root: str, ctl) -> dict:
     ctl.progress({"stage": "load", "message": f"loading {spec['model']}"})
     model, tok, head, labels = load_for_eval(store, man, base, device)
     ctl.progress({"stage": "eval", "message": f"evaluating {len(examples):,} examples"})
-    figures, preds = evaluate(model, tok, examples, metrics=s["metrics"], block_size=s["block_size"],
+    figures, preds = evaluate(model, tok, examples, metrics=eval_metrics(s["metrics"], head is not None),
+                              block_size=s["block_size"],
                               batch_size=s["batch_size"], eval_samples=s["eval_samples"],
                               device=device, amp=amp_dtype("auto", device), head=head,
                               labels=labels if head is not None else s.get("labels"))

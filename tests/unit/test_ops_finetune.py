@@ -184,7 +184,7 @@ def test_i11_refuses_rm_of_base_with_adapters_without_force(env):
     base = put_model(env.store, "base")
     a1, a2 = put_adapter(env.store, "ad1", "base"), put_adapter(env.store, "ad2", "base", classifier=True)
     put_model(env.store, "other", seed=b"o")
-    with pytest.raises(errors.Busy, match=r"base:latest is the base of 2 model\(s\).*ad1:latest, ad2:latest") as e:
+    with pytest.raises(errors.InvalidArgument, match=r"base:latest is the base of 2 model\(s\).*ad1:latest, ad2:latest") as e:
         call(env.ops, "rm", {"model": "base"})
     assert "--force" in e.value.hint
     assert env.store.get("base") and env.store.get("ad1")              # nothing removed
@@ -244,7 +244,7 @@ def test_i11_refuses_eval_of_model_whose_base_is_gone(env):
 def test_i11_finetune_queues_a_job_with_its_base(env, monkeypatch):
     import llmosd.train.distributed as distributed
     import llmosd.train.pretrain as pretrain
-    import llmosd.train.spec as spec_mod
+    import llmosd.train.ftspec as spec_mod
     seen = {}
 
     def check(spec, data, val, base):
@@ -289,7 +289,7 @@ def test_i11_finetune_queues_a_job_with_its_base(env, monkeypatch):
 
 def test_i11_eval_streams_metrics_and_cancels(env, monkeypatch):
     import llmosd.train.pretrain as pretrain
-    import llmosd.train.spec as spec_mod
+    import llmosd.train.ftspec as spec_mod
     monkeypatch.setattr(spec_mod, "check_eval_spec", lambda spec, data, model: {**spec, "model_seen": model},
                         raising=False)
     monkeypatch.setattr(pretrain, "pick_device", lambda d: d)

@@ -123,7 +123,7 @@ def test_i11_review_2_a_failed_finetune_keeps_its_base_from_rm(real):
 # -- 3: a refused eval, finetune or train leaves no uploads behind ---------------------------------
 def test_i11_review_3_refused_eval_discards_its_data(env, monkeypatch):  # noqa: F811
     import llmosd.train.pretrain as pretrain
-    import llmosd.train.spec as spec_mod
+    import llmosd.train.ftspec as spec_mod
     monkeypatch.setattr(pretrain, "pick_device", lambda d: d)
     monkeypatch.setattr(spec_mod, "check_eval_spec", lambda spec, data, model: dict(spec), raising=False)
     put_model(env.store, "base")
@@ -176,7 +176,7 @@ def test_i11_review_3_refused_finetune_and_train_discard_their_data(env, monkeyp
     import llmosd.ops.jobs as ops_jobs
     import llmosd.train.distributed as distributed
     import llmosd.train.pretrain as pretrain
-    import llmosd.train.spec as spec_mod
+    import llmosd.train.ftspec as spec_mod
     monkeypatch.setattr(pretrain, "pick_device", lambda d: d)
     monkeypatch.setattr(distributed, "check_nproc", lambda s: None)
     monkeypatch.setattr(spec_mod, "check_finetune_spec",
@@ -193,7 +193,7 @@ def test_i11_review_3_refused_finetune_and_train_discard_their_data(env, monkeyp
     assert ctx.replies[0][0] == "error" and not env.store.has_blob(data["train.jsonl"])
     # train: refused at submit and on the checking thread
     data = data_blob(env.store, b"some text")
-    with pytest.raises(errors.Busy, match="training it further would break"):
+    with pytest.raises(errors.InvalidArgument, match="training it further would break"):
         call(env.ops, "train", {"name": "base", "data": data, "spec": {}})
     assert not env.store.has_blob(data["train.jsonl"])
     monkeypatch.setattr(ops_jobs, "check_train", lambda *a: (_ for _ in ()).throw(ValueError("too little data")))
@@ -212,19 +212,19 @@ def test_i11_review_4_replacing_a_base_with_force_is_refused(env):  # noqa: F811
     put_adapter(env.store, "ad", "base")
     put_adapter(env.store, "ad2", "other")
     digest = env.store.get("base")[2]
-    with pytest.raises(errors.Busy, match=r"base:latest is the base of 1 model\(s\).*ad:latest") as e:
+    with pytest.raises(errors.InvalidArgument, match=r"base:latest is the base of 1 model\(s\).*ad:latest") as e:
         call(env.ops, "tag", {"source": "other", "target": "base", "force": True})
     assert "rm --force base" in e.value.hint and "another" in e.value.hint
-    with pytest.raises(errors.Busy, match="replacing it would break"):
+    with pytest.raises(errors.InvalidArgument, match="replacing it would break"):
         call(env.ops, "merge", {"adapter": "ad2", "name": "base", "force": True})
-    with pytest.raises(errors.Busy, match="ad:latest"):
+    with pytest.raises(errors.InvalidArgument, match="ad:latest"):
         call(env.ops, "finetune", {"base": "other", "name": "base", "data": data_blob(env.store),
                                    "spec": {}, "force": True})
-    with pytest.raises(errors.Busy, match="ad:latest"):
+    with pytest.raises(errors.InvalidArgument, match="ad:latest"):
         call(env.ops, "create", {"name": "base", "layers": 1, "dim": 8, "heads": 1, "text": "abc",
                                  "force": True})
     files = {"adapter_config.json": env.store.put_blob(b"{}")[0]}
-    with pytest.raises(errors.Busy, match="ad:latest"):
+    with pytest.raises(errors.InvalidArgument, match="ad:latest"):
         call(env.ops, "import", {"name": "base", "files": files, "format": "peft", "base": "other",
                                  "force": True})
     assert env.store.get("base")[2] == digest and env.store.get("base")[1]["weights"] == base["weights"]
