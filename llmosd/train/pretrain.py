@@ -121,12 +121,29 @@ def pick_device(name: str, local_rank: int = 0):
 def peak_bytes(device) -> int:
     """The most memory this process has held for training (its metrics' ``mem_bytes``, which
     the daemon's reservation follows): on CUDA the caching allocator's peak on ``device`` (what
-    the device gave it), else the process's peak resident set (torch runtime included)."""
+    the device gave it), else the process's peak resident set (torch runtime included).
+
+    Not ``getrusage``'s ``ru_maxrss``: Linux carries it over from the parent across fork and
+    exec, so a worker would report the daemon's peak as its own.  ``VmHWM`` belongs to this
+    process's address space alone."""
     if device.type == "cuda":
         import torch
         return int(torch.cuda.max_memory_reserved(device))
-    import resource
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return own_peak_rss()
+
+
+def own_peak_rss() -> int:
+    """This process's peak resident set in bytes (``VmHWM`` of /proc/self/status; its current
+    resident set where that is missing; 0 where neither can be read)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        for key in ("VmHWM", "VmRSS"):
+            if key in fields:
+                return int(fields[key].split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def amp_dtype(name: str, device):
