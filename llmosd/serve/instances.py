@@ -7,12 +7,9 @@ writes the registry or talks to an engine.  All of its methods run on the contro
 loader and engine threads report back via ``post``.  It never runs device work itself: loads
 run on loader threads, and an engine frees its model's memory on its own thread as it ends.
 
-Adapters and classifiers run on their base's instance, the way forked processes share their
-parent's pages: acquiring one acquires (loads if needed) the one instance of its base, then
-reads the adapter on a loader thread (``lora.read_adapter``) and has the engine install it
-(``Engine.add_adapter``, answered by an ``adapter`` message with its bytes) once, however many
-requests ask for it meanwhile; its requests carry its key (``Request.adapter``).  ``detach``
-takes one out again; an instance that unloads drops its adapters with it.
+Adapters and classifiers run on their base's instance; attaching, installing and detaching
+them is its ``Adapters``' (``serve.adapters``, which it owns): ``acquire_adapter``, ``detach``
+and ``check_detachable`` are that object's, and an instance that unloads drops its adapters.
 
 It also admits generations against the KV-cache byte limit (``scheduler.KVBudget``, whose
 docstring gives the design): reserved at ``submit``, shrunk on the engine's ``kv`` report,
@@ -33,28 +30,35 @@ from typing import Callable
 
 import torch
 
-from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory, from_wire
+from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory
 from llmosd.mem.devices import device_memory
 from llmosd.mem.manager import MemoryManager
 from llmosd.models import lora
 from llmosd.models.loader import load_model, resident_bytes
+from llmosd.serve.adapters import Adapters, Ready
 from llmosd.serve.engine import Engine
 from llmosd.serve.placement import Placement, configure, delegated, drop_runner
 from llmosd.serve.request import Request, Task
 from llmosd.serve.scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
-from llmosd.store.manifest import base_of, kind_of
+from llmosd.store.manifest import base_of
 from llmosd.store.store import Store
-from llmosd.table import Attached, Instance, ModelTable, State
+from llmosd.table import Instance, ModelTable, State
 
 log = logging.getLogger("llmosd.instances")
-
-Ready = Callable[[Instance | None, LlmosdError | None], None]
 
 
 def default_kv_limit(device: torch.device) -> int:
     """``max_kv_bytes = 0`` (auto): a quarter of the memory the caches live in, physical RAM
     on the CPU, the device's own memory on CUDA."""
     return device_memory(device) // 4
+
+
+def memory_device(device: torch.device) -> str:
+    """The memory manager's name of ``device`` (its budgets' keys, the instances' rows):
+    "cuda" without an index is "cuda:0", as a job's (``jobs.queue.mem_device``)."""
+    if device.type == "cuda" and device.index is None:
+        return "cuda:0"
+    return str(device)
 
 
 class InstanceManager:
@@ -68,7 +72,8 @@ class InstanceManager:
         ``keep_alive``: the default keep-alive of an instance (seconds; -1 forever)."""
         self.post, self.store, self.device, self.dtype = post, store, device, dtype
         self.table = ModelTable()
-        self.place = Placement(post, self.table, str(device), dtype.itemsize, memory=memory,
+        self.mem_device = memory_device(device)
+        self.place = Placement(post, self.table, self.mem_device, dtype.itemsize, memory=memory,
                                keep_alive=keep_alive, unload=lambda inst: self.unload(inst, True, lambda: None),
                                stopped=self._stopped, engine_for=self._engine_for,
                                waiting=lambda iid: len(self._ready_waiters.get(iid, ())),
@@ -83,7 +88,9 @@ class InstanceManager:
         self._tasks: dict = {}                      # request key -> Task: only these methods touch it
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
         self._ready_waiters: dict[int, list[Ready]] = {}
-        self._adapter_waiters: dict[tuple[int, str], list[Ready]] = {}   # (instance, adapter key)
+        self.adapters = Adapters(post, store, self.place, acquire=self.acquire, running=self._running)
+        self.acquire_adapter, self.detach = self.adapters.acquire, self.adapters.detach
+        self.check_detachable = self.adapters.check_detachable
 
     # -- loading ----------------------------------------------------------------------------
     def acquire(self, model: str, manifest: dict, digest: str, uid: int | None,
@@ -111,7 +118,7 @@ class InstanceManager:
             log.info("refused to load %s: %s", model, plan.message)
             on_ready(None, plan.error())
             return None
-        inst = self.table.add(model, digest, str(self.device), uid)
+        inst = self.table.add(model, digest, self.mem_device, uid)
         inst.estimate_bytes, inst.keep_alive = need, self.place.keep_alive
         configure(inst, priority, keep_alive, pin)
         self.place.expect(inst.id, ekey, raw)
@@ -129,7 +136,7 @@ class InstanceManager:
                          daemon=True).start()
 
     def _load(self, inst: Instance, manifest: dict) -> None:
-        t0 = time.perf_counter()
+        t0, oom = time.perf_counter(), None
         try:
             model, tok = load_model(self.store, manifest, self.device, self.dtype)
             resident = resident_bytes(model)          # its own tensors, whatever else runs
@@ -143,16 +150,20 @@ class InstanceManager:
             del model                                 # the engine's runner holds the only reference
             self.post(self._loaded, inst, engine, resident, time.perf_counter() - t0, None)
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":          # what the failed load allocated goes back
-                torch.cuda.empty_cache()
-            self.post(self._loaded, inst, None, 0, 0.0, OutOfMemory(
-                f"not enough memory on {self.device} to load {inst.model} (estimated "
-                f"{size_text(inst.estimate_bytes)}); the estimate will be higher next time"))
+            oom = OutOfMemory(f"not enough memory on {self.device} to load {inst.model} (estimated "
+                              f"{size_text(inst.estimate_bytes)}); the estimate will be higher next time")
         except LlmosdError as e:
             self.post(self._loaded, inst, None, 0, 0.0, e)
         except Exception as e:
             log.exception("load of %s failed", inst.model)
             self.post(self._loaded, inst, None, 0, 0.0, LoadFailed(f"loading {inst.model} failed: {e}"))
+        if oom is None:
+            return
+        # what the failed load allocated goes back to the device, now that the handler's
+        # traceback (holding the half-built model) is gone
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.post(self._loaded, inst, None, 0, 0.0, oom)
 
     def _loaded(self, inst: Instance, engine: Engine | None, resident: int, secs: float,
                 err: LlmosdError | None) -> None:
@@ -192,141 +203,6 @@ class InstanceManager:
                         lambda key, kind, body: self.post(self._on_engine, inst, engine, key, kind, body),
                         max_batch=self.max_batch, stream_buffer=self.stream_buffer, runner=runner)
         return engine
-
-    # -- adapters ---------------------------------------------------------------------------
-    def acquire_adapter(self, base: tuple[str, dict, str], model: str, manifest: dict, digest: str,
-                        uid: int | None, on_ready: Ready, **opts) -> Instance | None:
-        """Call ``on_ready(inst, None)`` once the adapter ``model`` (manifest ``manifest``,
-        key ``digest``) is installed on a serving instance of ``base`` = (name, manifest,
-        digest) (loading both if needed), or ``on_ready(None, err)``.  Returns the instance.
-        ``opts`` (priority, keep_alive, pin) apply to the base's instance, as ``acquire``."""
-        bcanon, bman, bdigest = base
-
-        def base_ready(inst, err):
-            if err is not None:
-                on_ready(None, err)
-            else:
-                self._attach(inst, model, manifest, digest, uid, on_ready)
-        return self.acquire(bcanon, bman, bdigest, uid, base_ready, **opts)
-
-    def _attach(self, inst: Instance, model: str, manifest: dict, digest: str, uid: int | None,
-                on_ready: Ready) -> None:
-        if not inst.serving:                       # unloaded between its ready and this call
-            on_ready(None, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
-            return
-        a = inst.adapters.get(digest)
-        if a is not None and a.ready:
-            on_ready(inst, None)
-            return
-        if a is not None:
-            self._adapter_waiters.setdefault((inst.id, digest), []).append(on_ready)
-            return
-        # the first to ask reads and installs it, once admitted (the base is not a candidate)
-        ekey = ("adapter", kind_of(manifest))
-        need, raw = self.place.estimate(manifest, ekey)
-        plan = self.place.plan(need, inst.priority, f"attaching {model} to instance {inst.id}",
-                               frozenset({inst.id}))
-        if not plan.ok:
-            log.info("refused to attach %s to instance %d: %s", model, inst.id, plan.message)
-            on_ready(None, plan.error())
-            return
-        self._adapter_waiters.setdefault((inst.id, digest), []).append(on_ready)
-        a = inst.attach(model, digest, uid, kind_of(manifest))
-        a.estimate_bytes = need
-        self.place.expect((inst.id, digest), ekey, raw)
-        self.place.recharge(inst)
-        log.info("attaching %s to instance %d (%s), estimate %d bytes", model, inst.id, inst.model, need)
-
-        def go():
-            if inst.adapters.get(digest) is a and inst.serving:
-                threading.Thread(target=self._read_adapter, args=(inst, a, manifest),
-                                 name=f"load-{inst.id}-adapter", daemon=True).start()
-        self.place.make_room(plan.actions, go)
-
-    def _read_adapter(self, inst: Instance, a: Attached, manifest: dict) -> None:
-        """Loader thread: the adapter's tensors (on the CPU) for the engine to install."""
-        adapter, err = None, None
-        try:
-            adapter = lora.read_adapter(self.store, manifest, a.digest)
-        except LlmosdError as e:
-            err = e
-        except ValueError as e:
-            err = LoadFailed(f"the adapter {a.model} cannot be used: {e}")
-        except Exception as e:
-            log.exception("reading adapter %s failed", a.model)
-            err = LoadFailed(f"reading the adapter {a.model} failed: {e}")
-        self.post(self._adapter_read, inst, a, adapter, err)
-
-    def _adapter_read(self, inst: Instance, a: Attached, adapter, err: LlmosdError | None) -> None:
-        if inst.adapters.get(a.digest) is not a or not inst.serving:
-            return                                 # detached or unloaded meanwhile: told then
-        if err is not None:
-            self._adapter_installed(inst, a.digest, {"error": err.to_wire(), "token": a.token})
-            return
-        inst.engine.add_adapter(a.digest, adapter, a.token)   # answered by an "adapter" message
-
-    def _adapter_installed(self, inst: Instance, key: str, body: dict) -> None:
-        """The engine's answer to the install of attach ``body["token"]``.  Only the current
-        attach's answer counts: one to an attach detached meanwhile (the engine dropped that
-        install after it) must not mark a later attach of the same digest ready."""
-        a = inst.adapters.get(key)
-        if a is None or a.ready or body.get("token") != a.token:
-            return                                 # detached meanwhile (the engine dropped it)
-        waiters = self._adapter_waiters.pop((inst.id, key), [])
-        err = from_wire(body["error"]) if "error" in body else None
-        if err is not None:
-            self.place.forget((inst.id, key))
-            inst.detach(key)
-            log.warning("adapter %s failed to install on instance %d: %s", a.model, inst.id, err)
-        else:
-            a.resident_bytes, a.ready, a.loaded_at = int(body["bytes"]), True, time.time()
-            self.place.learn((inst.id, key), a.resident_bytes)
-            log.info("adapter %s installed on instance %d (%s), %d bytes", a.model, inst.id,
-                     inst.model, a.resident_bytes)
-        if inst.state not in (State.FAILED, State.UNLOADING):
-            self.place.recharge(inst)
-        for cb in waiters:
-            cb(None if err else inst, err)
-
-    def detach(self, inst: Instance, model: str, force: bool) -> None:
-        """Take the adapter ``model`` (its manifest digest, or the name it was attached as)
-        off ``inst`` (at once: the engine uninstalls it between two steps).  Busy while it
-        loads or serves requests, unless ``force``, which cancels them (and fails whoever
-        waits for it to load)."""
-        a = inst.adapters.get(model) or inst.adapter_named(model)
-        if a is None:
-            return
-        if not force:
-            self.check_detachable(inst, a)
-        for key, task in list(self._tasks.items()):
-            if task.inst is inst and task.running and task.req.adapter == a.digest:
-                inst.engine.cancel(key, "unloaded", Cancelled(
-                    f"{a.model} was unloaded from instance {inst.id} while this request ran"))
-        inst.detach(a.digest)
-        self.place.forget((inst.id, a.digest))
-        if inst.state not in (State.FAILED, State.UNLOADING):
-            self.place.recharge(inst)
-        if inst.engine is not None:
-            inst.engine.drop_adapter(a.digest)
-        for cb in self._adapter_waiters.pop((inst.id, a.digest), []):
-            cb(None, Cancelled(f"{a.model} was unloaded while it loaded"))
-        log.info("detached %s from instance %d (%s)", a.model, inst.id, inst.model)
-
-    @staticmethod
-    def check_detachable(inst: Instance, a: Attached) -> None:
-        """Raise Busy if the adapter ``a`` cannot be detached from ``inst`` without --force."""
-        if not a.ready:
-            raise Busy(f"{a.model} is still loading on instance {inst.id}",
-                       hint="wait for it to be ready, or use --force")
-        if a.active_requests:
-            raise Busy(f"{a.model} has {a.active_requests} active request(s) on instance {inst.id}",
-                       hint="wait for them to finish, or use --force to cancel them")
-
-    def _drop_adapters(self, inst: Instance, err: LlmosdError) -> None:
-        """The instance is going: whoever waits for one of its adapters gets ``err``."""
-        for digest in list(inst.adapters):
-            for cb in self._adapter_waiters.pop((inst.id, digest), []):
-                cb(None, err)
 
     # -- requests --------------------------------------------------------------------------
     def run(self, model: str, manifest: dict, digest: str, uid: int | None, task: Task,
@@ -382,6 +258,11 @@ class InstanceManager:
             task.inst.queued_requests -= 1
             task.inst = None
 
+    def _running(self, inst: Instance, adapter: str) -> list:
+        """The keys of the requests running on ``inst`` with ``adapter``."""
+        return [key for key, task in self._tasks.items()
+                if task.inst is inst and task.running and task.req.adapter == adapter]
+
     def submit(self, inst: Instance, task: Task) -> None:
         """Hand the task to the instance's engine, once a generation's KV cache is admitted;
         a refusal (Busy, or too big ever to fit) ends the task's stream with that error."""
@@ -429,7 +310,7 @@ class InstanceManager:
             self.place.charge_kv(self.kv.used)
             return
         if kind == "adapter":
-            self._adapter_installed(inst, key, body)
+            self.adapters.installed(inst, key, body)
             return
         if kind in ("end", "error"):       # whoever still holds the task: the bytes are free
             self.kv.release(key)
@@ -463,7 +344,7 @@ class InstanceManager:
             self.check_unloadable(inst)
         swapped = inst.state is State.SWAPPED and not self.place.leaving(inst.id)
         inst.transition(State.UNLOADING)
-        self._drop_adapters(inst, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
+        self.adapters.drop(inst, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
         self._unload_waiters.setdefault(inst.id, []).append(on_done)
         for key, task in list(self._tasks.items()):
             if task.inst is inst and task.running:
@@ -501,7 +382,7 @@ class InstanceManager:
                 task.stream.error(Cancelled(f"instance {inst.id} was unloaded"))
         if inst.state is not State.UNLOADING:        # the engine died on its own
             inst.transition(State.UNLOADING)
-        self._drop_adapters(inst, Cancelled(f"instance {inst.id} was unloaded"))
+        self.adapters.drop(inst, Cancelled(f"instance {inst.id} was unloaded"))
         inst.adapters.clear()
         inst.engine = None              # its thread already dropped the model and freed the memory
         self.table.remove(inst.id)
