@@ -315,6 +315,9 @@ def render(cfg: Config, sources: dict) -> str:
         out.append(f"{k} = {s}  # {sources.get(k, 'default')}")
     defaults = {"cpu": "auto: RAM minus max(2 GiB, 25% of RAM)", "cuda0": "auto: 90% of the device",
                 "host": "auto: 0 without CUDA, else min(RAM/4, 32 GiB)"}
+    if "host" in cfg.budgets and parse_budget(cfg.budgets["host"]) != ("bytes", 0):
+        # without CUDA the host tier is the same RAM (mem.manager.budgets_from_config)
+        defaults["cpu"] += "; without CUDA lowered by the host budget, the same RAM"
     for section in sorted(set(defaults) | set(cfg.budgets), key=lambda d: (d != "cpu", d)):
         v = cfg.budgets.get(section, "auto")
         s = str(v) if isinstance(v, int) else '"' + str(v).replace('"', '') + '"'

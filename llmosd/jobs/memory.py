@@ -42,6 +42,8 @@ class JobMemory:
         self._held: set[int] = set()                 # just preempted: not requeued this turn
         self._preempt_reason: dict[int, str] = {}
         self._freed_posted = False
+        self._freed_clear = False                    # a freeing not the runner's own: _no_room goes
+        self._quiet = False                          # the runner moves its own reservation
         if memory is not None:
             memory.on_freed(self._on_freed)
 
@@ -102,7 +104,7 @@ class JobMemory:
         if job.id in self._making_room:
             return False
         if job.id in self._charged:              # left from a room made: plan without it
-            self.memory.charge(key, device, 0)
+            self._zero(job)
         plan = self._plan(job, need)
         if plan.ok and not plan.actions:
             self.memory.charge(key, device, need)
@@ -129,8 +131,18 @@ class JobMemory:
         if not ok:
             self._no_room.add(job.id)             # not again until memory is freed
         if job.id in self._charged:
-            self.memory.charge(("job", job.id), self._charged[job.id], 0)
+            self._zero(job)
         self.schedule()
+
+    def _zero(self, job: Job) -> None:
+        """``job``'s reservation (a room made) is 0 again, to plan without it; the listeners
+        the manager runs for that must not count it as memory freed (else a room that could
+        not be made would be tried again at once, for ever)."""
+        self._quiet = True
+        try:
+            self.memory.charge(("job", job.id), self._charged[job.id], 0)
+        finally:
+            self._quiet = False
 
     def _set_reason(self, job: Job, reason: str) -> None:
         """A queued job's reason (waiting for memory...); logged when its kind changes (not
@@ -165,7 +177,11 @@ class JobMemory:
 
     def _on_freed(self) -> None:
         """Memory was freed (a listener of the manager's): look again, on a later turn of the
-        loop, so that whoever freed it (a load waiting for the room) takes it first."""
+        loop, so that whoever freed it (a load waiting for the room) takes it first.  The
+        manager calls it after an uncharge and after a charge that leaves fewer bytes on a
+        device (measured below the estimate, swapped to the host tier)."""
+        if not self._quiet:
+            self._freed_clear = True
         if not self._freed_posted:
             self._freed_posted = True
             self.post(self._freed)
@@ -174,7 +190,9 @@ class JobMemory:
         self._freed_posted = False
         if self.stopping:
             return
-        self._no_room.clear()
+        if self._freed_clear:
+            self._freed_clear = False
+            self._no_room.clear()
         for job in sorted((j for j in self.jobs.values() if j.state is P and j.preempted
                            and j.id not in self._held and j.id in self.hooks),
                           key=lambda j: (-j.priority, j.id)):
@@ -207,6 +225,10 @@ class JobMemory:
             return
         if not job.preemptible and job.stop is None:
             self.post(done, False)
+            return
+        if job.stop is not None and job.state not in (Q, P):
+            # pausing or cancelling already (a user's pause stays a user's): wait for its end
+            self.waiters.setdefault(job.id, []).append(lambda j: done(True))
             return
         if job.state is R and job.stop is None:
             job.preempted = True

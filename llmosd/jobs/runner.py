@@ -311,6 +311,9 @@ class JobRunner(JobMemory):
             return
         if reply:
             self.waiters.setdefault(job.id, []).append(reply)
+        if what == "pause" and job.stop == "pause" and job.preempted:
+            self._owner_pause(job)                # a user's pause while it is preempted
+            return
         if job.stop == "cancel" or job.stop == what:
             return                                # asked already
         job.stop = what
@@ -319,6 +322,15 @@ class JobRunner(JobMemory):
             self._changed(job)
         self._log(job, f"{what} requested")
         self._signal(job, what)
+
+    def _owner_pause(self, job: Job) -> None:
+        """Its owner pauses ``job`` while a preemption pauses it: it stays paused when the
+        room comes back (no automatic resume), as if its owner had paused it first."""
+        job.preempted = False
+        self._preempt_reason.pop(job.id, None)
+        self._log(job, "paused by its owner while it was preempted: it resumes only when asked "
+                       "(llmctl resume)")
+        self._changed(job)
 
     def _signal(self, job: Job, what: str) -> None:
         """Ask the worker to stop; create, import, eval and merge have nothing to keep, so

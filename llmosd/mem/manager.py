@@ -5,7 +5,8 @@ torch (device sizes come in as numbers or a callable).
 The manager decides and keeps account; it moves nothing.  The instance manager and the job
 runner ``charge`` what they hold (an estimate while loading, the measured bytes after),
 ``uncharge`` it when freed (listeners registered with ``on_freed`` then run: paused jobs may
-resume), ask for a ``plan`` before a load or a job start and carry its actions out.
+resume; they run too when a charge leaves fewer bytes on a device: measured below the estimate,
+swapped to the host tier), ask for a ``plan`` before a load or a job start and carry its actions out.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ log = logging.getLogger("llmosd.mem")
 GiB = 1 << 30
 RECENT_EVICTIONS = 20
 
-__all__ = ["MemoryManager", "budgets_from_config", "default_budget"]
+__all__ = ["MemoryManager", "budgets_from_config", "default_budget", "device_name"]
 
 
 def default_budget(device: str, total: int, ram: int, cuda_present: bool) -> int:
@@ -44,19 +45,38 @@ def _device_of(section: str) -> str:
     return "cuda:" + section[4:] if section.startswith("cuda") else section
 
 
+def device_name(device: str) -> str:
+    """The ledger's name of ``device``: "cuda" without an index is "cuda:0" (as a job's and an
+    instance's), any other name is itself."""
+    return "cuda:0" if device == "cuda" else device
+
+
+def _cuda_sections(count: int, texts: dict) -> list[str]:
+    """cuda0..cuda{count-1} and every CUDA section configured (none without CUDA)."""
+    if count <= 0:
+        return []
+    found = {f"cuda{i}" for i in range(count)} | {s for s in texts if s.startswith("cuda")}
+    return sorted(found, key=lambda s: (len(s), s))
+
+
 def budgets_from_config(cfg, device_memory: Callable[[str], int], ram: int,
-                        cuda_present: bool) -> tuple[dict[str, int], int]:
+                        cuda_count: int | bool) -> tuple[dict[str, int], int]:
     """({device: budget bytes}, host budget bytes) from ``cfg.budgets`` (section -> text, see
-    ``config.parse_budget``).  Devices: "cpu" always, "cuda:0" when ``cuda_present``, and every
-    CUDA device configured (a CUDA section is ignored on a machine without CUDA: one config file
-    may serve both).  ``device_memory("cuda:N")`` gives a device's bytes (an exception: no such
-    device); the CPU's and the host tier's memory is ``ram``.  Percentages are of that memory.
+    ``config.parse_budget``).  ``cuda_count``: the CUDA devices this machine has
+    (``torch.cuda.device_count()``; a bool is read as 1 or 0).  Devices: "cpu" always, every
+    "cuda:N" below the count (each gets its default unless configured), and every CUDA device
+    configured (a CUDA section is ignored on a machine without CUDA: one config file may serve
+    both).  ``device_memory("cuda:N")`` gives a device's bytes (an exception: no such device);
+    the CPU's and the host tier's memory is ``ram``.  Percentages are of that memory.
     ConfigError naming the key and its source for a budget of 0 on a device, or one larger
-    than the memory behind it."""
+    than the memory behind it.  Without CUDA the host tier is the same RAM as the cpu budget:
+    cpu + host more than the RAM is refused, and a default cpu budget is lowered by the host
+    budget (together they keep the default's share for the system)."""
+    count = int(cuda_count)
+    cuda_present = count > 0
     texts = dict(getattr(cfg, "budgets", {}) or {})
     srcs = dict(getattr(cfg, "budget_sources", {}) or {})
-    sections = ["cpu"] + (sorted({"cuda0"} | {s for s in texts if s.startswith("cuda")})
-                          if cuda_present else [])
+    sections = ["cpu"] + _cuda_sections(count, texts)
     budgets, host = {}, 0
     for section in sections + ["host"]:
         device = _device_of(section)
@@ -94,7 +114,35 @@ def budgets_from_config(cfg, device_memory: Callable[[str], int], ram: int,
             host = n
         else:
             budgets[device] = n
+    if not cuda_present and host:
+        budgets["cpu"] = _cpu_with_host(budgets["cpu"], host, ram, texts, srcs)
     return budgets, host
+
+
+def _cpu_with_host(cpu: int, host: int, ram: int, texts: dict, srcs: dict) -> int:
+    """The cpu budget on a machine without CUDA, where the host tier is the same RAM: a
+    default one lowered by ``host``; ConfigError when cpu + host is more than the RAM (or a
+    default one would be left with nothing)."""
+    def where(section):
+        key = f"devices.{section}.budget"
+        return f"{key} ({srcs[section]})" if section in srcs else key
+    why = ("without CUDA the host tier (swapped instances) is the same RAM as the cpu budget")
+    if parse_budget(texts.get("cpu", "auto"))[0] == "auto":
+        if cpu - host <= 0:
+            raise ConfigError(f"{where('host')} = {size_text(host)} leaves nothing of the default "
+                              f"cpu budget ({size_text(cpu)} of {size_text(ram)} of RAM): {why}",
+                              hint=f"give host less than {size_text(cpu)}, or host=0 (eviction "
+                                   "then unloads; the default without CUDA)")
+        log.info("cpu budget lowered from %s to %s: the host tier's %s is the same RAM",
+                 size_text(cpu), size_text(cpu - host), size_text(host))
+        return cpu - host
+    if cpu + host > ram:
+        raise ConfigError(f"{where('cpu')} = {size_text(cpu)} plus {where('host')} = "
+                          f"{size_text(host)} is {size_text(cpu + host)}, more than this machine "
+                          f"has ({size_text(ram)} of RAM): {why}",
+                          hint=f"lower them so that together they fit in {size_text(ram)} (and "
+                               "leave the system some), or set host=0: eviction then unloads")
+    return cpu
 
 
 class MemoryManager:
@@ -102,7 +150,7 @@ class MemoryManager:
     tier, bytes).  One thread: the control loop."""
 
     def __init__(self, budgets: dict[str, int], host_budget: int, clock=time.time):
-        self.budgets = dict(budgets)
+        self.budgets = {device_name(d): int(n) for d, n in budgets.items()}
         self._host_budget = int(host_budget)
         self.clock = clock
         self.estimator = Estimator()
@@ -113,16 +161,29 @@ class MemoryManager:
     # -- the ledger -----------------------------------------------------------------------
     def charge(self, key: tuple[str, int], device: str, nbytes: int, tier: str = "device") -> None:
         """``key`` holds ``nbytes`` on ``device``'s ``tier`` ("device" or "host"), replacing
-        what it held before (an estimate becomes the measured bytes; a swap moves it)."""
+        what it held before (an estimate becomes the measured bytes; a swap moves it).  When
+        that leaves fewer device-tier bytes on the device it held before (measured below the
+        estimate, swapped to the host tier, moved), the ``on_freed`` listeners run, as after
+        an ``uncharge``."""
         if tier not in ("device", "host"):
             raise ValueError(f"tier must be device or host, got {tier!r}")
-        self._ledger[tuple(key)] = (device, tier, max(0, int(nbytes)))
+        key, device, nbytes = tuple(key), device_name(device), max(0, int(nbytes))
+        old = self._ledger.get(key)
+        self._ledger[key] = (device, tier, nbytes)
+        if old is not None and old[1] == "device":
+            now = nbytes if (tier, device) == ("device", old[0]) else 0
+            if now < old[2]:
+                self._freed()
 
     def uncharge(self, key) -> None:
         """``key`` holds nothing any more; then every ``on_freed`` listener runs (a failing
         one is logged, the others still run)."""
         if self._ledger.pop(tuple(key), None) is None:
             return
+        self._freed()
+
+    def _freed(self) -> None:
+        """Run every ``on_freed`` listener (a failing one is logged, the others still run)."""
         for fn in list(self._listeners):
             try:
                 fn()
@@ -135,6 +196,7 @@ class MemoryManager:
 
     def used(self, device: str, tier: str = "device") -> int:
         """Bytes charged on ``device``'s ``tier``."""
+        device = device_name(device)
         return sum(n for d, t, n in self._ledger.values() if d == device and t == tier)
 
     def host_used(self) -> int:
@@ -142,8 +204,9 @@ class MemoryManager:
         return sum(n for _, t, n in self._ledger.values() if t == "host")
 
     def budget(self, device: str) -> int:
-        """``device``'s budget in bytes (0 for a device without one: every need is refused)."""
-        return self.budgets.get(device, 0)
+        """``device``'s budget in bytes (0 for a device without one: every need is refused);
+        "cuda" is "cuda:0"."""
+        return self.budgets.get(device_name(device), 0)
 
     @property
     def host_budget(self) -> int:
@@ -173,7 +236,8 @@ class MemoryManager:
 
     def plan(self, need: int, device: str, priority: int, holders: list[Holder],
              for_what: str) -> Plan:
-        """``policy.plan_admission`` on the ledger (see ``holders``)."""
+        """``policy.plan_admission`` on the ledger (see ``holders``); "cuda" is "cuda:0"."""
+        device = device_name(device)
         return policy.plan_admission(need, device, priority, self.holders(holders),
                                      self.budget(device), self._host_budget, self.host_used(),
                                      for_what=for_what)

@@ -100,8 +100,8 @@ def _holder_text(h: Holder) -> str:
 
 
 def _section(device: str) -> str:
-    """The config section (and --budget name) of a device: cuda:0 -> cuda0."""
-    return device.replace(":", "")
+    """The config section (and --budget name) of a device: cuda:0 -> cuda0 ("cuda" -> cuda0)."""
+    return "cuda0" if device == "cuda" else device.replace(":", "")
 
 
 def _candidates(resident: list[Holder], priority: int) -> list[Holder]:

@@ -184,3 +184,58 @@ def test_i12_5_preempted_job_is_queued_again_after_a_restart():
     assert after_restart(j) and j.state is Q and not j.preempted and j.reason == ""
     user = Job(4, "train", "m:latest", 1000, state=P, preemptible=True)
     assert not after_restart(user) and user.state is P
+
+
+def test_i12_review_2_a_users_pause_during_a_preemption_holds(mem_env):
+    loop, records, make, memory = mem_env
+    runner = make()
+    job = submit(runner, n=10_000, sleep=0.01, mem_estimate=600, preemptible=True)
+    loop.until(lambda: job.metrics.get("step", 0) >= 3)
+    got, replies = [], []
+    runner.preempt(job.id, "preempted: room for smol:latest", got.append)
+    assert job.state is PG and job.preempted
+    runner.preempt(job.id, "preempted: room for other:latest", got.append)   # a second load: still a preemption
+    assert job.preempted
+    runner.stop(job, "pause", replies.append)         # its owner pauses it meanwhile
+    assert not job.preempted
+    loop.until(lambda: len(got) == 2 and replies)
+    assert got == [True, True] and job.state is P and job.reason == ""
+    memory.charge(("instance", 1), "cpu", 10)
+    memory.uncharge(("instance", 1))                  # room comes back: a user's pause holds
+    drain(loop)
+    assert job.state is P and not records.load()[0].preempted
+    runner.stop(job, "cancel")
+
+
+def test_i12_review_3_preempted_job_resumes_when_a_charge_shrinks(mem_env):
+    loop, _, make, memory = mem_env
+    runner = make()
+    job = submit(runner, n=200, sleep=0.01, mem_estimate=600, preemptible=True)
+    loop.until(lambda: job.metrics.get("step", 0) >= 3)
+    got = []
+
+    def on_done(ok):                                  # the load charges its estimate
+        got.append(ok)
+        memory.charge(("instance", 9), "cpu", 700)
+    runner.preempt(job.id, "preempted: room for smol:latest", on_done)
+    loop.until(lambda: got)
+    drain(loop)
+    assert job.state is P and job.preempted
+    memory.charge(("instance", 9), "cpu", 300)        # measured far below its estimate: room
+    loop.until(lambda: job.state is S)
+    assert memory.used("cpu") == 300
+
+
+def test_i12_review_3_a_room_that_cannot_be_made_is_not_retried_in_a_loop(mem_env):
+    loop, _, make, memory = mem_env
+    runner = make()
+    tries = []
+    runner.use_instances(lambda: [Holder("instance", 5, "i:latest", "cpu", "device", 0)],
+                         lambda actions, go: tries.append(actions))
+    memory.charge(("instance", 5), "cpu", 700)
+    job = submit(runner, mem_estimate=600)
+    loop.until(lambda: tries)
+    runner._room_made(job, False)                     # the instance side could not make it
+    drain(loop, 0.3)
+    assert len(tries) == 1 and job.state is Q          # zeroing its own reservation frees nothing
+    runner.stop(job, "cancel")

@@ -153,6 +153,8 @@ def test_i12_manager_ledger_and_plans():
     p = mm.plan(300, "cpu", 0, hs, "loading x:latest")
     assert p.ok and victims(p) == [("swap", "instance", 2)] and p.free == 100
     mm.charge(("instance", 2), "cpu", 300, tier="host")    # carried out: swapped
+    assert freed == [1]                                    # room on the device: listeners run
+    freed.clear()
     assert mm.used("cpu") == 600 and mm.used("cpu", "host") == 300 and mm.host_used() == 300
     p = mm.plan(800, "cpu", 0, hs, "loading y:latest")
     assert p.ok and victims(p) == [("unload", "instance", 1)]     # host tier full now
