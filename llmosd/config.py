@@ -7,8 +7,12 @@ Memory budgets (issue 12) are per device: ``[devices.cpu] budget = "8GiB"``, ``[
 budget = "90%"``, ``[devices.host] budget = "4GiB"`` (the host tier, where swapped instances
 wait), ``LLMOSD_BUDGET="cpu=8GiB,host=2GiB"`` and ``llmosd --budget DEVICE=SIZE`` (repeatable),
 each overriding the one before per device.  A budget is a size, a percentage of the device's
-memory, or ``auto``; here it is only checked and kept as text (``Config.budgets``): turning it
-into bytes needs the device's memory, which ``mem.manager.budgets_from_config`` knows.
+memory, or ``auto``; it is kept as text (``Config.budgets``): turning it into bytes needs the
+device's memory, which ``mem.budgets.budgets_from_config`` knows at start.  ``load`` of the
+process's own settings (the daemon, ``--print-config``) also checks the budgets against this
+machine without torch (``mem.budgets.check_budgets``), so that ``--print-config`` refuses what
+the daemon would refuse, with the same ConfigError (exit 78); ``render`` shows the bytes an
+``auto`` or percentage budget comes to.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from dataclasses import dataclass, field, fields
 from llmctl import paths
 from llmctl.errors import ConfigError
 from llmctl.protocol import DEFAULT_MAX_MESSAGE
+from llmosd.mem import budgets
+from llmosd.mem.budgets import parse_budget, parse_size
+from llmosd.mem.policy import size_text
 
 
 @dataclass
@@ -105,11 +112,6 @@ def _coerce(key: str, value, source: str):
         raise ConfigError(f"{source}: '{key}' must be {typ}, got {value!r}") from None
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
-          "gib": 1 << 30, "tib": 1 << 40}
-
-
 def parse_mode(value) -> int:
     """A file mode is octal however it is written: '660', '0660', '0o660', TOML 0o660 (and a
     TOML integer 660, whose digits are read as octal).  ValueError past 0o777."""
@@ -120,15 +122,6 @@ def parse_mode(value) -> int:
     if not 0 <= mode <= 0o777:
         raise ValueError(value)
     return mode
-
-
-def parse_size(text: str) -> int:
-    """'8GiB', '512 MB', '1048576' -> bytes.  ValueError on anything else."""
-    import re
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(text)
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -171,30 +164,6 @@ def budget_section(name: str) -> str:
     raise ValueError(name)
 
 
-def parse_budget(value) -> tuple[str, float]:
-    """A budget: ('auto', 0) for 'auto'; ('percent', p) for '90%' (0 < p <= 100);
-    ('bytes', n) for a size ('8GiB', '512MB', a TOML integer).  ValueError otherwise.  0 is
-    valid here (host = 0 turns swapping off); a device's budget of 0 is refused where budgets
-    become bytes (``mem.manager.budgets_from_config``)."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, int):
-        n = value
-    else:
-        text = str(value).strip()
-        if text.lower() == "auto":
-            return ("auto", 0)
-        if text.endswith("%"):
-            p = float(text[:-1])
-            if not 0 < p <= 100:
-                raise ValueError(value)
-            return ("percent", p)
-        n = parse_size(text)
-    if n < 0:
-        raise ValueError(value)
-    return ("bytes", n)
-
-
 def _budget_pairs(text: str, source: str) -> list[tuple[str, str]]:
     """'cpu=8GiB,host=2GiB' -> [('cpu', '8GiB'), ('host', '2GiB')] (ConfigError naming ``source``)."""
     out = []
@@ -227,9 +196,37 @@ def default_config_file(user: bool) -> str:
     return paths.SYSTEM_CONFIG if os.getuid() == 0 and not user else paths.user_config()
 
 
+def machine() -> tuple[int, int | None]:
+    """(RAM bytes, CUDA devices) of this machine, without torch: the CUDA count is 0 when no
+    GPU driver is there (no NVIDIA, ROCm or WSL GPU device node), else None: unknown (only
+    torch can tell).  RAM as ``mem.devices.device_memory`` reads it (4 GiB when unknown)."""
+    import glob
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        ram = 4 << 30
+    gpu = (os.path.exists("/proc/driver/nvidia") or glob.glob("/dev/nvidia[0-9]*")
+           or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg"))
+    return ram, (None if gpu else 0)
+
+
+def check_budgets(cfg: Config, hardware: tuple[int, int | None] | None = None) -> dict:
+    """{section: bytes or None} of ``cfg``'s budgets on ``hardware`` ((RAM, CUDA count or
+    None), default this ``machine()``); ConfigError (exit 78) as the daemon would refuse them
+    at start (see ``mem.budgets.check_budgets``)."""
+    ram, cuda = hardware if hardware is not None else machine()
+    return budgets.check_budgets(cfg, ram, cuda)
+
+
 def load(config_file: str | None = None, flags: dict | None = None,
-         environ: dict | None = None) -> tuple[Config, dict]:
-    """Build the effective Config.  Returns (config, {key: source})."""
+         environ: dict | None = None, *, hardware=None) -> tuple[Config, dict]:
+    """Build the effective Config.  Returns (config, {key: source}).  The budgets are checked
+    against ``hardware`` ((RAM bytes, CUDA count or None): see ``check_budgets``); by default
+    against this ``machine()`` when ``environ`` is None (the process's own settings: the daemon,
+    ``--print-config``), and only for their form when an ``environ`` is given (settings read
+    for another machine, or a test's)."""
+    if hardware is None and environ is None:
+        hardware = machine()
     environ = os.environ if environ is None else environ
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     values: dict = {}
@@ -298,11 +295,15 @@ def load(config_file: str | None = None, flags: dict | None = None,
     if not 0 <= resolved.job_stop_timeout_s <= 86400:
         raise ConfigError(f"job_stop_timeout_s must be between 0 and 86400 seconds, "
                           f"got {resolved.job_stop_timeout_s:g}")
+    if hardware is not None:
+        check_budgets(resolved, hardware)
     return resolved, sources
 
 
-def render(cfg: Config, sources: dict) -> str:
-    """TOML text of the effective config, each line commented with its source."""
+def render(cfg: Config, sources: dict, hardware=None) -> str:
+    """TOML text of the effective config, each line commented with its source; an ``auto`` or
+    percentage budget also with the bytes it comes to on ``hardware`` (default this
+    ``machine()``; see ``check_budgets``): ``budget = "50%"  # = 12.6 GB; flag --budget``."""
     out = ["[llmosd]"]
     for k, f in _KEYS.items():
         v = getattr(cfg, k)
@@ -316,11 +317,36 @@ def render(cfg: Config, sources: dict) -> str:
     defaults = {"cpu": "auto: RAM minus max(2 GiB, 25% of RAM)", "cuda0": "auto: 90% of the device",
                 "host": "auto: 0 without CUDA, else min(RAM/4, 32 GiB)"}
     if "host" in cfg.budgets and parse_budget(cfg.budgets["host"]) != ("bytes", 0):
-        # without CUDA the host tier is the same RAM (mem.manager.budgets_from_config)
+        # without CUDA the host tier is the same RAM (mem.budgets.budgets_from_config)
         defaults["cpu"] += "; without CUDA lowered by the host budget, the same RAM"
+    resolved, refused, cuda = _resolved_budgets(cfg, hardware)
     for section in sorted(set(defaults) | set(cfg.budgets), key=lambda d: (d != "cpu", d)):
         v = cfg.budgets.get(section, "auto")
         s = str(v) if isinstance(v, int) else '"' + str(v).replace('"', '') + '"'
         src = cfg.budget_sources.get(section) or f"default ({defaults.get(section, 'auto')})"
+        n = resolved.get(section)
+        if n is not None and _budget_kind(v) != "bytes":
+            src = f"= {size_text(n)}; {src}"
+        if section in cfg.budgets and section.startswith("cuda") and cuda == 0:
+            src += "; ignored here: no CUDA device"
         out += ["", f"[devices.{section}]", f"budget = {s}  # {src}"]
+    if refused:
+        out += ["", f"# refused at start: {refused}"]
     return "\n".join(out) + "\n"
+
+
+def _resolved_budgets(cfg: Config, hardware) -> tuple[dict, str, int | None]:
+    """(check_budgets' bytes or {}, the refusal's text or '', the CUDA count) for ``render``,
+    which prints whatever it is given."""
+    hardware = hardware if hardware is not None else machine()
+    try:
+        return check_budgets(cfg, hardware), "", hardware[1]
+    except ConfigError as e:
+        return {}, " ".join(str(e).split()), hardware[1]
+
+
+def _budget_kind(value) -> str:
+    try:
+        return parse_budget(value)[0]
+    except ValueError:
+        return ""

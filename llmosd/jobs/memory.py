@@ -23,7 +23,7 @@ from typing import Callable
 
 from llmctl.errors import InvalidArgument
 from llmosd.jobs.queue import ACTIVE, TRAINERS, Job, JobState, estimator_key, mem_device
-from llmosd.mem.policy import Holder, size_text
+from llmosd.mem.policy import Holder, never_fits, size_text
 
 P, Q, R = JobState.PAUSED, JobState.QUEUED, JobState.RUNNING
 
@@ -54,14 +54,14 @@ class JobMemory:
         return self.memory.estimator.correct(estimator_key(job), job.mem_estimate)
 
     def _check_budget(self, job: Job) -> None:
+        """InvalidArgument (it can never fit: not "try again") when ``job`` needs more than its
+        device's whole budget; the hint names the fix its own command offers (``job_fix``)."""
         need = self._need(job)
         device = mem_device(job.device)
         if need is not None and need > self.memory.budget(device):
-            raise InvalidArgument(
-                f"{job.kind} of {job.model} needs about {size_text(need)} on {device}, more than "
-                f"the whole budget of {device} ({size_text(self.memory.budget(device))})",
-                hint="lower batch_size or block_size (or use --method lora), or raise the budget "
-                     f"(llmosd --budget {device.replace(':', '')}=SIZE)")
+            msg, hint = never_fits(need, device, self.memory.budget(device),
+                                   f"{job.kind} of {job.model}", job_fix(job), about=True)
+            raise InvalidArgument(msg, hint=hint)
 
     def holders(self, device: str | None = None, *, evictable: bool = True) -> list:
         """The jobs holding memory (on ``device``, or all) as ``mem.policy.Holder`` rows: a
@@ -91,7 +91,8 @@ class JobMemory:
         others = list(self.other_holders()) if self.other_holders else []
         return self.memory.plan(need, mem_device(job.device), job.priority,
                                 others + self.holders(evictable=False),
-                                for_what=f"job {job.id} ({job.kind} of {job.model})")
+                                for_what=f"job {job.id} ({job.kind} of {job.model})",
+                                how=job.kind, fix=job_fix(job))
 
     def _admit(self, job: Job) -> bool:
         """Whether ``job`` (given a slot by ``next_to_start``) may start now: its reservation
@@ -235,6 +236,20 @@ class JobMemory:
             self._preempt_reason[job.id] = reason if reason.startswith("preempted") else f"preempted: {reason}"
             self._log(job, f"{self._preempt_reason[job.id]}: pausing it (checkpoint)")
         self.stop(job, "pause", lambda j: done(True))
+
+
+def job_fix(job: Job) -> str:
+    """How a train or finetune job could need less memory, in its own command's flags (train
+    has no --method; a fine-tune that is already LoRA gains nothing from it)."""
+    smaller = "a smaller --batch-size or --block-size"
+    if job.kind == "finetune":
+        method = job.spec.get("method") if isinstance(job.spec, dict) else None
+        if method == "full":                   # the daemon's default is lora already
+            return f"fine-tune with --method lora (only the adapter is trained), or {smaller}"
+        return smaller
+    if job.kind == "train":
+        return f"train with {smaller}, or a smaller model (--layers, --dim)"
+    return "need less memory"
 
 
 def waiting_reason(need: int, device: str, plan) -> str:

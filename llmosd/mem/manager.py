@@ -15,134 +15,22 @@ import time
 from collections import deque
 from typing import Callable
 
-from llmctl.errors import ConfigError
-from llmosd.config import parse_budget
 from llmosd.mem import policy
+from llmosd.mem.budgets import budgets_from_config, check_budgets, default_budget
 from llmosd.mem.estimate import Estimator
-from llmosd.mem.policy import Holder, Plan, size_text
+from llmosd.mem.policy import Holder, Plan
 
 log = logging.getLogger("llmosd.mem")
 
-GiB = 1 << 30
 RECENT_EVICTIONS = 20
 
-__all__ = ["MemoryManager", "budgets_from_config", "default_budget", "device_name"]
-
-
-def default_budget(device: str, total: int, ram: int, cuda_present: bool) -> int:
-    """The budget of ``device`` when the config says nothing (or ``auto``): the CPU: RAM minus
-    max(2 GiB, 25% of RAM) (a machine under ~2.7 GiB: a quarter of it); a CUDA device: 90% of
-    it; the host tier: 0 on a CPU-only machine (no swapping), else min(RAM/4, 32 GiB)."""
-    if device == "cpu":
-        return max(ram - max(2 * GiB, ram // 4), ram // 4)
-    if device == "host":
-        return min(ram // 4, 32 * GiB) if cuda_present else 0
-    return int(total * 0.9)
-
-
-def _device_of(section: str) -> str:
-    """Config section -> device name: cuda0 -> cuda:0."""
-    return "cuda:" + section[4:] if section.startswith("cuda") else section
+__all__ = ["MemoryManager", "budgets_from_config", "check_budgets", "default_budget", "device_name"]
 
 
 def device_name(device: str) -> str:
     """The ledger's name of ``device``: "cuda" without an index is "cuda:0" (as a job's and an
     instance's), any other name is itself."""
     return "cuda:0" if device == "cuda" else device
-
-
-def _cuda_sections(count: int, texts: dict) -> list[str]:
-    """cuda0..cuda{count-1} and every CUDA section configured (none without CUDA)."""
-    if count <= 0:
-        return []
-    found = {f"cuda{i}" for i in range(count)} | {s for s in texts if s.startswith("cuda")}
-    return sorted(found, key=lambda s: (len(s), s))
-
-
-def budgets_from_config(cfg, device_memory: Callable[[str], int], ram: int,
-                        cuda_count: int | bool) -> tuple[dict[str, int], int]:
-    """({device: budget bytes}, host budget bytes) from ``cfg.budgets`` (section -> text, see
-    ``config.parse_budget``).  ``cuda_count``: the CUDA devices this machine has
-    (``torch.cuda.device_count()``; a bool is read as 1 or 0).  Devices: "cpu" always, every
-    "cuda:N" below the count (each gets its default unless configured), and every CUDA device
-    configured (a CUDA section is ignored on a machine without CUDA: one config file may serve
-    both).  ``device_memory("cuda:N")`` gives a device's bytes (an exception: no such device);
-    the CPU's and the host tier's memory is ``ram``.  Percentages are of that memory.
-    ConfigError naming the key and its source for a budget of 0 on a device, or one larger
-    than the memory behind it.  Without CUDA the host tier is the same RAM as the cpu budget:
-    cpu + host more than the RAM is refused, and a default cpu budget is lowered by the host
-    budget (together they keep the default's share for the system)."""
-    count = int(cuda_count)
-    cuda_present = count > 0
-    texts = dict(getattr(cfg, "budgets", {}) or {})
-    srcs = dict(getattr(cfg, "budget_sources", {}) or {})
-    sections = ["cpu"] + _cuda_sections(count, texts)
-    budgets, host = {}, 0
-    for section in sections + ["host"]:
-        device = _device_of(section)
-        key = f"devices.{section}.budget"
-        where = f"{key} ({srcs[section]})" if section in srcs else key
-        if device.startswith("cuda"):
-            try:
-                total = int(device_memory(device))
-            except Exception as e:   # torch raises AssertionError/RuntimeError for a bad index
-                raise ConfigError(f"{where}: there is no device {device} ({e})",
-                                  hint="budget only the CUDA devices this machine has") from None
-            what = f"{device} has {size_text(total)}"
-        else:
-            total = ram
-            what = f"this machine has {size_text(total)} of RAM"
-        text = texts.get(section, "auto")
-        try:
-            kind, value = parse_budget(text)
-        except ValueError:
-            raise ConfigError(f"{where} must be a size (8GiB), a percentage (90%) or auto, "
-                              f"got {text!r}") from None
-        if kind == "auto":
-            n = default_budget(device, total, ram, cuda_present)
-        elif kind == "percent":
-            n = int(total * value / 100)
-        else:
-            n = int(value)
-        if section != "host" and n <= 0:
-            raise ConfigError(f"{where} = {text!r} is 0 bytes: every load would be refused",
-                              hint="give a size or a percentage, or leave it out for the default")
-        if n > total:
-            raise ConfigError(f"{where} = {text!r} ({size_text(n)}) is more than {what}",
-                              hint=f"give at most {size_text(total)}, or a percentage")
-        if section == "host":
-            host = n
-        else:
-            budgets[device] = n
-    if not cuda_present and host:
-        budgets["cpu"] = _cpu_with_host(budgets["cpu"], host, ram, texts, srcs)
-    return budgets, host
-
-
-def _cpu_with_host(cpu: int, host: int, ram: int, texts: dict, srcs: dict) -> int:
-    """The cpu budget on a machine without CUDA, where the host tier is the same RAM: a
-    default one lowered by ``host``; ConfigError when cpu + host is more than the RAM (or a
-    default one would be left with nothing)."""
-    def where(section):
-        key = f"devices.{section}.budget"
-        return f"{key} ({srcs[section]})" if section in srcs else key
-    why = ("without CUDA the host tier (swapped instances) is the same RAM as the cpu budget")
-    if parse_budget(texts.get("cpu", "auto"))[0] == "auto":
-        if cpu - host <= 0:
-            raise ConfigError(f"{where('host')} = {size_text(host)} leaves nothing of the default "
-                              f"cpu budget ({size_text(cpu)} of {size_text(ram)} of RAM): {why}",
-                              hint=f"give host less than {size_text(cpu)}, or host=0 (eviction "
-                                   "then unloads; the default without CUDA)")
-        log.info("cpu budget lowered from %s to %s: the host tier's %s is the same RAM",
-                 size_text(cpu), size_text(cpu - host), size_text(host))
-        return cpu - host
-    if cpu + host > ram:
-        raise ConfigError(f"{where('cpu')} = {size_text(cpu)} plus {where('host')} = "
-                          f"{size_text(host)} is {size_text(cpu + host)}, more than this machine "
-                          f"has ({size_text(ram)} of RAM): {why}",
-                          hint=f"lower them so that together they fit in {size_text(ram)} (and "
-                               "leave the system some), or set host=0: eviction then unloads")
-    return cpu
 
 
 class MemoryManager:
@@ -235,12 +123,13 @@ class MemoryManager:
         return out
 
     def plan(self, need: int, device: str, priority: int, holders: list[Holder],
-             for_what: str) -> Plan:
-        """``policy.plan_admission`` on the ledger (see ``holders``); "cuda" is "cuda:0"."""
+             for_what: str, **how) -> Plan:
+        """``policy.plan_admission`` on the ledger (see ``holders``); "cuda" is "cuda:0".
+        ``how``: its ``how`` and ``fix`` keywords (the refusal's hints), when given."""
         device = device_name(device)
         return policy.plan_admission(need, device, priority, self.holders(holders),
                                      self.budget(device), self._host_budget, self.host_used(),
-                                     for_what=for_what)
+                                     for_what=for_what, **how)
 
     def expired(self, instances: list[Holder], keep_alive: dict[int, float]) -> list[int]:
         """``policy.expired`` at the manager's clock.  (An addition to the design.)"""

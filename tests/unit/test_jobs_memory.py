@@ -74,7 +74,7 @@ def test_i12_5_job_bigger_than_the_budget_is_refused_at_submit(mem_env):
     runner = make()
     with pytest.raises(InvalidArgument) as e:
         submit(runner, mem_estimate=5000)
-    assert "4.9 KiB on cpu, more than the whole budget of cpu (1000 B)" in e.value.message
+    assert "about 5.0 KB on cpu, more than the whole budget of cpu (1.0 KB)" in e.value.message
     assert "--budget cpu=" in e.value.hint and runner.jobs == {}
 
 
@@ -83,7 +83,7 @@ def test_i12_5_job_that_does_not_fit_waits_with_its_reason(mem_env):
     runner = make()
     memory.charge(("instance", 1), "cpu", 700)        # nobody may evict it (no holder row)
     job = submit(runner, n=3, mem_estimate=600)
-    assert job.state is Q and job.reason == "waiting for memory: needs 600 B on cpu, 300 B free of 1000 B"
+    assert job.state is Q and job.reason == "waiting for memory: needs 600 B on cpu, 300 B free of 1.0 KB"
     assert job.row()["reason"].startswith("waiting for memory")
     memory.uncharge(("instance", 1))                  # the room comes back: it starts
     loop.until(lambda: job.state is S)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmctl.errors import ConfigError, OutOfMemory
+from llmctl.errors import ConfigError, InvalidArgument, OutOfMemory
 from llmosd import config
 from llmosd.mem.manager import MemoryManager, budgets_from_config
 from llmosd.mem.policy import Holder, expired, plan_admission, size_text, usage
@@ -89,15 +89,17 @@ def test_i12_1_swap_when_the_host_tier_has_room_else_unload():
     assert plan(200, hs).ok and plan(200, hs).actions == ()
 
 
-def test_i12_1_every_resident_pinned_is_refused_naming_bytes_and_holders():
+def test_i12_1_every_resident_pinned_is_refused_naming_bytes_and_holders(monkeypatch):
+    from llmosd.mem import policy
+    monkeypatch.setattr(policy, "_user_name", {1000: "alice"}.get)
     hs = [inst(3, 2100 * MiB, pinned=True, uid=1000, name="smol:latest"),
           job(7, 1400 * MiB, uid=1001), inst(4, 5 * GiB, device="cuda:0")]
     p = plan_admission(1200 * MiB, "cpu", 0, hs, 4 * GiB, 0, 0, for_what="loading big:latest")
     assert not p.ok and p.actions == ()
     m = p.message
-    assert m.startswith("loading big:latest needs 1.2 GiB on cpu, 596.0 MiB free of 4.0 GiB; held by: ")
-    assert "instance 3 smol:latest 2.1 GiB (uid 1000, pinned)" in m
-    assert "job 7 j7:latest 1.4 GiB (uid 1001)" in m
+    assert m.startswith("loading big:latest needs 1.3 GB on cpu, 625.0 MB free of 4.3 GB; held by: ")
+    assert "instance 3 smol:latest 2.2 GB (alice, uid 1000, pinned)" in m
+    assert "job 7 j7:latest 1.5 GB (uid 1001, a job, not preemptible)" in m
     assert "instance 4" not in m                           # another device's
     assert "unpin" in p.hint and "unload" in p.hint and "llmosd --budget cpu=SIZE" in p.hint
     e = p.error()
@@ -108,8 +110,9 @@ def test_i12_1_more_than_the_whole_budget_is_refused_at_once():
     hs = [inst(1, 400, last_used=1)]                       # evictable, yet no use
     p = plan(1001, hs)
     assert not p.ok and p.actions == ()
-    assert "more than the whole budget of cpu (1000 B)" in p.message
-    assert "--budget cpu=SIZE" in p.hint
+    assert "more than the whole budget of cpu (1000 B): it can never fit" in p.message
+    assert "--budget cpu=SIZE" in p.hint and "dtype" in p.hint
+    assert p.never and isinstance(p.error(), InvalidArgument)
 
 
 def test_i12_1_ties_are_deterministic():
@@ -136,7 +139,9 @@ def test_i12_usage_row():
 
 
 def test_size_text():
-    assert [size_text(n) for n in (0, 1023, 1024, 1536 * MiB)] == ["0 B", "1023 B", "1.0 KiB", "1.5 GiB"]
+    # as llmctl's tables write sizes (llmctl.format.size): decimal units
+    assert [size_text(n) for n in (0, 999, 1000, 1536 * MiB, 16 * 10**6)] == \
+        ["0 B", "999 B", "1.0 KB", "1.6 GB", "16.0 MB"]
 
 
 # -- the manager: ledger, plans on it, listeners, evictions ------------------------------------
@@ -219,11 +224,11 @@ def test_i12_budgets_sizes_and_percentages():
 
 @pytest.mark.parametrize("env,needle", [
     ("cpu=0", r"devices.cpu.budget \(env LLMOSD_BUDGET\) = '0' is 0 bytes"),
-    ("cpu=32GiB", r"devices.cpu.budget \(env LLMOSD_BUDGET\) = '32GiB' \(32.0 GiB\) is more than this "
-                  r"machine has 16.0 GiB of RAM"),
-    ("cuda0=100GiB", r"devices.cuda0.budget .* is more than cuda:0 has 80.0 GiB"),
+    ("cpu=32GiB", r"devices.cpu.budget \(env LLMOSD_BUDGET\) = '32GiB' \(34.4 GB\) is more than this "
+                  r"machine has 17.2 GB of RAM"),
+    ("cuda0=100GiB", r"devices.cuda0.budget .* is more than cuda:0 has 85.9 GB"),
     ("cuda1=1GiB", r"devices.cuda1.budget .*no device cuda:1"),
-    ("host=17GiB", r"devices.host.budget .* is more than this machine has 16.0 GiB"),
+    ("host=17GiB", r"devices.host.budget .* is more than this machine has 17.2 GB"),
 ])
 def test_i12_bad_budgets_are_refused_with_the_numbers(env, needle):
     with pytest.raises(ConfigError, match=needle):

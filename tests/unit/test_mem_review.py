@@ -71,7 +71,7 @@ def test_i12_review_1_cuda_without_index_is_cuda0_everywhere():
     mm.charge(("job", 2), "cuda:0", GiB)
     assert mm.used("cuda:0") == mm.used("cuda") == 2 * GiB
     p = mm.plan(7 * GiB, "cuda", 0, [], for_what="loading big:latest")
-    assert not p.ok and "cuda:0" in p.message and "6.0 GiB free" in p.message
+    assert not p.ok and "cuda:0" in p.message and "6.4 GB free" in p.message
     # the refusal's hint names a key --budget takes, and `--budget cuda=SIZE` is cuda:0's
     p = mm.plan(9 * GiB, "cuda", 0, [], for_what="loading huge:latest")
     hint = p.error().hint
@@ -104,12 +104,12 @@ def test_i12_review_4_cpu_and_host_must_fit_in_ram_without_cuda():
     # a default cpu budget is lowered by the host budget: together they keep the system's share
     assert budgets_from_config(cfg_with(LLMOSD_BUDGET="host=4GiB"), two_gpus, ram, 0) == \
         ({"cpu": 8 * GiB}, 4 * GiB)
-    with pytest.raises(ConfigError, match=r"devices.cpu.budget \(env LLMOSD_BUDGET\) = 14.0 GiB "
-                                          r"plus devices.host.budget .* = 4.0 GiB is 18.0 GiB, more "
-                                          r"than this machine has \(16.0 GiB of RAM\)") as e:
+    with pytest.raises(ConfigError, match=r"devices.cpu.budget \(env LLMOSD_BUDGET\) = 15.0 GB "
+                                          r"plus devices.host.budget .* = 4.3 GB is 19.3 GB, more "
+                                          r"than this machine has \(17.2 GB of RAM\)") as e:
         budgets_from_config(cfg_with(LLMOSD_BUDGET="cpu=14GiB,host=4GiB"), two_gpus, ram, 0)
     assert "host=0" in e.value.hint
-    with pytest.raises(ConfigError, match=r"devices.host.budget \(flag --budget\) = 12.0 GiB leaves "
+    with pytest.raises(ConfigError, match=r"devices.host.budget \(flag --budget\) = 12.9 GB leaves "
                                           r"nothing of the default cpu budget"):
         budgets_from_config(cfg_with({"budget": ["host=12GiB"]}), two_gpus, ram, 0)
     # with CUDA the host tier is the pinned RAM beside the devices' memory: no such rule
