@@ -5,7 +5,8 @@ An instance is one copy of a model's weights on a device, with an id like a PID.
     loading --> ready <--> busy          (busy while it has active requests)
      |   ^        |
      |   |        v
-     |   '---- swapped                 (swapped to the host tier; a swap-in loads it back)
+     |   '---> swapped                 (swapped to the host tier; a swap-in loads it back,
+     |                                  or, out of memory, leaves it there)
      v            |
    failed ----> unloading --> (removed from the table)
                  (ready, busy, loading and swapped go to unloading too)
@@ -45,7 +46,7 @@ class State(str, enum.Enum):
 
 
 LEGAL = {
-    State.LOADING: {State.READY, State.FAILED, State.UNLOADING},
+    State.LOADING: {State.READY, State.FAILED, State.UNLOADING, State.SWAPPED},   # a swap-in undone
     State.READY: {State.BUSY, State.UNLOADING, State.SWAPPED},
     State.SWAPPED: {State.LOADING, State.UNLOADING},
     State.BUSY: {State.READY, State.UNLOADING},

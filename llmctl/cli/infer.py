@@ -111,11 +111,18 @@ def stats_line(s: dict) -> str:
         parts.append(f"{s['tokens_per_s']:.1f} tokens/s")
     if s.get("dropped_messages"):
         parts.append(f"{s['dropped_messages']} oldest message(s) left out to fit the context")
-    if s.get("loaded"):
-        parts.append(f"loaded in {s['load_ms'] / 1000:.2f}s")
     if s.get("swap_in_ms") is not None:          # 1.7: it was swapped out to host RAM
         parts.append(f"swapped back in {s['swap_in_ms'] / 1000:.2f}s")
+    elif s.get("loaded"):
+        parts.append(f"loaded in {s['load_ms'] / 1000:.2f}s")
     return ", ".join(parts)
+
+
+def waiting_text(chunk: dict) -> str:
+    """What the status line says while a request waits: a load, or (1.7 ``wait``) a swap-in."""
+    if chunk.get("wait") == "swap_in":
+        return f"swapping {chunk['loading']} back in..."
+    return f"loading {chunk['loading']}..."
 
 
 def stream_out(gen, as_json: bool, verbose: bool, newline: bool = False) -> dict:
@@ -130,7 +137,7 @@ def stream_out(gen, as_json: bool, verbose: bool, newline: bool = False) -> dict
         for text in gen:
             chunk = gen.chunks[-1] if gen.chunks else {}
             if chunk.get("loading"):
-                note.update(f"loading {chunk['loading']}...")
+                note.update(waiting_text(chunk))
             if as_json:
                 echo_json(chunk)
             elif text:

@@ -48,7 +48,7 @@ def free(ctx, as_json):
     click.echo(devices_table(devices))
 
 
-DEVICE_HEADERS = ["DEVICE", "BUDGET", "INSTANCES", "JOBS", "RESERVED", "FREE"]
+DEVICE_HEADERS = ["DEVICE", "BUDGET", "INSTANCES", "JOBS", "RESERVED", "FREE", "OTHER"]
 
 
 def devices_table(devices: list[dict]) -> str:
@@ -57,15 +57,18 @@ def devices_table(devices: list[dict]) -> str:
 
 
 def device_rows(devices: list[dict]) -> list[list]:
-    """Each device's budget, bytes held by instances, by jobs, reserved and free; then "host":
-    the swap tier's budget, the bytes swapped instances hold there, and its free bytes (one
-    pool for every device: each row repeats it)."""
+    """Each device's budget, bytes held by instances, by jobs, reserved and free, and OTHER:
+    on the cpu, the daemon's RSS that the budget does not account (itself, torch, caches;
+    "-" elsewhere and from older daemons); then "host": the swap tier's budget, the bytes
+    swapped instances hold there, and its free bytes (one pool for every device: each row
+    repeats it)."""
     rows = [[d["device"], fmt.size(d.get("budget")), fmt.size(d.get("instances")), fmt.size(d.get("jobs")),
-             fmt.size(d.get("reserved")), fmt.size(d.get("free"))] for d in devices]
+             fmt.size(d.get("reserved")), fmt.size(d.get("free")),
+             fmt.size(d["other"]) if d.get("other") is not None else "-"] for d in devices]
     if devices:
         hb, hu = devices[0].get("host_budget"), devices[0].get("host_used")
         hfree = None if hb is None or hu is None else max(0, hb - hu)
-        rows.append(["host", fmt.size(hb), fmt.size(hu), "-", "-", fmt.size(hfree)])
+        rows.append(["host", fmt.size(hb), fmt.size(hu), "-", "-", fmt.size(hfree), "-"])
     return rows
 
 
@@ -128,11 +131,20 @@ def keep_alive_text(i: dict, now: float | None = None) -> str:
 
 
 def eviction_line(e: dict, now: float | None = None) -> str:
-    """One of ps's recent evictions: when, what, where it went, why:
+    """One of ps's recent evictions: evicted (for room) or expired (keep-alive), when, what,
+    where it went (host: swapped; store: unloaded), why:
     "evicted 2 minutes ago: tiny:latest (instance 3) to host: room for big:latest"."""
-    to = {"host": "to host", "store": "unloaded"}.get(e.get("to"), f"to {e.get('to')}")
-    return (f"evicted {fmt.ago(e.get('at'), now)}: {e.get('model')} (instance {e.get('instance')}) "
-            f"{to}: {e.get('reason') or '-'}")
+    return f"{e.get('why') or 'evicted'} {fmt.ago(e.get('at'), now)}: " + displaced_text(e)
+
+
+def displaced_text(e: dict) -> str:
+    """'tiny:latest (instance 3) to host: room for big:latest' (an eviction row).  Reasons
+    of a daemon before the plain ones said where already ("evicted: ...", "swapped to host:
+    ..."): that prefix is dropped."""
+    reason = str(e.get("reason") or "-")
+    for old in ("evicted: ", "swapped to host: "):
+        reason = reason[len(old):] if reason.startswith(old) else reason
+    return f"{e.get('model')} (instance {e.get('instance')}) to {e.get('to') or '?'}: {reason}"
 
 
 def _uid(uid) -> str:
@@ -173,6 +185,10 @@ def load(ctx, model, as_json, keep_alive, priority, pin):
         line.clear()                       # the result (or the error) replaces the live line
     if as_json:
         return fmt.echo_json(r)
+    for e in r.get("evicted") or []:       # 1.7: what this load displaced
+        click.echo("evicted " + displaced_text(e))
+    if r.get("paused_jobs"):
+        click.echo("paused job " + ", ".join(map(str, r["paused_jobs"])) + " to make room")
     if r.get("adapter"):
         click.echo(adapter_line(r))
         return

@@ -50,22 +50,24 @@ class Rates:
         return out
 
 
-DEVICE_HEADERS = ["DEVICE", "BUDGET", "USED", "FREE", "INSTANCES", "JOBS", "RESERVED"]
+DEVICE_HEADERS = ["DEVICE", "BUDGET", "USED", "FREE", "INSTANCES", "JOBS", "RESERVED", "OTHER"]
 INSTANCE_HEADERS = ["ID", "MODEL", "TIER", "STATE", "ACTIVE", "QUEUED", "TOK/S", "RESIDENT", "KEEP-ALIVE", "PIN"]
 JOB_HEADERS = ["JOB", "KIND", "MODEL", "STATE", "STEP", "REASON"]
 
 
 def device_lines(devices: list[dict]) -> list[list]:
     """The devices section: what status shows, with USED (instances + jobs + reserved, and its
-    share of the budget) next to the budget."""
+    share of the budget) next to the budget, and OTHER (the cpu: the daemon's RSS the budget
+    does not account)."""
     rows = []
-    for d, (name, budget, inst, jobs, reserved, free) in zip(devices + [None], device_rows(devices)):
+    for d, (name, budget, inst, jobs, reserved, free, other) in zip(devices + [None], device_rows(devices)):
         if d is None:                      # the host tier: used is what swapped instances hold
             h = devices[0]
-            rows.append([name, budget, _used(h.get("host_used"), h.get("host_budget")), free, inst, jobs, reserved])
+            rows.append([name, budget, _used(h.get("host_used"), h.get("host_budget")), free, inst, jobs,
+                         reserved, other])
             continue
         used = sum(d.get(k) or 0 for k in ("instances", "jobs", "reserved"))
-        rows.append([name, budget, _used(used, d.get("budget")), free, inst, jobs, reserved])
+        rows.append([name, budget, _used(used, d.get("budget")), free, inst, jobs, reserved, other])
     return rows
 
 
@@ -181,7 +183,8 @@ def live(c, interval: float, out=None, inp=None) -> None:
 @click.command()
 @click.option("--once", is_flag=True, help="Print one frame and exit.")
 @click.option("--json", "as_json", is_flag=True,
-              help="With --once: print {devices, instances, evicted, jobs} as the daemon gives them.")
+              help="Print one sample, {devices, instances, evicted, jobs} as the daemon gives them "
+                   "(implies --once).")
 @click.option("-d", "--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
               metavar="SECONDS", help="Seconds between refreshes.")
 @click.pass_context
@@ -189,8 +192,7 @@ def top(ctx, once, as_json, interval):
     """A live view of devices (budget, used, free, host tier), instances (tier, state,
     requests, tokens/s, resident bytes, keep-alive left, pins), recent evictions and jobs,
     refreshed every second.  q or Ctrl-C quits."""
-    if as_json and not once:
-        raise click.UsageError("--json prints one sample: use it with --once")
+    once = once or as_json                # --json prints one sample: a script wants no redraws
     if not once and not sys.stdout.isatty():
         raise click.UsageError("top redraws a terminal; in a script or a pipe use --once (or --once --json)")
     c = common.client(ctx)

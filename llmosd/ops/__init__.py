@@ -81,12 +81,18 @@ class Ops:
 
     def _devices(self) -> list[dict]:
         """Per device: budget, bytes used by instances, by jobs, reserved (KV cache, loads),
-        free, and the host tier's budget and use (the memory manager's rows)."""
+        free, and the host tier's budget and use (the memory manager's rows).  The cpu's row
+        also has ``process_rss`` (the daemon's RSS) and ``other``: what of it the ledger does
+        not charge (the daemon itself, torch, caches), so the gap is seen."""
         holders = self.manager.holders()
         by_device: dict = {}
         for h in holders:
             by_device.setdefault(h.device, []).append(h)
-        return self.manager.memory.usage_rows(by_device)
+        rows = self.manager.memory.usage_rows(by_device)
+        for row in rows:
+            if row["device"] == "cpu":
+                row.update(rss_rows(row, _rss()))
+        return rows
 
     def _job_rows(self) -> list[dict]:
         """The jobs not finished (queued, running, pausing, paused), as job rows."""
@@ -107,6 +113,14 @@ class Ops:
         self.jobctl_ops.shutdown()
         self.jobs.shutdown()
         self.manager.shutdown(ShuttingDown("llmosd is shutting down; the request was cancelled"))
+
+
+def rss_rows(cpu: dict, rss: int) -> dict:
+    """``process_rss`` and ``other`` of the cpu's devices row: RSS less what the ledger
+    charges in this process's RAM (instances and reservations on the cpu, the host tier;
+    jobs run in worker processes of their own)."""
+    charged = (cpu.get("instances") or 0) + (cpu.get("reserved") or 0) + (cpu.get("host_used") or 0)
+    return {"process_rss": rss, "other": max(0, rss - charged)}
 
 
 def _rss() -> int:

@@ -11,14 +11,18 @@ from that instance.
 
 Memory (issue 12): ``load`` takes ``keep_alive`` (seconds; -1 forever, 0 unload when idle),
 ``priority`` and ``pin``; every request may carry ``keep_alive`` (the latest wins); ``pin`` and
-``unpin`` take a model name or an instance id."""
+``unpin`` take a model name or an instance id.  What can hold memory from everyone else (pin,
+unpin, a priority above 0, keep-alive -1) on an instance another uid loaded is for that uid
+(or root, or the daemon's own user): PermissionDenied otherwise.  A load's reply says what it
+displaced (``evicted`` rows, ``paused_jobs`` ids)."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
-from llmctl.errors import InstanceNotFound, InvalidArgument, LlmosdError
+from llmctl.errors import InstanceNotFound, InvalidArgument, LlmosdError, PermissionDenied
 from llmctl.protocol import SAMPLING_KEYS
 from llmosd.server import Ctx
 from llmosd.serve.chat import TemplateError, check_messages
@@ -101,6 +105,38 @@ def _memory_opts(body: dict) -> dict:
             "pin": bool(body.get("pin"))}
 
 
+def _holding(opts: dict) -> list[str]:
+    """The settings of ``opts`` that hold memory from everyone else (owner only)."""
+    out = []
+    if opts.get("pin"):
+        out.append("pin")
+    if (opts.get("priority") or 0) > 0:
+        out.append(f"priority {opts['priority']}")
+    ka = opts.get("keep_alive")
+    if ka is not None and ka < 0:
+        out.append("keep-alive -1 (forever)")
+    return out
+
+
+def check_owner(ctx: Ctx, inst, what: str) -> None:
+    """PermissionDenied unless ``ctx``'s uid may ``what`` (pin, ...) instance ``inst``: the
+    uid that loaded it, root, or the daemon's own user (as for jobs)."""
+    if inst is None or inst.uid is None or ctx.uid in (None, 0, os.getuid(), inst.uid):
+        return
+    raise PermissionDenied(f"instance {inst.id} ({inst.model}) was loaded by uid {inst.uid}: "
+                           f"only that uid or root may {what} it",
+                           hint="ask its owner, or load your own copy without --pin, "
+                                "a priority above 0 or --keep-alive -1")
+
+
+def displaced_fields(rows: list[dict]) -> dict:
+    """A load's ``evicted`` (model, instance, to, reason) and ``paused_jobs`` from
+    ``Placement.make_room``'s rows."""
+    return {"evicted": [{k: r.get(k) for k in ("model", "instance", "to", "reason")}
+                        for r in rows if "instance" in r],
+            "paused_jobs": [r["job"] for r in rows if "job" in r]}
+
+
 class ServeOps:
     def __init__(self, cfg, store: Store, manager: InstanceManager):
         self.cfg, self.store, self.manager = cfg, store, manager
@@ -121,6 +157,9 @@ class ServeOps:
         t0 = time.perf_counter()
         existing = self.manager.table.usable(canon, digest)
         already = existing is not None and existing.serving
+        opts, shown = _memory_opts(ctx.body), []
+        for what in _holding(opts):
+            check_owner(ctx, existing, f"set {what} on")
 
         def ready(inst, err):
             if err:
@@ -129,8 +168,8 @@ class ServeOps:
             if not already:
                 log.info("load %s by uid %s (instance %d)", canon, ctx.uid, inst.id)
             ctx.ok({**inst.row(), "load_ms": round((time.perf_counter() - t0) * 1000, 3),
-                    "already_loaded": already})
-        self.manager.acquire(canon, man, digest, ctx.uid, ready, **_memory_opts(ctx.body))
+                    "already_loaded": already, **displaced_fields(shown)})
+        self.manager.acquire(canon, man, digest, ctx.uid, ready, **opts, displaced=shown)
 
     def _load_adapter(self, ctx: Ctx, canon: str, man: dict, digest: str, base: tuple) -> None:
         """Attach an adapter to its base's instance (loading the base if needed): the reply is
@@ -139,6 +178,9 @@ class ServeOps:
         existing = self.manager.table.usable(base[0], base[2])
         a = existing.adapters.get(digest) if existing is not None else None
         already = existing is not None and existing.serving and a is not None and a.ready
+        opts, shown = _memory_opts(ctx.body), []
+        for what in _holding(opts):
+            check_owner(ctx, existing, f"set {what} on")
 
         def ready(inst, err):
             if err:
@@ -148,8 +190,9 @@ class ServeOps:
                 log.info("load %s on %s by uid %s (instance %d)", canon, inst.model, ctx.uid, inst.id)
             got = inst.adapters.get(digest)     # named as asked (a second tag shares the row)
             ctx.ok({**inst.row(), "adapter": {**got.row(), "model": canon} if got is not None else None,
-                    "load_ms": round((time.perf_counter() - t0) * 1000, 3), "already_loaded": already})
-        self.manager.acquire_adapter(base, canon, man, digest, ctx.uid, ready, **_memory_opts(ctx.body))
+                    "load_ms": round((time.perf_counter() - t0) * 1000, 3), "already_loaded": already,
+                    **displaced_fields(shown)})
+        self.manager.acquire_adapter(base, canon, man, digest, ctx.uid, ready, **opts, displaced=shown)
 
     def op_unload(self, ctx: Ctx) -> None:
         target, force = ctx.body["target"], ctx.body.get("force", False)
@@ -198,6 +241,8 @@ class ServeOps:
         """Pin (never evicted, never expires) or unpin the instances ``target`` names: an
         instance id, or a model (or an adapter: the instances it is attached to)."""
         insts = self._targets(ctx.body["target"], "pin" if pinned else "unpin")
+        for inst in insts:                      # all checked first: a refusal changes nothing
+            check_owner(ctx, inst, "pin" if pinned else "unpin")
         for inst in insts:
             inst.pinned = pinned
         ids = [i.id for i in insts]
@@ -235,8 +280,9 @@ class ServeOps:
 
     def _detach(self, ctx: Ctx, canon: str, attached: list, force: bool) -> None:
         """Detach each (instance, attached adapter) of ``attached``."""
-        if not force:                 # check all first so a refusal detaches nothing
-            for inst, a in attached:
+        for inst, a in attached:      # check all first so a refusal detaches nothing
+            self.manager.check_resident(inst, a)
+            if not force:
                 self.manager.check_detachable(inst, a)
         for inst, a in attached:
             self.manager.detach(inst, a.digest, force)
@@ -270,10 +316,23 @@ class ServeOps:
     def _run(self, ctx: Ctx, canon: str, man: dict, digest: str, task: Task,
              base: tuple | None = None) -> None:
         """Hand ``task`` to the instance manager (on ``base``'s instance for an adapter).  A
-        stream that must wait for a load first gets one empty chunk saying so (``loading``)."""
+        stream that must wait for a load first gets one empty chunk saying so (``loading``: the
+        model; ``wait``: "load", or "swap_in" for one swapped out to host memory).  A request's
+        ``keep_alive`` -1 on another uid's instance: PermissionDenied (``check_owner``)."""
+        name, _, ver = base or (canon, man, digest)
+        on = self.manager.table.usable(name, ver)        # the instance it will run on, if any
+        ka = ctx.body.get("keep_alive")
+        if ka is not None and ka < 0:
+            try:                                # the stream is open: it ends with the refusal
+                check_owner(ctx, on, "keep forever (keep-alive -1)")
+            except PermissionDenied as e:
+                task.stream.error(e)
+                return
+        swap = on is not None and on.state is State.SWAPPED    # the wait will be its swap-in
+
         def loading():
             if isinstance(task.req, Request):
-                first = {"text": "", "token_ids": [], "loading": canon}
+                first = {"text": "", "token_ids": [], "loading": canon, "wait": "swap_in" if swap else "load"}
                 if task.req.logprobs:
                     first["logprobs"] = []
                 task.stream.chunk(first)

@@ -57,18 +57,19 @@ class Adapters:
         """Call ``on_ready(inst, None)`` once the adapter ``model`` (manifest ``manifest``,
         key ``digest``) is installed on a serving instance of ``base`` = (name, manifest,
         digest) (loading both if needed), or ``on_ready(None, err)``.  Returns the instance.
-        ``opts`` (priority, keep_alive, pin) apply to the base's instance, as ``acquire``."""
+        ``opts`` (priority, keep_alive, pin, displaced) apply to the base's instance, as
+        ``acquire``; ``displaced`` gets what the adapter's own room displaced too."""
         bcanon, bman, bdigest = base
 
         def base_ready(inst, err):
             if err is not None:
                 on_ready(None, err)
             else:
-                self._attach(inst, model, manifest, digest, uid, on_ready)
+                self._attach(inst, model, manifest, digest, uid, on_ready, opts.get("displaced"))
         return self._acquire(bcanon, bman, bdigest, uid, base_ready, **opts)
 
     def _attach(self, inst: Instance, model: str, manifest: dict, digest: str, uid: int | None,
-                on_ready: Ready) -> None:
+                on_ready: Ready, displaced: list | None = None) -> None:
         if not inst.serving:                       # unloaded between its ready and this call
             on_ready(None, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
             return
@@ -99,7 +100,14 @@ class Adapters:
             if inst.adapters.get(digest) is a and inst.serving:
                 threading.Thread(target=self._read, args=(inst, a, manifest),
                                  name=f"load-{inst.id}-adapter", daemon=True).start()
-        self.place.make_room(plan.actions, go)
+
+        def fail(err):
+            if inst.adapters.get(digest) is a and not a.ready:
+                self.installed(inst, digest, {"error": err.to_wire(), "token": a.token})
+        shown = self.place.make_room(plan.actions, go, room_for=f"{model} on instance {inst.id}",
+                                     fail=fail)
+        if displaced is not None:
+            displaced.extend(shown)
 
     def _read(self, inst: Instance, a: Attached, manifest: dict) -> None:
         """Loader thread: the adapter's tensors (on the CPU) for the engine to install."""
@@ -154,6 +162,7 @@ class Adapters:
         a = inst.adapters.get(model) or inst.adapter_named(model)
         if a is None:
             return
+        self.check_resident(inst, a)
         if not force:
             self.check_detachable(inst, a)
         for key in self._running(inst, a.digest):
@@ -168,6 +177,18 @@ class Adapters:
         for cb in self._waiters.pop((inst.id, a.digest), []):
             cb(None, Cancelled(f"{a.model} was unloaded while it loaded"))
         log.info("detached %s from instance %d (%s)", a.model, inst.id, inst.model)
+
+    @staticmethod
+    def check_resident(inst: Instance, a: Attached) -> None:
+        """Raise Busy (even with --force) while ``inst`` has no engine to uninstall ``a``
+        through: swapped to the host or swapping back in (its kept runner still holds the
+        adapter; the next engine on it would too)."""
+        if inst.state in (State.SWAPPED, State.LOADING) and inst.engine is None:
+            where = ("swapped out to host memory" if inst.state is State.SWAPPED
+                     else "swapping back in from host memory")
+            raise Busy(f"cannot unload {a.model}: its base's instance {inst.id} ({inst.model}) is {where}",
+                       hint="retry once the instance serves again (a request brings it back), "
+                            f"or unload the instance with its adapters (llmctl unload {inst.id})")
 
     @staticmethod
     def check_detachable(inst: Instance, a: Attached) -> None:

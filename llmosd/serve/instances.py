@@ -12,7 +12,8 @@ them is its ``Adapters``' (``serve.adapters``, which it owns): ``acquire_adapter
 and ``check_detachable`` are that object's, and an instance that unloads drops its adapters.
 
 It also admits generations against the KV-cache byte limit (``scheduler.KVBudget``, whose
-docstring gives the design): reserved at ``submit``, shrunk on the engine's ``kv`` report,
+docstring gives the design) and within what the device's memory budget has free (the KV cache
+is charged in the ledger like the models; Busy past either): reserved at ``submit``, shrunk on the engine's ``kv`` report,
 released on the request's ``end``/``error`` or when its instance stops.  And it returns the
 engine's stream credits: each chunk written to a client's socket is one ``Engine.credit``.
 
@@ -90,16 +91,17 @@ class InstanceManager:
         self._ready_waiters: dict[int, list[Ready]] = {}
         self.adapters = Adapters(post, store, self.place, acquire=self.acquire, running=self._running)
         self.acquire_adapter, self.detach = self.adapters.acquire, self.adapters.detach
-        self.check_detachable = self.adapters.check_detachable
+        self.check_detachable, self.check_resident = self.adapters.check_detachable, self.adapters.check_resident
 
     # -- loading ----------------------------------------------------------------------------
     def acquire(self, model: str, manifest: dict, digest: str, uid: int | None,
                 on_ready: Ready, *, priority: int | None = None, keep_alive: float | None = None,
-                pin: bool = False) -> Instance | None:
+                pin: bool = False, displaced: list | None = None) -> Instance | None:
         """Call ``on_ready(inst, None)`` once an instance of this model version serves
         (loading or swapping one in if needed, after admission), or ``on_ready(None, err)``
         (OutOfMemory when admission refuses).  ``priority``, ``keep_alive`` and ``pin``, when
-        given, apply to the instance (the latest wins).  Returns the instance (None: refused)."""
+        given, apply to the instance (the latest wins).  What its room displaced is added to
+        ``displaced`` (``Placement.make_room``'s rows).  Returns the instance (None: refused)."""
         inst = self.table.usable(model, digest)
         if inst is not None:
             configure(inst, priority, keep_alive, pin)
@@ -107,7 +109,7 @@ class InstanceManager:
                 on_ready(inst, None)
             elif inst.state is State.SWAPPED:
                 self._ready_waiters.setdefault(inst.id, []).append(on_ready)
-                self.place.swap_in(inst)
+                self.place.swap_in(inst, displaced)
             else:
                 self._ready_waiters.setdefault(inst.id, []).append(on_ready)
             return inst
@@ -125,8 +127,19 @@ class InstanceManager:
         self._ready_waiters[inst.id] = [on_ready]
         self.place.charge(inst, need)
         log.info("loading %s as instance %d on %s (estimate %d bytes)", model, inst.id, self.device, need)
-        self.place.make_room(plan.actions, lambda: self._start_load(inst, manifest))
+        shown = self.place.make_room(plan.actions, lambda: self._start_load(inst, manifest),
+                                     room_for=model, fail=lambda err: self._no_room(inst, err))
+        if displaced is not None:
+            displaced.extend(shown)
         return inst
+
+    def _no_room(self, inst: Instance, err: LlmosdError) -> None:
+        """The room for ``inst``'s load was not made: the row goes (as a refused load adds
+        none), whoever waits gets ``err``; nothing to learn."""
+        self.place.forget(inst.id)
+        if inst.state is not State.UNLOADING:
+            inst.transition(State.UNLOADING)
+        self._loaded(inst, None, 0, 0.0, err)
 
     def _start_load(self, inst: Instance, manifest: dict) -> None:
         if inst.state is State.UNLOADING:           # unloaded while it waited for room
@@ -284,7 +297,8 @@ class InstanceManager:
         eng = inst.engine
         bound = prompt_token_bound(req.prompt, req.messages)
         positions = kv_positions(eng.context, bound, req.max_tokens)
-        self.kv.admit(req.key, inst.id, positions * eng.kv_position_bytes, eng.kv_position_bytes, bound)
+        self.kv.admit(req.key, inst.id, positions * eng.kv_position_bytes, eng.kv_position_bytes, bound,
+                      budget_free=(self.mem_device, self.place.kv_free()))
         self.place.charge_kv(self.kv.used)
         return positions
 
@@ -383,6 +397,8 @@ class InstanceManager:
         if inst.state is not State.UNLOADING:        # the engine died on its own
             inst.transition(State.UNLOADING)
         self.adapters.drop(inst, Cancelled(f"instance {inst.id} was unloaded"))
+        for cb in self._ready_waiters.pop(inst.id, []):   # waited for a swap-in (as _loaded)
+            cb(None, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
         inst.adapters.clear()
         inst.engine = None              # its thread already dropped the model and freed the memory
         self.table.remove(inst.id)

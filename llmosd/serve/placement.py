@@ -12,11 +12,17 @@ out.  Its contract:
   runner's jobs through ``job_holders``); ``make_room(actions, go)`` carries a plan's actions out
   (an idle instance swapped to the host tier or unloaded, a preemptible job paused through
   ``preempt_job``) and calls ``go()`` once all of them have left the device (at once when there
-  are none; after ``WAIT_LIMIT_S`` anyway);
+  are none; after ``WAIT_LIMIT_S`` only if the device is within its budget by then, else the
+  requester's ``fail``), and returns what it displaced (the load's reply says it); reasons are
+  plain ("room for t3:latest", "keep-alive expired"), with ``why`` evicted|expired apart;
+- swapping instances count on the host tier from the moment they are chosen (``plan``), so two
+  plans in a row never fill the host's room twice;
 - ``charge``, ``recharge``, ``uncharge``, ``charge_kv``: the ledger holds each instance (on its
-  tier) and, apart (``("kv", 0)``), the KV cache reserved by running requests;
+  tier) and, apart (``("kv", 0)``), the KV cache reserved by running requests (admitted within
+  what the budget has free, ``kv_free``; named "KV cache of running requests" in refusals);
 - swaps: ``swap_out`` has an instance's engine stop keeping its ``Runner`` (weights moved to host
-  RAM); ``swap_in`` brings it back, once admitted, with a new engine on that runner;
+  RAM); ``swap_in`` brings it back, once admitted, with a new engine on that runner (out of
+  memory doing it: it stays swapped, runner and host charge kept, and its waiters fail);
 - keep-alive: ``start_timer`` checks expiries every ``TICK_S`` (``tick``); ``after_request``
   unloads a keep-alive 0 instance once idle; ``configure`` sets pin, priority and keep-alive.
 
@@ -31,7 +37,7 @@ import threading
 import time
 from typing import Callable
 
-from llmctl.errors import Cancelled, LlmosdError, LoadFailed
+from llmctl.errors import Cancelled, LlmosdError, LoadFailed, OutOfMemory
 from llmosd.mem.estimate import estimate_instance
 from llmosd.mem.manager import MemoryManager
 from llmosd.mem.policy import Action, Holder, Plan, plan_admission
@@ -42,6 +48,24 @@ log = logging.getLogger("llmosd.instances")
 TICK_S = 0.5          # how often keep-alives are checked
 WAIT_LIMIT_S = 60.0   # a load waiting longer for its evictions (a job that does not pause) goes on
 KV_KEY = ("kv", 0)    # the ledger's key of the KV cache reserved by running requests
+KV_LABEL = "KV cache of running requests"
+_POLICY_PREFIXES = ("swapped to host: ", "evicted: ", "preempted: ")
+
+
+class _KVHolder(Holder):
+    """The KV cache's ledger entry as a holder, named for people in a refusal's "held by"."""
+
+    def label(self) -> str:
+        return KV_LABEL
+
+
+def plain_reason(reason: str) -> str:
+    """A plan's reason without the policy's prefix ("evicted: room for x" -> "room for x"):
+    where it went is the eviction row's ``to``, and the CLI says it."""
+    for p in _POLICY_PREFIXES:
+        if reason.startswith(p):
+            return reason[len(p):]
+    return reason
 
 
 def _key(inst: Instance) -> tuple[str, int]:
@@ -96,6 +120,7 @@ class Placement:
         self._leaving: set[int] = set()     # instances swapping out (their engines still stop)
         self._runners: dict = {}            # swapped instance id -> its Runner (on the host)
         self._estimates: dict = {}          # instance id / (id, digest) -> (estimator key, raw estimate)
+        self._origins: dict = {}            # loaded instance id -> (estimator key, raw estimate)
         self._timer_stop = threading.Event()
         self.memory.on_freed(self.check_waits)
 
@@ -120,6 +145,8 @@ class Placement:
         ekey, raw = self._estimates.pop(key, (None, 0))
         if ekey is None:
             return
+        if isinstance(key, int) and measured is not None:
+            self._origins[key] = (ekey, raw)     # a swap-in out of memory learns from it too
         if oom_estimate is not None:
             self.memory.estimator.learn_oom(ekey, raw, oom_estimate)
         elif measured is not None:
@@ -132,8 +159,13 @@ class Placement:
 
     def instance_holders(self, busy: frozenset = frozenset()) -> list[Holder]:
         """The table's instances as holders (those swapping out and those in ``busy`` are
-        never chosen).  For the job runner's admissions."""
-        return self.table.holders(frozenset(busy) | frozenset(self._leaving))
+        never chosen), and the KV cache of running requests (never chosen).  For the job
+        runner's admissions too."""
+        out = self.table.holders(frozenset(busy) | frozenset(self._leaving))
+        kv = self.memory.charged(KV_KEY)
+        if kv is not None:
+            out.append(_KVHolder("kv", 0, KV_LABEL, kv[0], kv[1], kv[2], idle=False))
+        return out
 
     def holders(self, busy: frozenset = frozenset()) -> list[Holder]:
         """Everything holding memory: the instances and the job runner's jobs."""
@@ -142,65 +174,111 @@ class Placement:
     def plan(self, need: int, priority: int, for_what: str, busy: frozenset = frozenset(),
              host_freed: int = 0) -> Plan:
         """The memory manager's plan; ``host_freed``: host-tier bytes that leave the host as
-        this need is met (a swap-in's own), room for what the plan swaps out."""
-        if not host_freed:
-            return self.memory.plan(need, self.device, priority, self.holders(busy), for_what)
+        this need is met (a swap-in's own), room for what the plan swaps out.  The instances
+        still swapping out count on the host already (the ledger books them there only once
+        their engines end): two plans in a row must not both fill the host's room."""
         m, dev = self.memory, self.device
+        host_used = m.host_used() + self.host_pending() - host_freed
         return plan_admission(need, dev, priority, m.holders(self.holders(busy)), m.budget(dev),
-                              m.host_budget, max(0, m.host_used() - host_freed), for_what=for_what)
+                              m.host_budget, max(0, host_used), for_what=for_what)
 
-    def make_room(self, actions: tuple[Action, ...], go: Callable[[], None]) -> None:
+    def host_pending(self) -> int:
+        """Bytes of the instances swapping out (decided, engines not yet ended)."""
+        out = 0
+        for iid in self._leaving:
+            c = self.memory.charged(("instance", iid))
+            try:
+                swapping = self.table.get(iid).state is State.SWAPPED
+            except LlmosdError:
+                swapping = False
+            if c is not None and swapping and c[1] == "device":
+                out += c[2]
+        return out
+
+    def kv_free(self) -> int:
+        """Bytes the device's budget has free for more KV cache (whatever else holds it)."""
+        return self.memory.budget(self.device) - self.memory.used(self.device)
+
+    def make_room(self, actions: tuple[Action, ...], go: Callable[[], None], *,
+                  room_for: str | None = None,
+                  fail: Callable[[LlmosdError], None] | None = None) -> list[dict]:
         """Carry out a plan's ``actions`` (swap or unload instances, pause jobs), then call
-        ``go()`` once all of them have left the device (at once when there are none; after
-        ``WAIT_LIMIT_S`` anyway).  Also for the job runner's admissions."""
-        keys = []
+        ``go()`` once all of them have left the device (at once when there are none).  Also
+        for the job runner's admissions.  ``room_for`` names the requester in the reasons
+        ("room for t3:latest"; else the plan's reasons, without their prefixes).  Evictions
+        not done after ``WAIT_LIMIT_S`` (a job that does not pause): ``go()`` if the device
+        is within its budget by then, else ``fail(OutOfMemory)`` (without ``fail``: ``go()``
+        anyway, with a warning).  Returns what it displaced: the eviction rows (model,
+        instance, to, reason, why) and ``{"job": id}`` for each job it paused."""
+        keys, shown = [], []
         for a in actions:
             h = a.holder
+            reason = f"room for {room_for}" if room_for else plain_reason(a.reason)
             if h.kind == "instance":
                 try:
                     inst = self.table.get(h.id)
                 except LlmosdError:
                     continue
                 if a.kind == "swap" and inst.engine is not None:
-                    self.swap_out(inst, a.reason)
+                    shown.append(self.swap_out(inst, reason))
                     keys.append((_key(inst), "host"))
                 else:
-                    self.evict(inst, a.reason)
+                    shown.append(self.evict(inst, reason))
                     keys.append((_key(inst), None))
             elif h.kind == "job" and self.preempt_job is not None:
-                log.info("pausing job %d (%s): %s", h.id, h.name, a.reason)
-                self.preempt_job(h.id, a.reason)
+                why = f"preempted: {reason}"
+                log.info("pausing job %d (%s): %s", h.id, h.name, why)
+                self.preempt_job(h.id, why)
                 keys.append((("job", h.id), None))
+                shown.append({"job": h.id})
         if keys:
-            self._waits.append((keys, go, time.monotonic()))
+            self._waits.append((keys, go, time.monotonic(), fail))
             self.check_waits()
         else:
             go()
+        return shown
 
     def check_waits(self) -> None:
         """Start the admissions whose evictions are done (a key gone from the ledger, or on
-        the host tier for a swap), and those that waited too long."""
+        the host tier for a swap); those that waited too long go on if the device is within
+        its budget, else fail (see ``make_room``)."""
         def gone(key, tier):
             c = self.memory.charged(key)
             return c is None or (tier is not None and c[1] == tier)
         now, done, keep = time.monotonic(), [], []
         for w in self._waits:
-            stale = now - w[2] > WAIT_LIMIT_S
-            if stale or all(gone(k, t) for k, t in w[0]):
-                if stale:
-                    log.warning("evictions did not finish in %.0fs; going on", WAIT_LIMIT_S)
-                done.append(w[1])
+            keys, go, since, fail = w
+            if all(gone(k, t) for k, t in keys):
+                done.append(go)
+            elif now - since > WAIT_LIMIT_S:
+                done.append(self._stale(keys, go, fail, [k for k, t in keys if not gone(k, t)]))
             else:
                 keep.append(w)
         self._waits = keep
         for go in done:
             go()
 
+    def _stale(self, keys, go, fail, left) -> Callable[[], None]:
+        """What a wait past ``WAIT_LIMIT_S`` does: plan again, in effect: ``go`` if what the
+        device holds now (the waiter's own charge with it) fits the budget, else ``fail``."""
+        m, dev = self.memory, self.device
+        over = m.used(dev) - m.budget(dev)
+        names = ", ".join(f"{k[0]} {k[1]}" for k in left)
+        if over <= 0 or fail is None:
+            log.warning("evictions (%s) did not finish in %.0fs; going on%s", names, WAIT_LIMIT_S,
+                        "" if over <= 0 else f", {over} bytes over the budget of {dev}")
+            return go
+        err = OutOfMemory(f"the room was not made in {WAIT_LIMIT_S:.0f}s: {names} still "
+                          f"held memory on {dev}", hint="try again later, or unload or pause "
+                          "what holds the memory")
+        log.warning("evictions (%s) did not finish in %.0fs: giving up", names, WAIT_LIMIT_S)
+        return lambda: fail(err)
+
     def flush_waits(self) -> None:
         """Shutting down: whatever waits for evictions goes on now (and finds its row
         unloading)."""
         waits, self._waits = self._waits, []
-        for _, go, _ in waits:
+        for _, go, _, _ in waits:
             go()
 
     # -- the ledger -------------------------------------------------------------------------
@@ -224,24 +302,28 @@ class Placement:
             self.memory.uncharge(KV_KEY)
 
     # -- evictions and swaps ----------------------------------------------------------------
-    def evict(self, inst: Instance, reason: str) -> None:
-        """Unload ``inst`` to make room or because its keep-alive ran out (logged, and kept in
-        the recent evictions)."""
-        log.info("evicting instance %d (%s): %s", inst.id, inst.model, reason)
-        self.memory.note_eviction({"model": inst.model, "instance": inst.id, "reason": reason,
-                                   "to": "store"})
+    def evict(self, inst: Instance, reason: str, why: str = "evicted") -> dict:
+        """Unload ``inst`` to make room (``why`` "evicted") or because its keep-alive ran out
+        ("expired"); logged, kept in the recent evictions, and that row returned.  ``reason``
+        is plain ("room for t3:latest", "keep-alive expired"): clients say the rest."""
+        log.info("%s instance %d (%s): %s", "evicting" if why == "evicted" else "unloading",
+                 inst.id, inst.model, reason)
+        row = {"model": inst.model, "instance": inst.id, "reason": reason, "to": "store", "why": why}
+        self.memory.note_eviction(dict(row))
         self._unload(inst)
+        return row
 
-    def swap_out(self, inst: Instance, reason: str) -> None:
+    def swap_out(self, inst: Instance, reason: str) -> dict:
         """Move ``inst`` to the host tier: its engine stops keeping the model (moved to host
         RAM); ``stopped`` then charges it on the host tier."""
         log.info("swapping instance %d (%s) out to host memory: %s", inst.id, inst.model, reason)
-        self.memory.note_eviction({"model": inst.model, "instance": inst.id, "reason": reason,
-                                   "to": "host"})
+        row = {"model": inst.model, "instance": inst.id, "reason": reason, "to": "host", "why": "evicted"}
+        self.memory.note_eviction(dict(row))
         inst.transition(State.SWAPPED)
         inst.swaps += 1
         self._leaving.add(inst.id)
         inst.engine.stop(swap=True)
+        return row
 
     def engine_stopped(self, inst: Instance, engine, swapped: bool) -> None:
         """``inst``'s engine ended (``swapped``: it kept the model on the host).  Swapped out
@@ -252,6 +334,7 @@ class Placement:
         if swapped:                             # unloaded while it swapped out
             drop_runner(engine.runner)
         self._leaving.discard(inst.id)
+        self._origins.pop(inst.id, None)
         self._stopped(inst)
 
     def _swapped_out(self, inst: Instance) -> None:
@@ -268,15 +351,17 @@ class Placement:
 
     def drop_swapped(self, inst: Instance) -> None:
         """``inst``, on the host with no engine, is unloaded: its runner just goes."""
+        self._origins.pop(inst.id, None)
         drop_runner(self._runners.pop(inst.id, None))
 
-    def swap_in(self, inst: Instance) -> None:
+    def swap_in(self, inst: Instance, displaced: list | None = None) -> None:
         """Someone waits (registered with the owner) for swapped ``inst``: the first starts
-        its swap-in, unless it is still swapping out (then ``_swapped_out`` does)."""
+        its swap-in, unless it is still swapping out (then ``_swapped_out`` does).  What its
+        room displaced is added to ``displaced`` (see ``make_room``)."""
         if self._waiting(inst.id) == 1 and inst.id not in self._leaving:
-            self._start_swap_in(inst)
+            self._start_swap_in(inst, displaced)
 
-    def _start_swap_in(self, inst: Instance) -> None:
+    def _start_swap_in(self, inst: Instance, displaced: list | None = None) -> None:
         need = inst.charge_bytes()
         plan = self.plan(need, inst.priority, f"swapping in {inst.model} (instance {inst.id})",
                          frozenset({inst.id}), host_freed=need)
@@ -287,7 +372,25 @@ class Placement:
             return
         inst.transition(State.LOADING)
         self.charge(inst, need)
-        self.make_room(plan.actions, lambda: self._spawn_swap_in(inst))
+        shown = self.make_room(plan.actions, lambda: self._spawn_swap_in(inst),
+                               room_for=f"swapping {inst.model} back in",
+                               fail=lambda err: self._back_to_host(inst, err))
+        if displaced is not None:
+            displaced.extend(shown)
+
+    def _back_to_host(self, inst: Instance, err: LlmosdError) -> None:
+        """The swap-in did not happen (no room, or out of memory moving it): ``inst`` stays
+        swapped, charged on the host with its runner kept; whoever waits gets ``err``."""
+        if inst.state is State.LOADING:
+            inst.transition(State.SWAPPED)
+            self.recharge(inst)
+            log.warning("instance %d (%s) stays on the host: %s", inst.id, inst.model, err)
+        elif inst.state is State.UNLOADING:
+            self._origins.pop(inst.id, None)
+            self.drop_swapped(inst)
+            self._stopped(inst)
+        for cb in self._take_waiters(inst.id):
+            cb(None, err)
 
     def _spawn_swap_in(self, inst: Instance) -> None:
         runner = self._runners.pop(inst.id, None)
@@ -310,6 +413,16 @@ class Placement:
             self.post(self._swapped_in, inst, None, runner, 0.0, LoadFailed(f"swapping in {inst.model} failed: {e}"))
 
     def _swapped_in(self, inst: Instance, engine, runner, secs: float, err: LlmosdError | None) -> None:
+        """The loader thread is done with ``inst``'s ``runner``.  Out of memory moving it back
+        (``Runner.onload`` left the model on the host): it stays swapped, its runner kept,
+        and the estimator learns."""
+        if inst.state is State.LOADING and isinstance(err, OutOfMemory) and runner is not None:
+            ekey, raw = self._origins.get(inst.id, (None, 0))
+            if ekey is not None:
+                self.memory.estimator.learn_oom(ekey, raw, inst.charge_bytes())
+            self._runners[inst.id] = runner
+            self._back_to_host(inst, err)
+            return
         if inst.state is State.LOADING and err is None and engine is not None:
             inst.engine, inst.swap_in_ms, inst.last_used = engine, round(secs * 1000, 3), time.time()
             inst.transition(State.READY)
@@ -320,6 +433,7 @@ class Placement:
                 cb(inst, None)
             return
         drop_runner(runner)                          # its memory goes back
+        self._origins.pop(inst.id, None)
         err = err or Cancelled(f"instance {inst.id} was unloaded while it swapped in")
         if inst.state is State.LOADING:
             inst.transition(State.FAILED, str(err))
@@ -346,11 +460,11 @@ class Placement:
         ka = {i.id: i.keep_alive for i in self.table}
         for iid in self.memory.expired(self.table.holders(frozenset(self._leaving)), ka):
             inst = self.table.get(iid)
-            self.evict(inst, f"keep-alive of {ka[iid]:g}s expired")
+            self.evict(inst, f"keep-alive expired ({ka[iid]:g}s idle)", "expired")
         if self._waits:
             self.check_waits()
 
     def after_request(self, inst: Instance) -> None:
         """A request ended: keep-alive 0 unloads the instance as soon as it is idle."""
         if inst.keep_alive == 0 and inst.idle and not inst.pinned:
-            self.evict(inst, "keep-alive 0: unloaded after its last request")
+            self.evict(inst, "keep-alive 0 (unloaded after its last request)", "expired")

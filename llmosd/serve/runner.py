@@ -13,6 +13,8 @@ different adapters, or none (exactly the base), take turns on one copy of the ba
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -231,3 +233,26 @@ class Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        release_heap()
+
+
+def _libc():
+    """glibc, if this process runs on it (None elsewhere: musl, macOS)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_heap() -> None:
+    """Give the heap's free pages back to the system (glibc keeps freed memory for the
+    process, so its RSS would stay at its peak after an unload); nothing elsewhere."""
+    if _LIBC is not None:
+        try:
+            _LIBC.malloc_trim(0)
+        except Exception:          # never fatal: it only returns memory early
+            log.debug("malloc_trim failed", exc_info=True)

@@ -163,9 +163,11 @@ class KVBudget:
         return self.limit - self.used
 
     def admit(self, key: Hashable, owner: Hashable, need: int, position_bytes: int = 0,
-              prompt_bound: int = 0) -> None:
+              prompt_bound: int = 0, budget_free: tuple[str, int] | None = None) -> None:
         """Reserve ``need`` bytes for ``key`` (its instance ``owner``), or raise: Busy when the
-        free bytes do not hold it now, InvalidArgument when the whole limit never could."""
+        free bytes do not hold it now, InvalidArgument when the whole limit never could.
+        ``budget_free``: (device, bytes) its memory budget has free (issue 12: the KV cache
+        is charged against it like the models): Busy past that too."""
         if need > self.limit:
             fit = self.limit // position_bytes - prompt_bound if position_bytes else 0
             most = f"; with this prompt, max_tokens up to {fit:,} fits" if fit > 0 else ""
@@ -180,6 +182,13 @@ class KVBudget:
                        f"{size_text(max(free, 0))} of the {size_text(self.limit)} limit is free "
                        f"({len(self.held)} request(s) hold the rest)",
                        hint="lower max_tokens, or retry when running requests have finished")
+        if budget_free is not None and need > budget_free[1]:
+            device, left = budget_free
+            raise Busy(f"not enough memory for this request's KV cache now: it needs {size_text(need)}, "
+                       f"the memory budget of {device} has {size_text(max(left, 0))} free (loaded "
+                       "models, jobs and running requests hold the rest)",
+                       hint="lower max_tokens, retry when running requests have finished, or "
+                            "unload a model (llmctl ps, llmctl unload)")
         self.held[key] = (owner, need)
 
     def shrink(self, key: Hashable, nbytes: int) -> None:

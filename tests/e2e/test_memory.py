@@ -78,8 +78,10 @@ def test_i12_1_lru_eviction_pins_and_refusal(tmp_path, template):
             c.load("m1")
             c.load("m2")
             greedy(c, "m1")                                  # m2 is now the least recently used
-            c.load("m3")
+            r3 = c.load("m3")
             assert set(loaded(c)) == {"m1:latest", "m3:latest"}
+            assert [(e["model"], e["to"], e["reason"]) for e in r3["evicted"]] == \
+                [("m2:latest", "store", "room for m3:latest")] and r3["paused_jobs"] == []   # review 8
             ev = ps(c)["evicted"][-1]
             assert (ev["model"], ev["to"]) == ("m2:latest", "store") and "m3:latest" in ev["reason"]
             c.pin("m1")                                      # m1 is the LRU one, but pinned
@@ -100,7 +102,7 @@ def test_i12_1_lru_eviction_pins_and_refusal(tmp_path, template):
             c.load("m3")
             assert set(loaded(c)) == {"m1:latest", "m3:latest"}
         log = d.log.read_text()
-        assert "evicting instance" in log and "room for loading m3:latest" in log
+        assert "evicting instance" in log and "room for m3:latest" in log
     finally:
         d.stop()
 

@@ -127,7 +127,7 @@ def test_i12_6_top_frame_shows_devices_instances_adapters_evictions_and_jobs():
     adapter = lines[next(n for n, ln in enumerate(lines) if ln.startswith("1 ")) + 1]
     assert adapter.split()[:3] == ["`-", "qa:latest", "ready"]
     assert "evicted 2 minutes ago: tiny:latest (instance 3) to host: room for big:latest" in text
-    assert "old:latest (instance 2) unloaded: keep-alive expired" in text
+    assert "old:latest (instance 2) to store: keep-alive expired" in text
     job = next(ln for ln in lines if ln.startswith("7 "))
     assert job.split()[:5] == ["7", "train", "tiny-char:latest", "paused", "40/200"]
     assert job.endswith("preempted: room for big:latest")
@@ -175,7 +175,12 @@ def test_i12_6_top_once_json_of_an_older_daemon_has_empty_lists(capsys):
 def test_i12_6_top_needs_a_terminal_or_once(capsys):
     assert run(FakeClient(), "top") == EX_USAGE                 # captured stdout is no terminal
     assert "--once" in capsys.readouterr().err
-    assert run(FakeClient(), "top", "--json") == EX_USAGE
+    capsys.readouterr()
+
+
+def test_i12_review_12_top_json_implies_once(capsys):
+    assert run(FakeClient(), "top", "--json") == 0                # no terminal needed, no --once
+    assert list(json.loads(capsys.readouterr().out)) == ["devices", "instances", "evicted", "jobs"]
 
 
 class KeyScreen(top.Screen):
@@ -271,7 +276,7 @@ def test_i12_1_ps_shows_tier_estimate_measured_keep_alive_and_evictions(capsys):
         "evicted 2 minutes ago: tiny:latest (instance 3) to host: room for big:latest"
     assert run(FakeClient(), "ps") == 0
     out = capsys.readouterr().out
-    assert "TIER" in out and "KEEP-ALIVE" in out and "(instance 2) unloaded: keep-alive expired" in out
+    assert "TIER" in out and "KEEP-ALIVE" in out and "(instance 2) to store: keep-alive expired" in out
     assert run(FakeClient(old=True), "ps") == 0                  # a 1.6 daemon's rows still print
     assert "evicted" not in capsys.readouterr().out
 
@@ -282,9 +287,9 @@ def test_i12_1_status_and_free_show_the_devices_table(capsys):
     assert "DEVICE   BUDGET   INSTANCES   JOBS     RESERVED   FREE" in out
     assert run(FakeClient(), "free") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["DEVICE", "BUDGET", "INSTANCES", "JOBS", "RESERVED", "FREE"]
-    assert lines[1].split() == ["cpu", "8.6", "GB", "2.1", "GB", "1.1", "GB", "0", "B", "5.4", "GB"]
-    assert lines[2].split() == ["host", "4.3", "GB", "1.1", "GB", "-", "-", "3.2", "GB"]
+    assert lines[0].split() == ["DEVICE", "BUDGET", "INSTANCES", "JOBS", "RESERVED", "FREE", "OTHER"]
+    assert lines[1].split() == ["cpu", "8.6", "GB", "2.1", "GB", "1.1", "GB", "0", "B", "5.4", "GB", "-"]
+    assert lines[2].split() == ["host", "4.3", "GB", "1.1", "GB", "-", "-", "3.2", "GB", "-"]
     assert run(FakeClient(), "free", "--json") == 0
     assert json.loads(capsys.readouterr().out) == {"devices": DEVICES}
     assert run(FakeClient(old=True), "status") == 0 and "DEVICE" not in capsys.readouterr().out

@@ -453,3 +453,29 @@ def test_i12_2_an_engine_stopped_to_swap_keeps_its_runner_for_the_next_engine():
     finally:
         eng2.stop()
         eng2.join(10)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux)")
+def test_i12_review_11_rss_drops_back_after_a_runner_closes():
+    """A ~100 MB model built, run by a Runner and closed: the process's RSS comes back near
+    where it started (glibc keeps freed heap unless trimmed; the bound is generous)."""
+    from llmosd.models.loader import resident_bytes
+    from llmosd.serve.runner import Runner
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                      eos_token_id=None)
+    before = _rss()
+    model = Llama(cfg)
+    model.init_weights(seed=0)
+    size = resident_bytes(model)
+    assert size > 80_000_000
+    runner = Runner(model.eval(), LetterTok(), torch.device("cpu"))
+    del model
+    assert _rss() - before > size // 2                  # it was resident
+    runner.close()
+    assert _rss() - before < size // 3

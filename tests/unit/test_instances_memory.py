@@ -20,7 +20,7 @@ MAN = {"parameters": 250, "weights": {"digest": "sha256:w"}}     # estimate: 100
 
 class Eng:
     """Enough engine for the manager: records stops, submits and cancels."""
-    context, kv_position_bytes = 64, 100
+    context, kv_position_bytes = 64, 10
 
     def __init__(self):
         self.stops, self.submitted, self.cancelled = [], [], []
