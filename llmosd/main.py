@@ -112,15 +112,7 @@ def serve(cfg) -> int:
         store.writer = StoreWriter(server.post)    # manifest, rm and tag writes (fsync) off the loop
         # one memory manager (issue 12): budgets in bytes; both admissions see each other's holders
         import inspect
-
-        from llmosd.mem.devices import device_memory
-        from llmosd.mem.manager import MemoryManager, budgets_from_config
-        from llmosd.mem.policy import size_text
-        budgets, host = budgets_from_config(cfg, lambda d: device_memory(torch.device(d)),
-                                            device_memory(torch.device("cpu")), torch.cuda.is_available())
-        log.info("memory budgets: %s; host tier %s", ", ".join(f"{d} {size_text(n)}" for d, n in
-                                                              budgets.items()), size_text(host) if host else "off")
-        memory = MemoryManager(budgets, host)
+        memory = memory_manager(cfg)
         manager = InstanceManager(server.post, store, device, dtype, max_batch=cfg.max_batch,
                                   stream_buffer=cfg.stream_buffer, max_kv_bytes=cfg.max_kv_bytes,
                                   memory=memory, keep_alive=cfg.keep_alive)
@@ -133,7 +125,8 @@ def serve(cfg) -> int:
         if callable(getattr(jobs, "preempt", None)):
             manager.preempt_job = jobs.preempt
         if callable(getattr(jobs, "use_instances", None)):
-            jobs.use_instances(manager.instance_holders, manager.make_room)
+            jobs.use_instances(manager.instance_holders, manager.make_room,
+                               host_pending=manager.place.host_pending)
         store.extra_refs = jobs.refs
         ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
         server.handler = ops.dispatch
@@ -172,6 +165,23 @@ def serve(cfg) -> int:
         os._exit(0)
     log.info("stopped")
     return 0
+
+
+def memory_manager(cfg):
+    """The daemon's one memory manager (issue 12), its budgets logged: the cpu's, one for
+    every CUDA device torch sees (``torch.cuda.device_count()``: each GPU gets a budget, not
+    only the first) and the host tier's, from ``cfg`` (``mem.budgets``).  Imports torch."""
+    import torch
+
+    from llmosd.mem import devices
+    from llmosd.mem.manager import MemoryManager, budgets_from_config
+    from llmosd.mem.policy import size_text
+    budgets, host = budgets_from_config(cfg, lambda d: devices.device_memory(torch.device(d)),
+                                        devices.device_memory(torch.device("cpu")),
+                                        torch.cuda.device_count())
+    log.info("memory budgets: %s; host tier %s", ", ".join(f"{d} {size_text(n)}" for d, n in
+                                                          budgets.items()), size_text(host) if host else "off")
+    return MemoryManager(budgets, host)
 
 
 def make_dirs(path: str, mode: int = 0o750) -> list[str]:

@@ -87,12 +87,14 @@ class ChatSession:
             gen = self.client.generate(self.model, text, **self.opts)
         else:
             gen = self.client.chat(self.model, self.messages(), **self.opts)
+        from .infer import waiting_text     # here: infer imports this module at its top
         parts = []
         note = StatusLine(enabled=tty and not self.as_json)
         try:
             for piece in gen:
-                if (getattr(gen, "chunks", None) or [{}])[-1].get("loading"):
-                    note.update(f"loading {self.model}...")
+                chunk = (getattr(gen, "chunks", None) or [{}])[-1]
+                if chunk.get("loading"):            # a load, or a swap-in: as generate -v says it
+                    note.update(waiting_text(chunk))
                 parts.append(piece)
                 if not self.as_json and piece:
                     note.clear()

@@ -10,7 +10,10 @@ runner's ``jobs``, ``hooks``, ``stopping``, ``post``, ``schedule``, ``stop``, ``
   more than the device's whole budget is refused at submit (``_check_budget``);
 - a plan that needs idle instances evicted is carried out by ``make_room(plan, done)`` (the
   instance manager's side, wired by ``use_instances``; ``done(ok)``), the room being the job's
-  meanwhile; a job that does not fit stays queued with the reason;
+  meanwhile; a room never made (``done(False)``, or the error) leaves it queued, waiting for
+  memory freed (never started over the budget); a job that does not fit stays queued with the
+  reason; its plans count the instances still swapping out on the host tier already
+  (``host_pending``), as the instance side's do;
 - the reservation follows what the worker measures (``mem_bytes`` in its metrics; the
   estimator learns) and is given back when the worker ends or the job leaves the queue;
 - a ``preemptible`` job is paused when a load needs its room (``preempt``) and queued again to
@@ -23,7 +26,8 @@ from typing import Callable
 
 from llmctl.errors import InvalidArgument
 from llmosd.jobs.queue import ACTIVE, TRAINERS, Job, JobState, estimator_key, mem_device
-from llmosd.mem.policy import Holder, never_fits, size_text
+from llmosd.mem.manager import device_name
+from llmosd.mem.policy import Holder, never_fits, plan_admission, size_text
 
 P, Q, R = JobState.PAUSED, JobState.QUEUED, JobState.RUNNING
 
@@ -36,6 +40,7 @@ class JobMemory:
         self.memory = memory
         self.make_room: Callable | None = None
         self.other_holders: Callable[[], list] | None = None
+        self.host_pending: Callable[[], int] = lambda: 0
         self._charged: dict[int, str] = {}           # job id -> device its reservation is on
         self._making_room: set[int] = set()          # queued jobs whose room is being made
         self._no_room: set[int] = set()              # make_room failed: wait for memory freed
@@ -79,20 +84,29 @@ class JobMemory:
                               idle=idle, preemptible=job.preemptible))
         return out
 
-    def use_instances(self, holders: Callable[[], list], make_room: Callable) -> None:
+    def use_instances(self, holders: Callable[[], list], make_room: Callable,
+                      host_pending: Callable[[], int] | None = None) -> None:
         """Wire the instance manager in: ``holders()``, everything holding memory as policy
-        Holders (its instances; the jobs it lists are this runner's own, left out here), and
-        ``make_room(actions, go)``, which carries a plan's actions out and calls ``go()`` once
-        their memory has left the device."""
+        Holders (its instances; the jobs it lists are this runner's own, left out here);
+        ``make_room(actions, go, *, fail=)`` (``Placement.make_room``), which carries a plan's
+        actions out and calls ``go()`` once their memory has left the device, or
+        ``fail(error)`` when it never does; ``host_pending()``, the bytes of instances
+        swapping out, bound for the host tier but not yet charged there."""
         self.other_holders = lambda: [h for h in holders() if h.kind != "job"]
-        self.make_room = lambda plan, done: make_room(plan.actions, lambda: done(True))
+        self.make_room = lambda plan, done: make_room(plan.actions, lambda: done(True), fail=done)
+        self.host_pending = host_pending if host_pending is not None else (lambda: 0)
 
     def _plan(self, job: Job, need: int):
+        """The manager's plan for ``job``, with the host tier's room less what instances
+        swapping out will take there (``host_pending``): else a job's plan right after a
+        load's would swap more to the host than it has room for."""
+        m, device = self.memory, device_name(mem_device(job.device))
         others = list(self.other_holders()) if self.other_holders else []
-        return self.memory.plan(need, mem_device(job.device), job.priority,
-                                others + self.holders(evictable=False),
-                                for_what=f"job {job.id} ({job.kind} of {job.model})",
-                                how=job.kind, fix=job_fix(job))
+        return plan_admission(need, device, job.priority,
+                              m.holders(others + self.holders(evictable=False)), m.budget(device),
+                              m.host_budget, m.host_used() + max(0, int(self.host_pending())),
+                              for_what=f"job {job.id} ({job.kind} of {job.model})",
+                              how=job.kind, fix=job_fix(job))
 
     def _admit(self, job: Job) -> bool:
         """Whether ``job`` (given a slot by ``next_to_start``) may start now: its reservation
@@ -124,13 +138,16 @@ class JobMemory:
         return False
 
     def _room_made(self, job: Job, ok) -> None:
-        """``make_room`` is over (on the loop): the job starts if it fits now."""
+        """``make_room`` is over (on the loop): the job starts if it fits now.  ``ok`` False
+        or an error (the room was never made): it waits for memory freed, queued."""
         self._making_room.discard(job.id)
         if job.state is not Q:
             self._release(job)
             return
-        if not ok:
+        if ok is not True:
             self._no_room.add(job.id)             # not again until memory is freed
+            if isinstance(ok, Exception):
+                self._log(job, f"the room was not made: {ok}")
         if job.id in self._charged:
             self._zero(job)
         self.schedule()

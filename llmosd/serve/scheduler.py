@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 from llmctl.errors import Busy, InvalidArgument
+# Decimal units, as llmctl's tables write them; serve/instances.py imports size_text from here.
+from llmosd.mem.policy import size_text, sizes_text  # noqa: F401
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -136,15 +138,6 @@ def kv_positions(context: int, prompt_bound: int, max_tokens: int) -> int:
     return max(1, min(context, prompt_bound + max_tokens))
 
 
-def size_text(n: int) -> str:
-    """Bytes for people: 1.5 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 class KVBudget:
     """KV-cache bytes reserved by admitted requests against ``limit``.  One thread only."""
 
@@ -171,21 +164,24 @@ class KVBudget:
         if need > self.limit:
             fit = self.limit // position_bytes - prompt_bound if position_bytes else 0
             most = f"; with this prompt, max_tokens up to {fit:,} fits" if fit > 0 else ""
+            need_t, limit_t = sizes_text(need, self.limit)
             raise InvalidArgument(
-                f"this request needs {size_text(need)} of KV cache, more than the daemon's whole "
-                f"limit of {size_text(self.limit)}{most}",
+                f"this request needs {need_t} of KV cache, more than the daemon's whole "
+                f"limit of {limit_t}{most}",
                 hint="lower max_tokens (or shorten the prompt), or raise max_kv_bytes "
                      "(LLMOSD_MAX_KV_BYTES) for the daemon")
         free = self.free
         if need > free:
-            raise Busy(f"not enough KV-cache memory for this request now: it needs {size_text(need)}, "
-                       f"{size_text(max(free, 0))} of the {size_text(self.limit)} limit is free "
+            need_t, free_t, limit_t = sizes_text(need, max(free, 0), self.limit)
+            raise Busy(f"not enough KV-cache memory for this request now: it needs {need_t}, "
+                       f"{free_t} of the {limit_t} limit is free "
                        f"({len(self.held)} request(s) hold the rest)",
                        hint="lower max_tokens, or retry when running requests have finished")
         if budget_free is not None and need > budget_free[1]:
             device, left = budget_free
-            raise Busy(f"not enough memory for this request's KV cache now: it needs {size_text(need)}, "
-                       f"the memory budget of {device} has {size_text(max(left, 0))} free (loaded "
+            need_t, left_t = sizes_text(need, max(left, 0))
+            raise Busy(f"not enough memory for this request's KV cache now: it needs {need_t}, "
+                       f"the memory budget of {device} has {left_t} free (loaded "
                        "models, jobs and running requests hold the rest)",
                        hint="lower max_tokens, retry when running requests have finished, or "
                             "unload a model (llmctl ps, llmctl unload)")

@@ -38,6 +38,21 @@ def test_kv_arithmetic_matches_the_cache_and_the_issue():
     assert kv_positions(8192, 22, 1_000_000) == 8192          # capped by the context
 
 
+def test_i12_2_kv_cache_messages_use_the_cli_s_decimal_units():
+    """Sizes in KV-cache refusals read as llmctl's tables (decimal MB, not MiB); two numbers
+    that would round alike are written in plain bytes."""
+    b = KVBudget(10 * MiB)
+    with pytest.raises(errors.Busy) as e:
+        b.admit("a", 1, 2 * MiB, budget_free=("cpu", MiB))
+    assert "needs 2.1 MB" in str(e.value) and "cpu has 1.0 MB free" in str(e.value)
+    assert "MiB" not in str(e.value)
+    b = KVBudget(1_000_050)
+    b.admit("a", 1, 40)
+    with pytest.raises(errors.Busy) as e:
+        b.admit("b", 1, 1_000_020)
+    assert "needs 1000020 B, 1000010 B of the 1000050 B limit is free" in str(e.value)
+
+
 def test_kv_budget_busy_too_big_shrink_release():
     b = KVBudget(10 * MiB)
     b.admit("a", 1, 4 * MiB)
@@ -45,7 +60,7 @@ def test_kv_budget_busy_too_big_shrink_release():
     with pytest.raises(errors.Busy) as e:
         b.admit("c", 1, 4 * MiB)
     msg = str(e.value) + e.value.hint
-    assert "4.0 MiB" in msg and "2.0 MiB" in msg and "10.0 MiB" in msg and "max_tokens" in msg
+    assert "4.2 MB" in msg and "2.1 MB" in msg and "10.5 MB" in msg and "max_tokens" in msg
     with pytest.raises(errors.InvalidArgument) as e:
         b.admit("huge", 1, 11 * MiB, position_bytes=MiB, prompt_bound=3)
     assert "max_tokens up to 7" in str(e.value) and "max_kv_bytes" in e.value.hint

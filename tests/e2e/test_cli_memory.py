@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import struct
@@ -46,6 +47,28 @@ def wait_for(fn, timeout: float = 15.0):
     raise AssertionError("timed out")
 
 
+RSS_KEYS = ("process_rss", "other")
+
+
+def steady(devices: list[dict]) -> list[dict]:
+    """The devices rows less the cpu's ``process_rss``/``other``: the daemon's RSS moves
+    between two calls, the rest must not."""
+    return [{k: v for k, v in d.items() if k not in RSS_KEYS} for d in devices]
+
+
+def assert_rss_sane(devices: list[dict]) -> bool:
+    """The cpu row carries the daemon's RSS (> 0) and the part of it the ledger does not charge."""
+    (cpu,) = [d for d in devices if d["device"] == "cpu"]
+    assert cpu["process_rss"] > 0 and 0 <= cpu["other"] <= cpu["process_rss"]
+    return True
+
+
+def without_other(lines: list[str]) -> list[list[str]]:
+    """Table lines' cells (columns are 3+ spaces apart) less the last one, OTHER: it shows
+    the daemon's RSS, which moves between two calls."""
+    return [re.split(r" {3,}", ln.strip())[:-1] for ln in lines]
+
+
 def test_i12_6_top_once_json_carries_what_the_table_shows(mem_daemon):
     d = mem_daemon
     d.cli("load", "tiny", "--keep-alive", "1h")
@@ -54,7 +77,8 @@ def test_i12_6_top_once_json_carries_what_the_table_shows(mem_daemon):
         ps, status = as_json(d, "ps", "--json"), as_json(d, "status", "--json")
         assert list(top) == ["devices", "instances", "evicted", "jobs"]
         assert top["instances"] == ps["instances"] and top["evicted"] == ps["evicted"]
-        assert top["jobs"] == ps["jobs"] and top["devices"] == status["devices"]
+        assert top["jobs"] == ps["jobs"] and steady(top["devices"]) == steady(status["devices"])
+        assert_rss_sane(top["devices"]) and assert_rss_sane(status["devices"])
         (inst,) = top["instances"]
         assert inst["model"] == "tiny:latest" and inst["tier"] == "device" and inst["keep_alive"] == 3600
         assert [x["device"] for x in top["devices"]] and all("budget" in x for x in top["devices"])
@@ -65,10 +89,15 @@ def test_i12_6_top_once_json_carries_what_the_table_shows(mem_daemon):
             assert any(ln.split()[:1] == [dev["device"]] for ln in lines), dev
         assert any(ln.startswith("host ") for ln in lines)
         # free and status draw the same devices table
-        assert as_json(d, "free", "--json") == {"devices": status["devices"]}
+        free_json = as_json(d, "free", "--json")
+        assert list(free_json) == ["devices"] and steady(free_json["devices"]) == steady(status["devices"])
         free = d.cli("free").stdout
-        assert free.splitlines()[0].split() == ["DEVICE", "BUDGET", "INSTANCES", "JOBS", "RESERVED", "FREE"]
-        assert free.strip() in d.cli("status").stdout
+        header = ["DEVICE", "BUDGET", "INSTANCES", "JOBS", "RESERVED", "FREE", "OTHER"]
+        assert free.splitlines()[0].split() == header
+        free_lines = free.strip().splitlines()
+        status_lines = d.cli("status").stdout.splitlines()
+        at = next(i for i, ln in enumerate(status_lines) if ln.split() == header)
+        assert without_other(status_lines[at:at + len(free_lines)]) == without_other(free_lines)
     finally:
         d.cli("unload", "tiny")
 
@@ -143,3 +172,43 @@ def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
         if select.select([fd], [], [], left)[0]:
             buf += os.read(fd, 65536)
     return buf
+
+
+def test_i12_6_chat_says_a_swap_in_as_generate_does(monkeypatch, capsys):
+    """``chat`` (and ``run`` without a prompt) waiting for a swapped instance says "swapping X
+    back in...", as ``generate -v`` does (``infer.waiting_text``); a load still says loading."""
+    import io
+
+    from llmctl.cli.repl import ChatSession
+
+    class Gen:
+        def __init__(self, wait):
+            self.chunks = [{"loading": "tiny:latest", **wait}]
+            self._it, self.stats = iter(["", "ok"]), {"finish_reason": "stop"}
+
+        def __iter__(self):
+            return self._it
+
+        def cancel(self):
+            return self.stats
+
+    class Client:
+        waits = [{"wait": "swap_in"}, {}]
+
+        def chat(self, model, messages, **opts):
+            return Gen(self.waits.pop(0))
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    lines = iter(["hello", "again"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError
+    monkeypatch.setattr("builtins.input", fake_input)
+    ChatSession(Client(), "tiny", {}).run(Tty(), io.StringIO())
+    err = capsys.readouterr().err
+    assert "swapping tiny:latest back in..." in err and "loading tiny:latest..." in err

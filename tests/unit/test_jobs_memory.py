@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from llmctl.errors import InvalidArgument
+from llmctl.errors import InvalidArgument, OutOfMemory
 from llmosd.jobs.queue import Job, JobState, after_restart
 from llmosd.mem.manager import MemoryManager
 from llmosd.mem.policy import Holder
@@ -231,11 +231,60 @@ def test_i12_review_3_a_room_that_cannot_be_made_is_not_retried_in_a_loop(mem_en
     runner = make()
     tries = []
     runner.use_instances(lambda: [Holder("instance", 5, "i:latest", "cpu", "device", 0)],
-                         lambda actions, go: tries.append(actions))
+                         lambda actions, go, **kw: tries.append(actions))
     memory.charge(("instance", 5), "cpu", 700)
     job = submit(runner, mem_estimate=600)
     loop.until(lambda: tries)
     runner._room_made(job, False)                     # the instance side could not make it
     drain(loop, 0.3)
     assert len(tries) == 1 and job.state is Q          # zeroing its own reservation frees nothing
+    runner.stop(job, "cancel")
+
+
+def test_i12_5_a_room_never_made_fails_the_job_back_to_waiting(mem_env):
+    """The instance side gives up on the room (``Placement.make_room``'s ``fail``, after its
+    wait limit with the device over budget): the job is not started over the budget but
+    waits, queued, with its reason, and starts once memory is freed."""
+    loop, records, make, memory = mem_env
+    runner = make()
+    memory.charge(("instance", 5), "cpu", 700)
+    calls = []
+
+    def make_room(actions, go, *, room_for=None, fail=None):   # Placement.make_room's signature
+        calls.append((actions, fail))
+        assert fail is not None                                # the job side must say what failing does
+        fail(OutOfMemory("the room was not made in 60s: instance 5 still held memory on cpu"))
+        return []
+    idle = Holder("instance", 5, "i:latest", "cpu", "device", 700, last_used=1.0)
+    runner.use_instances(lambda: [idle] if memory.charged(("instance", 5)) else [], make_room)
+    job = submit(runner, n=3, mem_estimate=600)
+    loop.until(lambda: calls and job.reason.startswith("waiting for memory"))
+    drain(loop, 0.2)
+    assert len(calls) == 1 and job.state is Q and job.process is None
+    assert memory.charged(("job", job.id)) in (None, ("cpu", "device", 0))
+    events = records.read_events(job.id, records.sizes(job.id))
+    assert any("the room was not made" in e.get("line", "") for e in events)
+    memory.uncharge(("instance", 5))                           # freed: it starts and ends
+    loop.until(lambda: job.state is S)
+
+
+def test_i12_5_a_job_plan_counts_swaps_in_flight_on_the_host(env):
+    """Host-tier bytes of instances still swapping out (``host_pending``) are the host's
+    already: an idle instance the host has no room left for is unloaded, not swapped."""
+    loop, records, make = env
+    memory = MemoryManager({"cpu": 1000}, 1000)
+    runner = make(memory=memory)
+    memory.charge(("instance", 4), "cpu", 700)
+    idle = Holder("instance", 4, "smol:latest", "cpu", "device", 700, last_used=1.0)
+    plans = []
+
+    def make_room(actions, go, *, room_for=None, fail=None):
+        plans.append(actions)
+        return []
+    runner.use_instances(lambda: [idle], make_room, host_pending=lambda: 600)
+    job = submit(runner, n=3, mem_estimate=600)
+    loop.until(lambda: plans)
+    assert [(a.kind, a.holder.id) for a in plans[0]] == [("unload", 4)]
+    runner.use_instances(lambda: [idle], make_room)             # nothing in flight: a swap fits
+    assert [a.kind for a in runner._plan(job, 600).actions] == ["swap"]
     runner.stop(job, "cancel")

@@ -233,3 +233,42 @@ def test_i12_budgets_sizes_and_percentages():
 def test_i12_bad_budgets_are_refused_with_the_numbers(env, needle):
     with pytest.raises(ConfigError, match=needle):
         budgets_from_config(cfg_with(LLMOSD_BUDGET=env), dev_mem, 16 * GiB, True)
+
+
+class _Reserved(Holder):
+    """As the instance side's KV-cache holder: a reservation named for people."""
+
+    def label(self) -> str:
+        return "KV cache of running requests"
+
+
+def test_i12_4_a_refusal_names_no_owner_for_reservations():
+    """Holders that are neither instances nor jobs (the KV cache of running requests, a load
+    in progress) have no owner: the refusal says why they stay, and nothing of a uid."""
+    mm = MemoryManager({"cpu": 1000}, 0)
+    mm.charge(("kv", 0), "cpu", 500)
+    mm.charge(("load", 7), "cpu", 200)                 # no holder row names it
+    p = mm.plan(400, "cpu", 0, [_Reserved("kv", 0, "", "cpu", "device", 500, idle=False),
+                                inst(3, 200, uid=None, idle=False)], for_what="loading new:latest")
+    held = p.message.split("held by: ")[1]
+    kv, rest = held.split(", ", 1)
+    assert kv == "KV cache of running requests 500 B (in use)"
+    assert "load 7 200 B (in use)" in rest and "instance 3 m3:latest 200 B (owner unknown, busy)" in rest
+    assert "uid" not in p.message and "?" not in p.message
+
+
+def test_i12_3_every_cuda_device_gets_a_budget(monkeypatch):
+    """The daemon builds its budgets for as many CUDA devices as torch counts (not 1 for
+    "CUDA is available"): a machine with two GPUs has cuda:0 and cuda:1 budgets."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from llmosd import main
+    from llmosd.mem import devices
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices, "device_memory",
+                        lambda d: 80 * GiB if torch.device(d).type == "cuda" else 64 * GiB)
+    mm = main.memory_manager(SimpleNamespace(budgets={}, budget_sources={}))
+    assert sorted(mm.budgets) == ["cpu", "cuda:0", "cuda:1"]
+    assert mm.budget("cuda:1") == mm.budget("cuda:0") == int(0.9 * 80 * GiB)
