@@ -173,7 +173,7 @@ def test_i8_5_cold_generate_says_loading(d, imported):
     with d.client() as c:
         g = c.generate("hf1", "ROMEO:", max_tokens=2, temperature=0)
         g.text()
-        assert g.chunks[0] == {"text": "", "token_ids": [], "loading": "hf1:latest"}
+        assert g.chunks[0] == {"text": "", "token_ids": [], "loading": "hf1:latest", "wait": "load"}
         g = c.generate("hf1", "ROMEO:", max_tokens=2, temperature=0)   # warm: no notice
         g.text()
         assert not any("loading" in ch for ch in g.chunks)
