@@ -93,7 +93,14 @@ class Group(Solo):
         return {v: k for k, v in _CODES.items()}[int(code.item())]
 
     def close(self) -> None:
+        """Leave the group together: a rank that tears its group down while another still
+        writes the pause checkpoint can abort in gloo's threads ("terminate called without an
+        active exception"), so the ranks meet at a barrier first (a dead peer fails it fast)."""
         if dist.is_initialized():
+            try:
+                dist.barrier()
+            except Exception:            # noqa: BLE001 - a peer is gone: nothing left to wait for
+                pass
             dist.destroy_process_group()
 
 
