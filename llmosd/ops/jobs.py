@@ -123,7 +123,7 @@ class JobOps(FinetuneOps):
         for rel, digest in files.items():
             if not isinstance(rel, str) or not isinstance(digest, str) or "/" in rel or rel.startswith("."):
                 raise InvalidArgument(f"{field}: bad entry {rel!r}")
-            self.store.blob_path(digest)                  # a well-formed digest, or StoreCorrupt
+            self.store.check_digest(digest)               # bad input: invalid_argument
 
     def _check_uploaded(self, field: str, files: dict, why: str) -> None:
         """InvalidArgument unless every file's blob is stored.  One the client did not send

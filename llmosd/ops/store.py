@@ -164,7 +164,7 @@ class StoreOps:
         """Open an upload slot owned by the client, or answer ``have`` when nothing need be
         sent: the store has the blob, or a stored model was imported from that file."""
         digest, peer = ctx.body["digest"], ctx.peer
-        self.store.blob_path(digest)                      # a well-formed digest
+        self.store.check_digest(digest)                   # bad input: invalid_argument
         if not self.store.has_blob(digest) and self.sources.known(digest):
             ctx.ok({"have": True})
             return

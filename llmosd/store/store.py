@@ -148,6 +148,14 @@ class Store:
             raise StoreCorrupt(f"malformed blob digest {shown(str(digest))}")
         return os.path.join(self.blobs, digest.replace(":", "-", 1))
 
+    @staticmethod
+    def check_digest(digest) -> None:
+        """InvalidArgument unless ``digest`` is a well-formed blob digest: for digests a client
+        sends (a malformed one is bad input, not a corrupt store)."""
+        if not isinstance(digest, str) or not _DIGEST.match(digest):
+            raise InvalidArgument(f"malformed blob digest {shown(str(digest))}",
+                                  hint="a digest is 'sha256:' and 64 lowercase hex digits")
+
     def has_blob(self, digest: str) -> bool:
         try:
             return stat.S_ISREG(os.lstat(self.blob_path(digest)).st_mode)

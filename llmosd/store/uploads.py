@@ -76,7 +76,7 @@ class Uploads:
     def begin(self, digest: str, size: int, owner: Hashable = None) -> bool:
         """Open ``owner``'s slot for ``digest``; True when the store already has the blob
         (nothing to send).  Raises Busy past the limits."""
-        self.store.blob_path(digest)            # validates the digest's form
+        self.store.check_digest(digest)         # validates the digest's form (bad input)
         if not 0 <= size <= MAX_BLOB:
             raise TooLarge(f"blob size {size} is out of range")
         self.expire()
