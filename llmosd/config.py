@@ -51,16 +51,19 @@ class Config:
     max_kv_bytes: int = 0            # KV-cache bytes all admitted requests may reserve; 0 = auto (RAM/4)
     max_jobs: int = 1                # jobs (create, import, train) running at once per device
     job_stop_timeout_s: float = 30.0  # pause/cancel: how long a worker may take before SIGKILL
+    metrics_port: int = 0            # Prometheus text on http://127.0.0.1:PORT/metrics; 0 = off
     keep_alive: float = 300.0        # seconds an idle instance stays loaded; -1 forever, 0 unload at once
     # section ("cpu", "cuda0", "host") -> budget text ("8GiB", "90%", "auto"); and each one's source
     budgets: dict = field(default_factory=dict, metadata={"internal": True})
     budget_sources: dict = field(default_factory=dict, metadata={"internal": True})
     config_file: str = field(default="", metadata={"internal": True})
+    system: bool = field(default=False, metadata={"internal": True})   # --system: system paths, any uid
 
     def resolved(self) -> "Config":
-        """Fill mode-dependent paths."""
+        """Fill mode-dependent paths: system mode with ``system`` (--system), or as root
+        without ``user``; else user mode."""
         c = dataclasses.replace(self)
-        system = os.getuid() == 0 and not c.user
+        system = c.system or (os.getuid() == 0 and not c.user)
         if not c.socket:
             c.socket = paths.SYSTEM_SOCKET if system else paths.user_socket()
         else:
@@ -192,8 +195,33 @@ def _set_budget(budgets: dict, sources: dict, dev: str, value, source: str) -> N
     sources[section] = source
 
 
-def default_config_file(user: bool) -> str:
-    return paths.SYSTEM_CONFIG if os.getuid() == 0 and not user else paths.user_config()
+def default_config_file(user: bool, system: bool = False) -> str:
+    return paths.SYSTEM_CONFIG if system or (os.getuid() == 0 and not user) else paths.user_config()
+
+
+def key_line(text: str, key: str, table: str | None = None) -> int | None:
+    """The 1-based line of ``text`` (TOML) where ``key`` is set (``key = ...``), with ``table``
+    the first such line after the header ``[table]`` (or the header's line when ``key`` is
+    empty); None when not found.  For error messages only: tomllib gives no positions for
+    values it accepted."""
+    import re
+    header = rf"\s*\[\s*{re.escape(table)}\s*\]" if table else None
+    assign = rf"\s*[\"']?{re.escape(key)}[\"']?\s*="
+    inside = header is None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not inside:
+            inside = bool(re.match(header, line))
+            if inside and not key:
+                return n
+        elif key and re.match(assign, line):
+            return n
+    return None
+
+
+def _where(path: str, text: str, key: str, table: str | None = None) -> str:
+    """``path line N`` naming where ``key`` (or ``[table]``) is set in the file, or ``path``."""
+    n = key_line(text, key, table)
+    return f"{path} line {n}" if n else path
 
 
 def machine() -> tuple[int, int | None]:
@@ -234,14 +262,21 @@ def load(config_file: str | None = None, flags: dict | None = None,
     budgets: dict = {}
     bsources: dict = {}
     flag_budgets = flags.pop("budget", None) or []
+    system = bool(flags.pop("system", False))
     user = bool(flags.get("user")) or _coerce("user", environ.get("LLMOSD_USER", "0"), "LLMOSD_USER")
+    if system and user:
+        raise ConfigError("--system and --user exclude each other",
+                          hint="the systemd unit passes --system; drop --user (or LLMOSD_USER)")
     explicit = config_file or environ.get("LLMOSD_CONFIG")
-    path = explicit or default_config_file(user)
+    path = explicit or default_config_file(user, system)
+    text = ""
     if os.path.exists(path):
         try:
             with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
+                raw = f.read()
+            text = raw.decode("utf-8", errors="replace")
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config file {path}: {e}") from None
         devices = data.get("devices", {})
         data = data.get("llmosd", data)  # accept a [llmosd] table or top-level keys
@@ -250,18 +285,22 @@ def load(config_file: str | None = None, flags: dict | None = None,
         if not isinstance(devices, dict):
             raise ConfigError(f"{path}: 'devices' must be tables like [devices.cpu]")
         for dev, table in devices.items():
+            at = _where(path, text, "budget", f"devices.{dev}")
+            if at == path:
+                at = _where(path, text, "budget", f"llmosd.devices.{dev}")
             if not isinstance(table, dict) or set(table) - {"budget"}:
-                raise ConfigError(f"{path}: [devices.{dev}] may hold only 'budget'",
+                raise ConfigError(f"{at}: [devices.{dev}] may hold only 'budget'",
                                   hint='e.g. [devices.cpu] budget = "8GiB"')
             if "budget" in table:
-                _set_budget(budgets, bsources, dev, table["budget"], f"file {path}")
+                _set_budget(budgets, bsources, dev, table["budget"], f"file {at}")
+                bsources[budget_section(dev)] = f"file {path}"
         for k, v in data.items():
             if k == "devices":
                 continue
             if k not in _KEYS:
-                raise ConfigError(f"{path}: unknown setting '{k}'",
+                raise ConfigError(f"{_where(path, text, k)}: unknown setting '{k}'",
                                   hint="known settings: " + ", ".join(sorted(_KEYS)))
-            values[k], sources[k] = _coerce(k, v, path), f"file {path}"
+            values[k], sources[k] = _coerce(k, v, _where(path, text, k)), f"file {path}"
     elif explicit:
         raise ConfigError(f"config file {path} does not exist")
     for k in _KEYS:
@@ -277,27 +316,62 @@ def load(config_file: str | None = None, flags: dict | None = None,
     for k, v in flags.items():
         values[k], sources[k] = _coerce(k, v, "--" + k.replace("_", "-")), "flag"
     cfg = Config(**values, budgets=budgets, budget_sources=bsources,
-                 config_file=path if os.path.exists(path) else "")
+                 config_file=path if os.path.exists(path) else "", system=system)
     for section, src in bsources.items():
         sources[f"devices.{section}.budget"] = src
     resolved = cfg.resolved()
     for k in ("socket", "state_dir"):
         if not getattr(cfg, k):
-            sources[k] = "default (user mode)" if resolved.user or os.getuid() != 0 else "default (system mode)"
+            sources[k] = ("default (system mode)" if system or not (resolved.user or os.getuid() != 0)
+                          else "default (user mode)")
+
+    def origin(key: str) -> str:        # "FILE line N: ", "env VAR: " or "flag --x: "
+        src = sources.get(key, "default")
+        if src.startswith("file "):
+            return _where(path, text, key) + ": "
+        return "" if src == "default" else f"{src}: "
     if resolved.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-        raise ConfigError(f"log_level must be debug, info, warning, error or critical, got {resolved.log_level!r}")
+        raise ConfigError(f"{origin('log_level')}log_level must be debug, info, warning, error or "
+                          f"critical, got {resolved.log_level!r}")
     if not (resolved.device in ("auto", "cpu", "cuda") or resolved.device.startswith("cuda:")):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {resolved.device!r}")
+        raise ConfigError(f"{origin('device')}device must be auto, cpu, cuda or cuda:N, got {resolved.device!r}")
     if resolved.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {resolved.dtype!r}")
+        raise ConfigError(f"{origin('dtype')}dtype must be auto, float32, float16 or bfloat16, "
+                          f"got {resolved.dtype!r}")
     if resolved.max_jobs < 1:
-        raise ConfigError(f"max_jobs must be at least 1, got {resolved.max_jobs}")
+        raise ConfigError(f"{origin('max_jobs')}max_jobs must be at least 1, got {resolved.max_jobs}")
     if not 0 <= resolved.job_stop_timeout_s <= 86400:
-        raise ConfigError(f"job_stop_timeout_s must be between 0 and 86400 seconds, "
-                          f"got {resolved.job_stop_timeout_s:g}")
+        raise ConfigError(f"{origin('job_stop_timeout_s')}job_stop_timeout_s must be between 0 and "
+                          f"86400 seconds, got {resolved.job_stop_timeout_s:g}")
+    if not 0 <= resolved.metrics_port <= 65535:
+        raise ConfigError(f"{origin('metrics_port')}metrics_port must be a TCP port (1 to 65535) "
+                          f"or 0 (off), got {resolved.metrics_port}")
     if hardware is not None:
         check_budgets(resolved, hardware)
     return resolved, sources
+
+
+# Keys a SIGHUP reload applies to the running daemon (main.apply_reload); every other key (and
+# the budgets) is read at start only: the socket, paths, device and dtype are bound then, and the
+# memory manager has no setter for its budgets.
+RELOADABLE = ("log_level", "keep_alive", "default_max_tokens", "max_batch", "stream_buffer",
+              "max_uploads", "max_uploads_per_client", "max_kv_bytes", "max_jobs",
+              "job_stop_timeout_s")
+
+
+def reload_changes(old: Config, new: Config) -> tuple[dict, dict]:
+    """What a reload from ``old`` to ``new`` changes: ({key: (old, new)} of RELOADABLE keys,
+    {key: (old, new)} of keys that need a restart, budgets as ``devices.SECTION.budget``)."""
+    apply, restart = {}, {}
+    for k in _KEYS:
+        a, b = getattr(old, k), getattr(new, k)
+        if a != b:
+            (apply if k in RELOADABLE else restart)[k] = (a, b)
+    for section in sorted(set(old.budgets) | set(new.budgets)):
+        a, b = old.budgets.get(section, "auto"), new.budgets.get(section, "auto")
+        if a != b:
+            restart[f"devices.{section}.budget"] = (a, b)
+    return apply, restart
 
 
 def render(cfg: Config, sources: dict, hardware=None) -> str:

@@ -24,13 +24,17 @@ def parse_args(argv):
         "serves llmctl over a ZeroMQ socket.  Runs in the foreground (systemd style).",
         epilog="Settings come from defaults, then the TOML config file, then LLMOSD_* variables "
                "(e.g. LLMOSD_SOCKET, LLMOSD_STATE_DIR, LLMOSD_CONFIG, LLMOSD_DEVICE), then flags. "
-               "See llmosd(8).")
+               "SIGHUP reloads the config file.  `llmosd install-service --help`: install the "
+               "systemd service.  See llmosd(8).")
     p.add_argument("--config", metavar="FILE", help="TOML config file (default: /etc/llmosd/llmosd.toml, "
                    "or ~/.config/llmosd/llmosd.toml in user mode)")
     p.add_argument("--socket", metavar="URL", help="ZeroMQ endpoint, e.g. ipc:///run/llmosd/llmosd.sock")
     p.add_argument("--state-dir", metavar="DIR", help="model store and state directory")
     p.add_argument("--user", action="store_true", default=None,
                    help="user mode: XDG state and runtime directories even as root")
+    p.add_argument("--system", action="store_true", default=None,
+                   help="system mode whatever the uid: /etc/llmosd/llmosd.toml, /var/lib/llmosd, "
+                        "/run/llmosd (the systemd unit passes it)")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", metavar="T", help="auto, float32, float16 or bfloat16")
@@ -45,11 +49,16 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install-service"]:
+        from llmosd import service
+        return service.main(argv[1:])
+    a = parse_args(argv)
     flags = {"socket": a.socket, "state_dir": a.state_dir, "user": a.user, "log_level": a.log_level,
-             "device": a.device, "dtype": a.dtype, "threads": a.threads, "budget": a.budget}
+             "device": a.device, "dtype": a.dtype, "threads": a.threads, "budget": a.budget,
+             "system": a.system}
     try:
-        cfg, sources = config_mod.load(a.config, flags)
+        cfg, sources = config_mod.load(a.config, dict(flags))
     except LlmosdError as e:
         print(f"llmosd: {e}" + (f"\n  hint: {e.hint}" if e.hint else ""), file=sys.stderr)
         return EX_CONFIG
@@ -59,7 +68,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:
-        return serve(cfg)
+        return serve(cfg, reload=lambda: config_mod.load(a.config, dict(flags))[0])
     except LlmosdError as e:
         log.error("%s%s", e, f" (hint: {e.hint})" if e.hint else "")
         return e.exit_status
@@ -68,11 +77,16 @@ def main(argv=None) -> int:
         return 71   # EX_OSERR
 
 
-def serve(cfg) -> int:
+def serve(cfg, reload=None) -> int:
+    """Run the daemon on ``cfg`` until SIGTERM; ``reload()`` (SIGHUP) reads the config again."""
     from llmosd.jobs.records import Records
     from llmosd.store.store import Store
-    from llmosd.system import PidLock, sd_notify
+    from llmosd.system import PidLock, Watchdog, sd_notify
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)     # not fatal before the loop can reload
+    watchdog = Watchdog.from_env()                  # pings through start-up (TimeoutStartSec)
+    if watchdog:
+        watchdog.start()
     raise_fd_limit()
     sock_path = paths.ipc_path(cfg.socket)
     if sock_path:
@@ -128,26 +142,47 @@ def serve(cfg) -> int:
             jobs.use_instances(manager.instance_holders, manager.make_room,
                                host_pending=manager.place.host_pending)
         store.extra_refs = jobs.refs
-        ops = Ops(cfg, store, manager, jobs, Uploads(store, server.post))
+        uploads = Uploads(store, server.post)
+        ops = Ops(cfg, store, manager, jobs, uploads)
         server.handler = ops.dispatch
+        ops.attach(server)                      # metrics, and their HTTP port if configured
         server.on_peer_gone.append(ops.peer_gone)
         server.idle_checks += [manager.idle, jobs.idle, store.writer.idle]
         server.bind()
         manager.start_timer()                   # keep-alives
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: server.request_stop())
+        reloader = Reloader(cfg, reload, manager=manager, jobs=jobs, uploads=uploads)
+        signal.signal(signal.SIGHUP, lambda *_: server.post(reloader.reload))
         log.info("llmosd %s listening on %s (state %s, device %s, %s, %d thread(s))",
                  llmosd.__version__, cfg.socket, cfg.state_dir, device,
                  str(dtype).replace("torch.", ""), threads)
+        from llmosd import desired
+        desired.restore(manager, store, os.path.join(cfg.state_dir, desired.FILE))   # the table as it was
         ops.job_ops.adopt()                     # train jobs from the records resume
-        sd_notify(f"READY=1\nSTATUS=listening on {cfg.socket}\nMAINPID={os.getpid()}")
+
+        def status() -> str:                    # the STATUS= line, made on the loop
+            return daemon_status(cfg, server, manager, jobs, reloader)
+
+        def notify(state: str) -> None:         # READY=1, STOPPING=1: with the status line
+            text = status()
+            sd_notify(f"{state}\nSTATUS={text}")
+            if watchdog:
+                watchdog.sent_status(text)
+        # READY=1 from the loop's first round: bound and running, so the socket answers
+        server.post(notify, f"READY=1\nMAINPID={os.getpid()}")
+        if watchdog:
+            watchdog.attach(server.post, status)
 
         def on_stop():
             log.info("stopping: cancelling requests, pausing train jobs, unloading models")
-            sd_notify("STOPPING=1\nSTATUS=stopping")
+            notify("STOPPING=1")
             ops.shutdown()
         server.run(on_stop, cfg.shutdown_grace_s)
     finally:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if watchdog:
+            watchdog.stop()
         if server is not None:
             server.close()
         if sock_lock:
@@ -165,6 +200,72 @@ def serve(cfg) -> int:
         os._exit(0)
     log.info("stopped")
     return 0
+
+
+def daemon_status(cfg, server, manager, jobs, reloader) -> str:
+    """The STATUS= line: what the daemon does now (run on the control loop)."""
+    running = sum(1 for j in jobs.jobs.values() if getattr(j.state, "value", j.state) == "running")
+    what = "stopping" if server.stopping else f"listening on {cfg.socket}"
+    line = f"{what}; {len(manager.table)} instance(s), {running} job(s) running"
+    return line + (f"; config reload refused: {reloader.refused}" if reloader.refused else "")
+
+
+class Reloader:
+    """SIGHUP: read the config again (same file, environment and flags: ``load()``) and apply
+    the keys that can change at runtime (``config.RELOADABLE``) to the running parts, on the
+    control loop; clients and their streams are untouched.  A file that does not load is
+    refused (logged at ERROR with its line and key, and in STATUS=) and the running config
+    stays.  Changed keys that need a restart are logged and not applied."""
+
+    def __init__(self, cfg, load, *, manager, jobs, uploads):
+        self.cfg, self.load = cfg, load
+        self.manager, self.jobs, self.uploads = manager, jobs, uploads
+        self.refused = ""                       # the last refusal, until a reload succeeds
+
+    def reload(self) -> None:
+        from llmosd.system import sd_notify
+        if self.load is None:
+            return
+        try:
+            new = self.load()
+        except LlmosdError as e:
+            self.refused = " ".join(str(e).split())
+            log.error("config reload refused, the running config stays: %s%s", e,
+                      f" (hint: {e.hint})" if e.hint else "")
+            sd_notify(f"STATUS=config reload refused: {self.refused}")
+            return
+        self.refused = ""
+        apply, restart = config_mod.reload_changes(self.cfg, new)
+        for key, (old, value) in apply.items():
+            self.apply(key, value)
+            setattr(self.cfg, key, value)       # ops reads the same Config (default_max_tokens)
+        for key, (old, value) in restart.items():
+            log.warning("config reload: %s changed (%r -> %r) but applies only after a restart",
+                        key, old, value)
+        log.info("config reloaded from %s: %s", new.config_file or "(no file)",
+                 ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in apply.items()) or "nothing to apply")
+
+    def apply(self, key: str, value) -> None:
+        """Put one RELOADABLE setting into effect."""
+        m, j, u = self.manager, self.jobs, self.uploads
+        if key == "log_level":
+            logging.getLogger().setLevel(value.upper())
+        elif key == "keep_alive":               # the default of instances loaded from now on
+            m.place.keep_alive = value
+        elif key in ("max_batch", "stream_buffer"):   # engines started from now on
+            setattr(m, key, value)
+        elif key == "max_uploads":
+            u.max_open = value
+        elif key == "max_uploads_per_client":
+            u.max_per_owner = value
+        elif key == "max_kv_bytes":
+            from llmosd.serve.instances import default_kv_limit
+            m.kv.limit = value if value > 0 else default_kv_limit(m.device)
+        elif key == "max_jobs":
+            j.max_jobs = value
+            j.schedule()
+        elif key == "job_stop_timeout_s":
+            j.stop_timeout = value
 
 
 def memory_manager(cfg):

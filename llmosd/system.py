@@ -1,13 +1,20 @@
-"""The daemon's dealings with its host: the single-instance lock and systemd notification."""
+"""The daemon's dealings with its host: the single-instance lock, systemd notification and the
+watchdog."""
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import socket
 import stat
+import threading
+import time
+from typing import Callable
 
 from llmctl.errors import ConfigError
+
+log = logging.getLogger("llmosd")
 
 
 def open_private_file(path: str, what: str, mode: int = 0o640) -> int:
@@ -96,3 +103,99 @@ def sd_notify(state: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def watchdog_interval(environ=None) -> float | None:
+    """Seconds of systemd's watchdog (WatchdogSec=) when it is meant for this process:
+    $WATCHDOG_USEC set, and $WATCHDOG_PID unset or our pid (as sd_watchdog_enabled decides);
+    else None."""
+    environ = os.environ if environ is None else environ
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    pid = environ.get("WATCHDOG_PID")
+    if usec <= 0 or (pid and pid.strip() != str(os.getpid())):
+        return None
+    return usec / 1e6
+
+
+class Watchdog:
+    """A thread that tells systemd the daemon is alive and what it does.
+
+    Every ``period`` seconds (half the watchdog interval, or ``status_period`` without one) it
+    posts a probe to the control loop (``attach``'s ``post``), which computes the status line
+    there; once the probe has run it sends ``WATCHDOG=1`` (when ``ping``) and the ``STATUS=`` line
+    if it changed.  A loop that does not run the probe within ``period`` gets no ping, so
+    systemd kills a hung daemon; job workers and engine threads do not hold the loop, so a long
+    import or generation does not stop the pings.  Before ``attach`` (start-up: imports, store
+    recovery) it pings unconditionally: TimeoutStartSec= bounds that phase."""
+
+    def __init__(self, period: float, ping: bool, notify: Callable[[str], bool] | None = None):
+        self.period, self.ping = period, ping
+        self.notify = notify or sd_notify
+        self._post: Callable | None = None
+        self._status: Callable[[], str] | None = None
+        self._last_status = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    @classmethod
+    def from_env(cls, environ=None, status_period: float = 5.0) -> "Watchdog | None":
+        """The watchdog systemd asked for ($WATCHDOG_USEC), or a status-only one under
+        $NOTIFY_SOCKET; None when neither is set."""
+        environ = os.environ if environ is None else environ
+        interval = watchdog_interval(environ)
+        if interval is not None:
+            return cls(interval / 2, ping=True)
+        return cls(status_period, ping=False) if environ.get("NOTIFY_SOCKET") else None
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def attach(self, post: Callable, status: Callable[[], str]) -> None:
+        """From now on, ping only when ``post``-ed probes run; they send ``status()``."""
+        self._status, self._post = status, post
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sent_status(self, text: str) -> None:
+        """``text`` went to systemd as STATUS= by someone else: do not repeat it."""
+        self._last_status = text
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            self.beat(self.period)
+            self._stop.wait(max(0.0, self.period - (time.monotonic() - t0)))
+
+    def beat(self, timeout: float) -> bool:
+        """One round: probe the loop (waiting up to ``timeout``), notify; True when alive."""
+        post = self._post
+        if post is None:
+            if self.ping:
+                self.notify("WATCHDOG=1")
+            return True
+        box: list = []
+        done = threading.Event()
+
+        def probe():                     # runs on the control loop
+            try:
+                box.append(self._status())
+            finally:
+                done.set()
+        post(probe)
+        if not done.wait(timeout):
+            if self._stop.is_set():             # the loop has ended: we are stopping
+                return False
+            log.warning("the control loop did not answer the watchdog's probe within %.1fs", timeout)
+            return False
+        lines = ["WATCHDOG=1"] if self.ping else []
+        if box and box[0] != self._last_status:
+            self._last_status = box[0]
+            lines.append(f"STATUS={box[0]}")
+        if lines:
+            self.notify("\n".join(lines))
+        return True

@@ -136,3 +136,43 @@ def test_i12_example_config_lists_every_key():
     assert not missing, f"systemd/llmosd.toml does not show {missing}"
     for section in ("cpu", "cuda0", "host"):
         assert f"# [devices.{section}]" in text
+
+
+def test_i14_1_system_flag_reads_the_system_config_whatever_the_uid(tmp_path, monkeypatch):
+    f = tmp_path / "system.toml"
+    f.write_text("[llmosd]\nmax_jobs = 3\n")
+    monkeypatch.setattr(config.paths, "SYSTEM_CONFIG", str(f))
+    monkeypatch.setattr(config.os, "getuid", lambda: 1000)
+    cfg, src = config.load(None, {"system": True}, environ={})
+    assert cfg.max_jobs == 3 and cfg.config_file == str(f)
+    assert cfg.socket == config.paths.SYSTEM_SOCKET and cfg.state_dir == config.paths.SYSTEM_STATE_DIR
+    assert src["socket"] == "default (system mode)"
+    with pytest.raises(errors.ConfigError, match="exclude each other"):
+        config.load(None, {"system": True, "user": True}, environ={})
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[llmosd]\n# x\nmax_jobs = "many"\n', "line 3: 'max_jobs'"),
+    ('[llmosd]\n\nlog_level = "loud"\n', "line 3: log_level must be"),
+    ('[llmosd]\nbogus = 1\n', "line 2: unknown setting 'bogus'"),
+    ('[llmosd]\n[devices.cpu]\n\nbudget = "lots"\n', "line 4: devices.cpu.budget"),
+    ('keep_alive = = 1\n', "at line 1"),
+])
+def test_i14_reload_errors_name_the_line_and_key(tmp_path, text, needle):
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(errors.ConfigError, match=needle) as e:
+        config.load(str(f), {}, environ={})
+    assert str(f) in str(e.value)
+
+
+def test_i14_reload_changes_split_runtime_keys_from_restart_keys(tmp_path):
+    old, _ = config.load("/dev/null", {}, environ={})
+    f = tmp_path / "c.toml"
+    f.write_text('[llmosd]\nkeep_alive = "1h"\nlog_level = "debug"\nmax_jobs = 2\nsend_hwm = 5\n'
+                 '[devices.cpu]\nbudget = "1GiB"\n')
+    new, _ = config.load(str(f), {}, environ={})
+    apply, restart = config.reload_changes(old, new)
+    assert apply == {"keep_alive": (300.0, 3600.0), "log_level": ("info", "debug"), "max_jobs": (1, 2)}
+    assert restart == {"send_hwm": (1000, 5), "devices.cpu.budget": ("auto", "1GiB")}
+    assert set(config.RELOADABLE) <= set(config._KEYS)
