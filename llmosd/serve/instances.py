@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory
+from llmosd.desired import Desired
 from llmosd.mem.devices import device_memory
 from llmosd.mem.manager import MemoryManager
 from llmosd.models import lora
@@ -65,6 +66,7 @@ def memory_device(device: torch.device) -> str:
 class InstanceManager:
     job_holders = delegated("job_holders")     # the job runner's holders, once wired (main)
     preempt_job = delegated("preempt_job")     # (job id, reason): pause it for room (main)
+    desired = Desired()                        # the desired state on disk, once restored (main)
 
     def __init__(self, post: Callable, store: Store, device: torch.device, dtype: torch.dtype,
                  *, max_batch: int, stream_buffer: int, max_kv_bytes: int = 0,
@@ -79,6 +81,7 @@ class InstanceManager:
                                stopped=self._stopped, engine_for=self._engine_for,
                                waiting=lambda iid: len(self._ready_waiters.get(iid, ())),
                                take_waiters=lambda iid: self._ready_waiters.pop(iid, []))
+        self.place.changed = lambda: self.desired.sync(self.table)   # pins set elsewhere
         # the placement's side that the daemon wires (main, ops, the job runner) and tests drive
         self.memory: MemoryManager = self.place.memory
         self.holders, self.instance_holders = self.place.holders, self.place.instance_holders
@@ -105,6 +108,7 @@ class InstanceManager:
         inst = self.table.usable(model, digest)
         if inst is not None:
             configure(inst, priority, keep_alive, pin)
+            self.desired.sync(self.table)
             if inst.serving:
                 on_ready(inst, None)
             elif inst.state is State.SWAPPED:
@@ -207,6 +211,7 @@ class InstanceManager:
             engine.start()
             log.info("instance %d (%s) ready in %.2fs, %d bytes resident (estimated %d)", inst.id,
                      inst.model, secs, resident, inst.estimate_bytes)
+            self.desired.sync(self.table)
         for cb in waiters:
             cb(None if err else inst, err)
 
@@ -358,6 +363,7 @@ class InstanceManager:
             self.check_unloadable(inst)
         swapped = inst.state is State.SWAPPED and not self.place.leaving(inst.id)
         inst.transition(State.UNLOADING)
+        self.desired.sync(self.table)              # unloaded, evicted or expired: not desired
         self.adapters.drop(inst, Cancelled(f"instance {inst.id} ({inst.model}) was unloaded"))
         self._unload_waiters.setdefault(inst.id, []).append(on_done)
         for key, task in list(self._tasks.items()):
@@ -412,6 +418,7 @@ class InstanceManager:
 
     def shutdown(self, err: LlmosdError) -> None:
         """Every request ends with ``err`` (engines are told to stop them), then all unload."""
+        self.desired.freeze()                      # what was loaded loads again at the next start
         for key, task in list(self._tasks.items()):
             self._tasks.pop(key)
             self._unqueue(task)

@@ -123,6 +123,7 @@ class Placement:
         self._origins: dict = {}            # loaded instance id -> (estimator key, raw estimate)
         self._timer_stop = threading.Event()
         self.memory.on_freed(self.check_waits)
+        self.changed: Callable[[], None] = lambda: None   # the owner records its desired state
 
     # -- estimates --------------------------------------------------------------------------
     def estimate(self, manifest: dict, ekey) -> tuple[int, int]:
@@ -463,6 +464,7 @@ class Placement:
             self.evict(inst, f"keep-alive expired ({ka[iid]:g}s idle)", "expired")
         if self._waits:
             self.check_waits()
+        self.changed()
 
     def after_request(self, inst: Instance) -> None:
         """A request ended: keep-alive 0 unloads the instance as soon as it is idle."""
