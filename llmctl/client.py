@@ -23,6 +23,8 @@ import zmq
 
 from . import protocol
 from .access import check_socket_path
+from .admin import AdminMixin
+from .metrics import MetricsMixin
 from .errors import Cancelled, DaemonUnavailable, LlmosdError, Timeout, UnsupportedVersion, from_wire
 from .jobs import JobsMixin
 from .paths import client_default_socket, ipc_path, normalize_socket
@@ -111,7 +113,7 @@ class Generation:
             self._done = self._abandoned = True
 
 
-class Client(JobsMixin):
+class Client(JobsMixin, AdminMixin, MetricsMixin):
     """A connection to llmosd.  Not thread-safe: use one per thread."""
 
     def __init__(self, socket: str | None = None, *, timeout: float = 60.0,

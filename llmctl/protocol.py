@@ -23,7 +23,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 7              # additions that old peers can ignore bump only this
+MINOR = 8              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
@@ -167,6 +167,10 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "job_pause": {"job": _JOB},
     "job_resume": {"job": _JOB},
     "job_logs": {"job": _JOB, "follow": Field(_B)},
+    # operations (1.8): check the store (and with repair remove what nobody needs)
+    "fsck": {"repair": Field(_B)},
+    # operations (1.8): the Prometheus text exposition, {"text": str}
+    "metrics": {},
 }
 STREAMING = frozenset({"create", "generate", "chat", "import", "job_logs", "eval", "merge"})
 

@@ -24,6 +24,7 @@ import zmq
 
 from llmctl import protocol
 from llmctl.errors import BadRequest, Internal, LlmosdError, ShuttingDown, TooLarge
+from llmosd.metrics import Metrics
 
 log = logging.getLogger("llmosd.server")
 
@@ -53,9 +54,11 @@ class Peer:
 class Stream:
     """The daemon side of one streamed request: chunks, then one end or error."""
 
-    def __init__(self, server: "Server", peer: Peer, rid: int, on_cancel: Callable[[str], None]):
+    def __init__(self, server: "Server", peer: Peer, rid: int, on_cancel: Callable[[str], None],
+                 mtype: str = ""):
         self.server, self.peer, self.rid = server, peer, rid
         self.on_cancel = on_cancel
+        self.mtype = mtype            # the request's type, for the metrics
         self.seq = 0
         self.closed = False
 
@@ -67,12 +70,14 @@ class Stream:
 
     def end(self, body: dict) -> None:
         if not self.closed:
+            self.server.count(self.mtype, "ok", body)
             self.server.send(self.peer, protocol.reply(self.rid, "end", body, seq=self.seq))
             self._close()
 
     def error(self, err: LlmosdError | dict) -> None:
         if not self.closed:
             body = err if isinstance(err, dict) else err.to_wire()
+            self.server.count(self.mtype, body.get("name"))
             self.server.send(self.peer, protocol.reply(self.rid, "error", body))
             self._close()
 
@@ -101,11 +106,13 @@ class Ctx:
 
     def ok(self, body: dict | None = None) -> None:
         self._answered()
+        self.server.count(self.type, "ok", body)
         self.server.send(self.peer, protocol.reply(self.rid, "ok", body))
 
     def error(self, err: LlmosdError | dict) -> None:
         self._answered()
         body = err if isinstance(err, dict) else err.to_wire()
+        self.server.count(self.type, body.get("name"))
         self.server.send(self.peer, protocol.reply(self.rid, "error", body))
 
     def _answered(self) -> None:
@@ -114,7 +121,7 @@ class Ctx:
             self.server.forget_if_idle(self.peer)
 
     def stream(self, on_cancel: Callable[[str], None]) -> Stream:
-        s = Stream(self.server, self.peer, self.rid, on_cancel)
+        s = Stream(self.server, self.peer, self.rid, on_cancel, self.type)
         self.peer.streams[self.rid] = s
         return s
 
@@ -149,6 +156,7 @@ class Server:
         self.stop_requested = False
         self.idle_checks: list[Callable[[], bool]] = []   # shutdown waits until all are True
         self.on_peer_gone: list[Callable[[Peer], None]] = []   # run when a client disconnects
+        self.metrics = Metrics()      # requests by type and result; gauges bound by ``ops``
 
     # -- setup --------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -223,6 +231,7 @@ class Server:
             log.info("%r went away; cancelling %d stream(s)", peer, len(peer.streams))
         for s in list(peer.streams.values()):
             s.closed = True       # nothing more can be delivered
+            self.count(s.mtype, "disconnected")
             s.on_cancel("client disconnected")
         peer.streams.clear()
         for hook in self.on_peer_gone:
@@ -231,6 +240,14 @@ class Server:
             except Exception:
                 log.exception("peer-gone hook failed")
         peer.holds.clear()
+
+    def count(self, mtype, result, body: dict | None = None) -> None:
+        """One request answered (``result``: ok, an error name, disconnected): the metrics.
+        Never raises: a metric is not worth a lost reply."""
+        try:
+            self.metrics.reply(mtype, result, body)
+        except Exception:
+            log.exception("counting a reply failed")
 
     def forget_if_idle(self, peer: Peer) -> None:
         if not peer.streams and not peer.backlog and not peer.holds and not peer.open_ids:
@@ -263,12 +280,12 @@ class Server:
             self.forget_if_idle(peer)
 
     def _handle(self, peer: Peer, frames) -> None:
-        rid = 0
+        rid, mtype = 0, None
         try:
             if len(frames) != 1:
                 raise BadRequest(f"a message must be exactly one frame, got {len(frames)}")
             msg = protocol.decode(frames[0].bytes, self.max_message)
-            rid = msg["id"]
+            rid, mtype = msg["id"], msg["type"]
             protocol.check_request(msg)
             if self.stopping and msg["type"] not in ("cancel", "ping", "hello"):
                 raise ShuttingDown("llmosd is shutting down")
@@ -285,9 +302,11 @@ class Server:
         except LlmosdError as e:
             rid = getattr(e, "rid", rid)
             log.debug("request %s from %r refused: %s", rid, peer, e)
+            self.count(mtype, e.name)
             self.send(peer, protocol.reply(rid, "error", e.to_wire()))
         except Exception as e:
             log.exception("handler failed")
+            self.count(mtype, Internal.name)
             self.send(peer, protocol.reply(rid, "error", Internal(f"internal error: {e}").to_wire()))
 
     def _run_calls(self) -> None:

@@ -7,23 +7,28 @@ in this package imports torch.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
 import llmosd
 from llmctl import protocol
 from llmctl.errors import ShuttingDown, UnsupportedVersion
+from llmosd.ops.admin import AdminOps
 from llmosd.ops.export import ExportOps
 from llmosd.ops.jobctl import JobCtlOps
 from llmosd.ops.jobs import JobOps
 from llmosd.ops.serve import ServeOps
 from llmosd.ops.store import StoreOps
-from llmosd.server import Ctx
+from llmosd.server import Ctx, Server
 from llmosd.store.uploads import Sources
+
+log = logging.getLogger("llmosd.ops")
 
 
 class Ops:
-    """Routes each request to its domain's handler; answers hello, ping, status, ps, cancel."""
+    """Routes each request to its domain's handler; answers hello, ping, status, ps, cancel,
+    metrics."""
 
     def __init__(self, cfg, store, manager, jobs, uploads):
         self.cfg, self.store, self.manager, self.jobs = cfg, store, manager, jobs
@@ -38,10 +43,26 @@ class Ops:
         self.export_ops = ExportOps(store)
         self.routes = {name[3:]: getattr(h, name)
                        for h in (self, self.store_ops, self.job_ops, self.jobctl_ops, self.serve_ops,
-                                 self.export_ops)
+                                 self.export_ops, AdminOps(self))
                        for name in dir(h) if name.startswith("op_")}
         missing = set(protocol.SCHEMAS) - set(self.routes)
         assert not missing, f"no handler for {missing}"
+        self.metrics = None        # main calls attach(server) once the server exists
+
+    def attach(self, server: Server) -> None:
+        """Bind the server's metrics to this daemon's state, and serve them on
+        127.0.0.1:``metrics_port`` when the config sets one (a port that cannot be bound is
+        logged, not fatal: the socket still serves them).  Idempotent."""
+        if self.metrics is server.metrics:
+            return
+        self.metrics = server.metrics
+        self.metrics.bind(self.metrics_state)
+        port = getattr(self.cfg, "metrics_port", 0) or 0
+        if port:
+            try:
+                self.metrics.serve_http(int(port), server.post)
+            except OSError as e:
+                log.error("metrics: cannot serve on 127.0.0.1:%s: %s", port, e.strerror or e)
 
     def dispatch(self, ctx: Ctx) -> None:
         self.routes[ctx.type](ctx)
@@ -74,6 +95,17 @@ class Ops:
             "rss_bytes": _rss(), "jobs": self._job_rows(), "devices": self._devices(),
         }
         ctx.ok(body)
+
+    def op_metrics(self, ctx: Ctx) -> None:
+        """The Prometheus text exposition of ``ctx.server``'s registry."""
+        self.attach(ctx.server)
+        ctx.ok({"text": self.metrics.render()})
+
+    def metrics_state(self) -> dict:
+        """What the gauges show (read on the loop at each render): the table's rows, the
+        devices' memory rows, and every job's row (``metrics`` keeps the recent ones)."""
+        return {"instances": self.manager.table.rows(), "devices": self._devices(),
+                "jobs": [j.row() for _, j in sorted(self.jobs.jobs.items())]}
 
     def op_ps(self, ctx: Ctx) -> None:
         ctx.ok({"instances": self.manager.table.rows(), "jobs": self._job_rows(),
@@ -110,6 +142,8 @@ class Ops:
         finetune) pause (to resume at the next start), other jobs are cancelled; instances
         unload."""
         self.job_ops.stopping = True
+        if self.metrics is not None:
+            self.metrics.stop_http()
         self.jobctl_ops.shutdown()
         self.jobs.shutdown()
         self.manager.shutdown(ShuttingDown("llmosd is shutting down; the request was cancelled"))
