@@ -282,7 +282,19 @@ def jobs(ctx, all_, as_json):
     rows = common.client(ctx).jobs(all=all_)
     if as_json:
         return fmt.echo_json(rows)
-    click.echo(fmt.job_table(rows))
+    click.echo(fmt.job_table([{**r, "owner": owner_name(r.get("owner"))} for r in rows]))
+
+
+def owner_name(uid) -> str | None:
+    """A job's OWNER as a user name (this machine's passwd: the daemon's socket is local),
+    its uid when passwd has none; None stays None."""
+    import pwd
+    if not isinstance(uid, int) or isinstance(uid, bool):
+        return uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 @jobs.command("show")
@@ -297,7 +309,8 @@ def jobs_show(ctx, job, as_json):
     row = r["job"]
     for key in ("job_id", "kind", "model", "state", "reason", "priority", "device", "nproc", "owner", "pid"):
         if row.get(key) is not None:
-            click.echo(f"{key + ':':<17}{row[key]}")
+            value = f"{owner_name(row[key])} (uid {row[key]})" if key == "owner" else row[key]
+            click.echo(f"{key + ':':<17}{value}")
     click.echo(f"{'progress:':<17}step {fmt.steps(row.get('step'), row.get('max_steps'))}, "
                f"loss {fmt.loss(row.get('loss'))}, val {fmt.loss(row.get('val_loss'))}, "
                f"{fmt.rate(row.get('tokens_per_s'))}, ETA {fmt.duration(row.get('eta_s'))}")

@@ -28,9 +28,19 @@ def ls(ctx, as_json):
     if as_json:
         return fmt.echo_json(models)
     rows = [[m["model"], fmt.short_digest(m["digest"]), fmt.size(m["size"]), fmt.count(m["parameters"]),
-             kind_cell(m), m["method"] or "-", fmt.ago(m["created"]), ",".join(map(str, m["instances"])) or "-"]
+             kind_cell(m), m["method"] or "-", fmt.ago(m["created"]), ",".join(map(str, m["instances"])) or "-",
+             owner_cell(m)]
             for m in models]
-    click.echo(fmt.table(["NAME", "ID", "SIZE", "PARAMS", "KIND/BASE", "MADE BY", "CREATED", "LOADED"], rows))
+    click.echo(fmt.table(["NAME", "ID", "SIZE", "PARAMS", "KIND/BASE", "MADE BY", "CREATED", "LOADED", "OWNER"],
+                         rows))
+
+
+def owner_cell(m: dict) -> str:
+    """An ls row's OWNER: the user name the daemon gave, else the uid, else "-" (an older
+    daemon)."""
+    if m.get("owner_name"):
+        return str(m["owner_name"])
+    return "-" if m.get("owner") is None else str(m["owner"])
 
 
 def kind_cell(m: dict) -> str:

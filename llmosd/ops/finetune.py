@@ -13,6 +13,7 @@ import threading
 from typing import Callable
 
 from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError
+from llmosd import access
 from llmosd.ops.store import write_error
 from llmosd.server import Ctx
 from llmosd.store.bases import resolve_base
@@ -111,7 +112,26 @@ def off_loop(post: Callable, name: str, work: Callable[[], object],
 class FinetuneOps:
     """``op_finetune``, ``op_eval``, ``op_merge`` (mixed into ``JobOps``: its ``store``,
     ``manager``, ``jobs`` and helpers ``_check_names``, ``_check_uploaded``,
-    ``_check_target``, ``_check_no_job``, ``_hooks``, ``_job``, ``_refusal``, ``_settle``)."""
+    ``_check_target``, ``_check_no_job``, ``_hooks``, ``_job``, ``_refusal``, ``_settle``).
+    ``cfg``: the daemon's config (admin_group, quotas), set by whoever builds the ops."""
+
+    cfg = None
+
+    def _owner(self, man: dict) -> int | None:
+        """``man``'s owner for access checks (``access.model_owner``; an ownerless model is
+        the daemon user's once a config is set)."""
+        return access.model_owner(man, legacy=self.cfg is not None)
+
+    def _check_job_quota(self, ctx: Ctx) -> None:
+        """PermissionDenied with the numbers when ``ctx``'s uid already has its ``max_jobs``
+        jobs not finished (queued, running, pausing, paused)."""
+        if access.quota(ctx.uid, "max_jobs", self.cfg) is None:
+            return
+        jobs = getattr(self.jobs, "jobs", None) or {}
+        used = sum(1 for j in jobs.values() if j.owner == ctx.uid and not j.is_finished())
+        err = access.over_quota(ctx.uid, "max_jobs", used, 1, self.cfg)
+        if err is not None:
+            raise err
 
     # -- what the checking threads read ---------------------------------------------------
     def _context(self, man: dict) -> int | None:
@@ -168,7 +188,8 @@ class FinetuneOps:
             if bcanon == canon:
                 raise InvalidArgument(f"the fine-tuned model needs a name of its own, not its base's ({canon})",
                                       hint="choose another NAME")
-            self._check_target(canon, force)
+            self._check_target(canon, force, ctx.uid)
+            self._check_job_quota(ctx)
         except LlmosdError:
             self._discard(uploads)
             raise
@@ -195,7 +216,7 @@ class FinetuneOps:
                 if error is not None:
                     raise refusal(error, "finetune")
                 full, estimate = result
-                self._check_target(canon, force)  # again: things may have changed meanwhile
+                self._check_target(canon, force, ctx.uid)  # again: things may have changed meanwhile
                 self.store.get(bcanon)            # the base is still there (ModelNotFound)
                 device = full.get("device")
                 if device in (None, "auto"):

@@ -3,10 +3,10 @@ and job_logs (protocol 1.5).  Making jobs is ``ops.jobs``; running them ``jobs.r
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
-from llmctl.errors import Cancelled, JobNotFound, PermissionDenied, ShuttingDown
+from llmctl.errors import Cancelled, JobNotFound, ShuttingDown
+from llmosd import access
 from llmosd.jobs.queue import Job
 from llmosd.ops.store import write_error
 from llmosd.server import Ctx
@@ -31,20 +31,24 @@ def job_row(job: Job) -> dict:
 
 class JobCtlOps:
     """``op_<type>`` for the job listing and control messages.  Changing a job (rm, cancel,
-    pause, resume) is for its owner, root and the daemon's own user."""
+    pause, resume) is for its owner and administrators (``access.may``: root, the daemon's own
+    user, the config's ``admin_group``: ``cfg``, set by whoever builds this)."""
+
+    cfg = None
 
     def __init__(self, store, jobs):
         self.store, self.jobs = store, jobs
         self.followers: set = set()          # the open job_logs streams (ended at shutdown)
 
-    def _job(self, ctx: Ctx, change: bool = False) -> Job:
+    def _job(self, ctx: Ctx, change: str = "") -> Job:
+        """The job ``ctx`` names; with ``change`` (an action of ``access.ACTIONS``: cancel,
+        pause, resume, job_rm), PermissionDenied unless ``ctx``'s uid may do it."""
         job_id = ctx.body["job"]
         job = self.jobs.jobs.get(job_id)
         if job is None:
             raise JobNotFound(f"there is no job {job_id}")
-        if change and ctx.uid not in (None, 0, os.getuid(), job.owner):
-            raise PermissionDenied(f"job {job.id} belongs to uid {job.owner}",
-                                   hint="only its owner (or root) may change it")
+        if change:
+            access.check(ctx.uid, change, job.owner, self.cfg, thing=f"job {job.id}")
         return job
 
     def op_jobs(self, ctx: Ctx) -> None:
@@ -58,21 +62,26 @@ class JobCtlOps:
 
     def op_job_cancel(self, ctx: Ctx) -> None:
         """Answered once the job has stopped (at once when no worker runs)."""
-        self.jobs.stop(self._job(ctx, change=True), "cancel", lambda j: ctx.ok({"job": j.row()}))
+        job = self._job(ctx, change="cancel")
+        log.info("job %d (%s %s): cancel by uid %s", job.id, job.kind, job.model, ctx.uid)
+        self.jobs.stop(job, "cancel", lambda j: ctx.ok({"job": j.row()}))
 
     def op_job_pause(self, ctx: Ctx) -> None:
         """Answered once the worker has checkpointed and stopped (or was killed)."""
-        self.jobs.stop(self._job(ctx, change=True), "pause", lambda j: ctx.ok({"job": j.row()}))
+        job = self._job(ctx, change="pause")
+        log.info("job %d (%s %s): pause by uid %s", job.id, job.kind, job.model, ctx.uid)
+        self.jobs.stop(job, "pause", lambda j: ctx.ok({"job": j.row()}))
 
     def op_job_resume(self, ctx: Ctx) -> None:
-        job = self._job(ctx, change=True)
+        job = self._job(ctx, change="resume")
         self.jobs.resume(job)
+        log.info("job %d (%s %s): resumed by uid %s", job.id, job.kind, job.model, ctx.uid)
         ctx.ok({"job": job.row()})
 
     def op_job_rm(self, ctx: Ctx) -> None:
         """Delete a finished job's directory; then its data blobs go unless a model or another
         job still names them."""
-        job = self._job(ctx, change=True)
+        job = self._job(ctx, change="job_rm")
         refs = set(job.refs)
 
         def removed(_, error):

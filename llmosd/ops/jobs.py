@@ -16,6 +16,7 @@ from llmctl import protocol
 from llmctl.errors import (AlreadyExists, Busy, Cancelled, InvalidArgument, JobFailed,
                            LlmosdError, ModelNotFound, ShuttingDown)
 from llmosd.formats.importer import import_model
+from llmosd import access
 from llmosd.jobs.queue import ACTIVE, FINISHED, TRAINERS, JobState
 from llmosd.ops.finetune import (FINETUNE, IMPORT_ADAPTER, FinetuneOps, check_full_model, job_estimate,
                                  off_loop, refusal)
@@ -145,7 +146,7 @@ class JobOps(FinetuneOps):
         """Publish ``same``'s manifest as the new name (a copy, as tag makes), off the loop."""
         canon, force = canonical(spec["name"]), spec.get("force", False)
         if canon != same:
-            self._check_target(canon, force)
+            self._check_target(canon, force, ctx.uid)
         uploads = set(spec["files"].values())             # sent anyway: not needed
 
         def write():
@@ -168,11 +169,14 @@ class JobOps(FinetuneOps):
         self.publishing.add(canon)
         self.store.writer.submit(write, done)
 
-    def _check_target(self, canon: str, force: bool) -> None:
+    def _check_target(self, canon: str, force: bool, uid: int | None = None) -> None:
         """Refuse to make ``canon`` when it exists (without force; with force when adapters
-        use its weights), is loaded, or is being made."""
+        use its weights, or when ``uid`` may not replace it: ``access``), is loaded, or is
+        being made."""
         try:
-            self.store.get(canon)
+            _, old, _ = self.store.get(canon)
+            if force:
+                access.check(uid, "tag", self._owner(old), self.cfg, thing=f"model {canon}")
             if not force:
                 raise AlreadyExists(f"model {canon} already exists",
                                     hint="choose another name, or pass --force to replace it")
@@ -209,7 +213,8 @@ class JobOps(FinetuneOps):
                 _, parent_man, parent_digest = self.store.get(canon)
             except ModelNotFound:
                 parent_man = parent_digest = None
-            self._check_train_target(canon, force, parent_man is not None)
+            self._check_train_target(canon, force, parent_man is not None, ctx.uid)
+            self._check_job_quota(ctx)
         except LlmosdError:
             self._discard(uploads)
             raise
@@ -238,7 +243,7 @@ class JobOps(FinetuneOps):
                 if error is not None:
                     raise refusal(error, "train")
                 full, estimate = result
-                self._check_train_target(canon, force, parent is not None)   # again: things
+                self._check_train_target(canon, force, parent is not None, ctx.uid)   # again
                 device = full.get("device")                                  # may have changed
                 if device in (None, "auto"):
                     device = str(self.manager.device)
@@ -260,12 +265,14 @@ class JobOps(FinetuneOps):
                 ctx.ok({"job": job.row()})
         off_loop(self.jobs.post, "train-check", check, checked)
 
-    def _check_train_target(self, canon: str, force: bool, exists: bool) -> None:
+    def _check_train_target(self, canon: str, force: bool, exists: bool, uid: int | None = None) -> None:
         """A new model: ``_check_target``; an existing one is trained further (new weights),
-        which no job may be writing and no adapter may depend on."""
+        which no job may be writing and no adapter may depend on, and only its owner (or an
+        administrator: ``access``) may."""
         if not exists:
-            self._check_target(canon, force)
+            self._check_target(canon, force, uid)
             return
+        access.check(uid, "tag", self._owner(self.store.get(canon)[1]), self.cfg, thing=f"model {canon}")
         self._check_no_job(canon)
         short = canon.removesuffix(":latest")
         check_not_a_base(self.store, canon, "training it further",
@@ -290,7 +297,8 @@ class JobOps(FinetuneOps):
         error); the reply comes once the store is written.  ``refs``: blobs of stored models
         the job reads (an adapter's base), kept while it runs."""
         canon, force = canonical(spec.pop("name")), spec.pop("force", False)
-        self._check_target(canon, force)
+        self._check_target(canon, force, ctx.uid)
+        self._check_job_quota(ctx)
         job_ref = []
         stream = ctx.stream(lambda reason: self.jobs.cancel(job_ref[0].id))
         progress, finished = self._hooks(kind, canon, force, cleanup or set(), stream)
@@ -313,6 +321,9 @@ class JobOps(FinetuneOps):
 
         def finished(job, manifest, error):           # on the loop: the worker has ended
             refusal = self._refusal(kind, canon, job, manifest, error)
+            owner = getattr(job, "owner", None)
+            if isinstance(manifest, dict) and owner is not None:
+                manifest = {**manifest, "owner": owner}         # who owns the model (issue 14)
             unneeded = set(cleanup) | set(job.blobs)
             if isinstance(manifest, dict):
                 unneeded |= self.store.blob_digests(manifest)

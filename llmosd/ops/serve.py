@@ -14,16 +14,20 @@ Memory (issue 12): ``load`` takes ``keep_alive`` (seconds; -1 forever, 0 unload 
 ``unpin`` take a model name or an instance id.  What can hold memory from everyone else (pin,
 unpin, a priority above 0, keep-alive -1) on an instance another uid loaded is for that uid
 (or root, or the daemon's own user): PermissionDenied otherwise.  A load's reply says what it
-displaced (``evicted`` rows, ``paused_jobs`` ids)."""
+displaced (``evicted`` rows, ``paused_jobs`` ids).
+
+Access (issue 14, ``llmosd.access``): unload and detach are for the owner of the instance (or
+attachment) and administrators; running requests on another uid's instance follows
+``shared_inference``; quotas limit a uid's instances, device bytes and open requests."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
 from llmctl.errors import InstanceNotFound, InvalidArgument, LlmosdError, PermissionDenied
 from llmctl.protocol import SAMPLING_KEYS
+from llmosd import access
 from llmosd.server import Ctx
 from llmosd.serve.chat import TemplateError, check_messages
 from llmosd.serve.request import Call, Request, SamplingParams, Task, check_head_labels, invalid_argument
@@ -118,15 +122,21 @@ def _holding(opts: dict) -> list[str]:
     return out
 
 
-def check_owner(ctx: Ctx, inst, what: str) -> None:
-    """PermissionDenied unless ``ctx``'s uid may ``what`` (pin, ...) instance ``inst``: the
-    uid that loaded it, root, or the daemon's own user (as for jobs)."""
-    if inst is None or inst.uid is None or ctx.uid in (None, 0, os.getuid(), inst.uid):
+def check_owner(ctx: Ctx, inst, what: str, cfg=None, action: str = "hold") -> None:
+    """PermissionDenied unless ``ctx``'s uid may ``what`` (pin, unload...) instance ``inst``:
+    the uid that loaded it, or an administrator (``access.may``: root, the daemon's own user,
+    the config's admin_group)."""
+    if inst is None or inst.uid is None:
         return
-    raise PermissionDenied(f"instance {inst.id} ({inst.model}) was loaded by uid {inst.uid}: "
-                           f"only that uid or root may {what} it",
-                           hint="ask its owner, or load your own copy without --pin, "
-                                "a priority above 0 or --keep-alive -1")
+    err = access.may(ctx.uid, action, inst.uid, cfg, thing=f"instance {inst.id} ({inst.model})")
+    if err is None:
+        return
+    if action == "hold":
+        raise PermissionDenied(f"instance {inst.id} ({inst.model}) was loaded by "
+                               f"{access.user_name(inst.uid)}: only its owner or an administrator "
+                               f"may {what} it", hint="ask its owner, or load your own copy without --pin, "
+                                                      "a priority above 0 or --keep-alive -1")
+    raise err
 
 
 def displaced_fields(rows: list[dict]) -> dict:
@@ -159,7 +169,9 @@ class ServeOps:
         already = existing is not None and existing.serving
         opts, shown = _memory_opts(ctx.body), []
         for what in _holding(opts):
-            check_owner(ctx, existing, f"set {what} on")
+            check_owner(ctx, existing, f"set {what} on", self.cfg)
+        if existing is None:
+            self._check_load_quota(ctx, man)
 
         def ready(inst, err):
             if err:
@@ -180,7 +192,7 @@ class ServeOps:
         already = existing is not None and existing.serving and a is not None and a.ready
         opts, shown = _memory_opts(ctx.body), []
         for what in _holding(opts):
-            check_owner(ctx, existing, f"set {what} on")
+            check_owner(ctx, existing, f"set {what} on", self.cfg)
 
         def ready(inst, err):
             if err:
@@ -212,6 +224,8 @@ class ServeOps:
                 self.store.find(canon)      # ...but a model that does not exist is an error
                 ctx.ok({"unloaded": []})
                 return
+        for inst in insts:            # owners first (issue 14): a refusal unloads nothing
+            check_owner(ctx, inst, "unload", self.cfg, action="unload")
         if not force:                 # check all first so a refusal unloads nothing
             for inst in insts:
                 if inst.state is not State.FAILED:
@@ -242,7 +256,7 @@ class ServeOps:
         instance id, or a model (or an adapter: the instances it is attached to)."""
         insts = self._targets(ctx.body["target"], "pin" if pinned else "unpin")
         for inst in insts:                      # all checked first: a refusal changes nothing
-            check_owner(ctx, inst, "pin" if pinned else "unpin")
+            check_owner(ctx, inst, "pin" if pinned else "unpin", self.cfg)
         for inst in insts:
             inst.pinned = pinned
         ids = [i.id for i in insts]
@@ -281,6 +295,10 @@ class ServeOps:
     def _detach(self, ctx: Ctx, canon: str, attached: list, force: bool) -> None:
         """Detach each (instance, attached adapter) of ``attached``."""
         for inst, a in attached:      # check all first so a refusal detaches nothing
+            if a.uid is not None:     # the uid that attached it; else the instance's owner
+                access.check(ctx.uid, "detach", a.uid, self.cfg, thing=f"{canon} on instance {inst.id}")
+            else:
+                check_owner(ctx, inst, "detach", self.cfg, action="detach")
             self.manager.check_resident(inst, a)
             if not force:
                 self.manager.check_detachable(inst, a)
@@ -321,10 +339,14 @@ class ServeOps:
         ``keep_alive`` -1 on another uid's instance: PermissionDenied (``check_owner``)."""
         name, _, ver = base or (canon, man, digest)
         on = self.manager.table.usable(name, ver)        # the instance it will run on, if any
+        err = self._may_run(ctx, on)
+        if err is not None:                 # the stream (or reply) ends with the refusal
+            task.stream.error(err)
+            return
         ka = ctx.body.get("keep_alive")
         if ka is not None and ka < 0:
             try:                                # the stream is open: it ends with the refusal
-                check_owner(ctx, on, "keep forever (keep-alive -1)")
+                check_owner(ctx, on, "keep forever (keep-alive -1)", self.cfg)
             except PermissionDenied as e:
                 task.stream.error(e)
                 return
@@ -338,6 +360,33 @@ class ServeOps:
                 task.stream.chunk(first)
         self.manager.run(canon, man, digest, ctx.uid, task, loading, base=base,
                          keep_alive=ctx.body.get("keep_alive"))
+
+    def _may_run(self, ctx: Ctx, on) -> PermissionDenied | None:
+        """The refusal of a request of ``ctx`` on instance ``on`` (None: one will be loaded
+        for it): another uid's instance while ``shared_inference`` is off; more open
+        requests than the uid's ``max_queued_requests``."""
+        if on is not None and on.uid is not None:
+            err = access.may(ctx.uid, "infer", on.uid, self.cfg, thing=f"instance {on.id} ({on.model})")
+            if err is not None:
+                return err
+        if access.quota(ctx.uid, "max_queued_requests", self.cfg) is None:
+            return None
+        peers = getattr(ctx.server, "peers", {}) or {}
+        used = sum(len(p.open_ids) for p in peers.values() if p.uid == ctx.uid)
+        return access.over_quota(ctx.uid, "max_queued_requests", max(0, used - 1), 1, self.cfg)
+
+    def _check_load_quota(self, ctx: Ctx, man: dict) -> None:
+        """``max_instances`` and ``max_device_bytes`` of ``ctx``'s uid before a load makes a
+        new instance (its size as the store counts it: the weights it will hold)."""
+        if ctx.uid is None:
+            return
+        mine = [i for i in self.manager.table if i.uid == ctx.uid and i.state is not State.FAILED]
+        err = access.over_quota(ctx.uid, "max_instances", len(mine), 1, self.cfg)
+        if err is None and access.quota(ctx.uid, "max_device_bytes", self.cfg) is not None:
+            used = sum(int(getattr(i, "resident_bytes", 0) or 0) for i in mine)
+            err = access.over_quota(ctx.uid, "max_device_bytes", used, int(self.store.size(man) or 0), self.cfg)
+        if err is not None:
+            raise err
 
     # -- evaluation -----------------------------------------------------------------------
     def op_score(self, ctx: Ctx) -> None:

@@ -1,4 +1,8 @@
-"""Handlers for the store: ls, show, rm, tag, and blob uploads and downloads."""
+"""Handlers for the store: ls, show, rm, tag, and blob uploads and downloads.
+
+Access (issue 14): ``rm`` and ``tag --force`` (replacing a model) are for the model's owner
+(``access.model_owner``: its manifest's ``owner``, else the daemon's own user) and
+administrators; ``ls`` shows each model's owner."""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,7 @@ import logging
 from llmctl import protocol
 from llmctl.errors import (AlreadyExists, Busy, Internal, InvalidArgument, LlmosdError, ModelNotFound,
                            StoreCorrupt)
+from llmosd import access
 from llmosd.jobs.queue import keeps_refs
 from llmosd.server import Ctx
 from llmosd.store.bases import dependents
@@ -19,7 +24,15 @@ log = logging.getLogger("llmosd.ops")
 
 class StoreOps:
     """``op_<type>`` for the store's message types.  ``manager`` and ``jobs`` are asked only
-    whether a model is loaded or being written."""
+    whether a model is loaded or being written.  ``cfg`` (the daemon's config: admin_group)
+    is set by whoever builds this; None means no admin group."""
+
+    cfg = None
+
+    def _owner(self, man: dict) -> int | None:
+        """``man``'s owner for access checks (``access.model_owner``; an ownerless model is
+        the daemon user's once a config is set)."""
+        return access.model_owner(man, legacy=self.cfg is not None)
 
     def __init__(self, store: Store, manager, jobs, uploads: Uploads, sources: Sources):
         self.store, self.manager, self.jobs = store, manager, jobs
@@ -40,7 +53,8 @@ class StoreOps:
                            "modified": man.get("_mtime"), "architecture": man.get("architecture"),
                            "method": lin.get("method"), "parent": lin.get("parent"),
                            "kind": kind_of(man), "base": (base_of(man) or {}).get("model"),
-                           "instances": self.manager.table.ids_of(ref)})
+                           "instances": self.manager.table.ids_of(ref),
+                           "owner": access.model_owner(man), "owner_name": _name(access.model_owner(man))})
         ctx.ok({"models": models})
 
     def op_show(self, ctx: Ctx) -> None:
@@ -65,6 +79,9 @@ class StoreOps:
             raise InvalidArgument(f"{canon} is the base of {len(deps)} model(s) that use its weights: "
                        f"{', '.join(deps)}",
                        hint=f"remove them first, or remove them with it: llmctl rm --force {short}")
+        for model in (canon, *deps):  # owners first: a refusal removes nothing
+            access.check(ctx.uid, "rm", self._owner(self.store.get(model)[1]), self.cfg,
+                         thing=f"model {model}")
         for model in (canon, *deps):
             self._check_removable(model)
         gone = [*deps, canon]
@@ -146,6 +163,7 @@ class StoreOps:
             if not force:
                 raise AlreadyExists(f"model {dst} already exists and is a different model",
                                     hint=f"pass --force to replace it (llmctl tag --force {src} {dst})")
+            access.check(ctx.uid, "tag", self._owner(old), self.cfg, thing=f"model {dst}")
             if self.manager.table.ids_of(dst):
                 raise Busy(f"{dst} is loaded; unload it before replacing it")
             check_not_a_base(self.store, dst, hint="choose another target name")
@@ -205,6 +223,17 @@ class StoreOps:
         data, total = self.store.read_range(b["digest"], b["offset"], b["size"])
         ctx.ok({"data": data, "total": total})
 
+
+
+def _name(uid: int | None) -> str | None:
+    """The user name of ``uid`` (``ls``'s OWNER), its number when passwd has none."""
+    import pwd
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def blob_sizes(*manifests: dict) -> dict[str, int]:
