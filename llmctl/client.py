@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 import zmq
 
-from . import protocol
+from . import curve, protocol
 from .access import check_socket_path
 from .admin import AdminMixin
 from .metrics import MetricsMixin
@@ -136,16 +136,15 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
         path = ipc_path(self.url)
         if path is not None:
             check_socket_path(path)
+        tcp_keys = curve.load_keys() if self.url.startswith("tcp://") else None
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         # No ZMTP heartbeats: a reader that pauses stops draining the pipe, its pongs stall, the
         # peer drops the connection on a heartbeat timeout and libzmq asserts (libzmq #3596,
         # #3937).  Liveness is the daemon's application-level beats plus the socket monitor;
         # over TCP the kernel's keepalive notices a vanished host.
-        if self.url.startswith("tcp://"):
-            for opt, value in ((zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 30),
-                               (zmq.TCP_KEEPALIVE_INTVL, 10), (zmq.TCP_KEEPALIVE_CNT, 3)):
-                s.setsockopt(opt, value)
+        if tcp_keys:
+            curve.setup_tcp(s, tcp_keys)    # keepalives, and CURVE: tcp is CURVE only
         s.setsockopt(zmq.MAXMSGSIZE, self.max_message + (1 << 20))
         # Watch the connection itself: a daemon that dies mid-stream is reported at once
         # instead of after stream_idle_timeout.
@@ -164,8 +163,12 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
         try:
             self.daemon_info = self._call("hello", {"client": "llmctl", "version": protocol.VERSION},
                                           timeout=self.connect_timeout)
-        except Timeout:
+        except (Timeout, DaemonUnavailable) as e:
             self.close()
+            if self.url.startswith("tcp://"):   # a refused key: silence, or a closed connection
+                raise curve.unanswered(self.url, self.connect_timeout) from None
+            if isinstance(e, DaemonUnavailable):
+                raise
             raise DaemonUnavailable(f"is llmosd running? (no answer on {self.url} within "
                                     f"{self.connect_timeout:g}s)",
                                     hint="start it with 'llmosd', or check --socket / LLMOSD_SOCKET") from None

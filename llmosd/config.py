@@ -52,10 +52,19 @@ class Config:
     max_jobs: int = 1                # jobs (create, import, train) running at once per device
     job_stop_timeout_s: float = 30.0  # pause/cancel: how long a worker may take before SIGKILL
     metrics_port: int = 0            # Prometheus text on http://127.0.0.1:PORT/metrics; 0 = off
+    # access (issue 14; llmosd.access): the admins' group (root always is one), whether others may
+    # run requests on a model/instance they do not own, and [quotas.users.NAME] /
+    # [quotas.groups.NAME] tables (max_instances, max_device_bytes, max_jobs, max_queued_requests)
+    admin_group: str = ""
+    shared_inference: bool = True
+    quotas: dict = field(default_factory=dict, metadata={"internal": True})
     keep_alive: float = 300.0        # seconds an idle instance stays loaded; -1 forever, 0 unload at once
     # section ("cpu", "cuda0", "host") -> budget text ("8GiB", "90%", "auto"); and each one's source
     budgets: dict = field(default_factory=dict, metadata={"internal": True})
     budget_sources: dict = field(default_factory=dict, metadata={"internal": True})
+    # tcp:// sockets only (CURVE): "" = <config dir>/curve/server.key_secret and <config dir>/curve/authorized
+    curve_server_key: str = ""       # the server's secret key file (llmctl keygen --server)
+    curve_authorized_dir: str = ""   # authorized clients' public keys (*.key), read at start
     config_file: str = field(default="", metadata={"internal": True})
     system: bool = field(default=False, metadata={"internal": True})   # --system: system paths, any uid
 
@@ -261,6 +270,7 @@ def load(config_file: str | None = None, flags: dict | None = None,
     sources = {k: "default" for k in _KEYS}
     budgets: dict = {}
     bsources: dict = {}
+    quotas: dict = {}
     flag_budgets = flags.pop("budget", None) or []
     system = bool(flags.pop("system", False))
     user = bool(flags.get("user")) or _coerce("user", environ.get("LLMOSD_USER", "0"), "LLMOSD_USER")
@@ -279,6 +289,9 @@ def load(config_file: str | None = None, flags: dict | None = None,
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config file {path}: {e}") from None
         devices = data.get("devices", {})
+        from llmosd.access import parse_quotas
+        inner = data.get("llmosd") if isinstance(data.get("llmosd"), dict) else {}
+        quotas = parse_quotas(data.get("quotas", inner.get("quotas")), path)
         data = data.get("llmosd", data)  # accept a [llmosd] table or top-level keys
         if data is not devices and "devices" in data:      # [llmosd.devices.cpu] works too
             devices = {**devices, **data["devices"]}
@@ -295,7 +308,7 @@ def load(config_file: str | None = None, flags: dict | None = None,
                 _set_budget(budgets, bsources, dev, table["budget"], f"file {at}")
                 bsources[budget_section(dev)] = f"file {path}"
         for k, v in data.items():
-            if k == "devices":
+            if k in ("devices", "quotas"):
                 continue
             if k not in _KEYS:
                 raise ConfigError(f"{_where(path, text, k)}: unknown setting '{k}'",
@@ -315,7 +328,7 @@ def load(config_file: str | None = None, flags: dict | None = None,
             _set_budget(budgets, bsources, dev, size, "flag --budget")
     for k, v in flags.items():
         values[k], sources[k] = _coerce(k, v, "--" + k.replace("_", "-")), "flag"
-    cfg = Config(**values, budgets=budgets, budget_sources=bsources,
+    cfg = Config(**values, budgets=budgets, budget_sources=bsources, quotas=quotas,
                  config_file=path if os.path.exists(path) else "", system=system)
     for section, src in bsources.items():
         sources[f"devices.{section}.budget"] = src

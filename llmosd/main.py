@@ -84,6 +84,7 @@ def serve(cfg, reload=None) -> int:
     from llmosd.system import PidLock, Watchdog, sd_notify
 
     signal.signal(signal.SIGHUP, signal.SIG_IGN)     # not fatal before the loop can reload
+    curve = curve_keys(cfg)                     # tcp:// only with CURVE keys (before torch)
     watchdog = Watchdog.from_env()                  # pings through start-up (TimeoutStartSec)
     if watchdog:
         watchdog.start()
@@ -122,7 +123,7 @@ def serve(cfg, reload=None) -> int:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,
-                        heartbeat_ms=cfg.heartbeat_ms, socket_mode=cfg.socket_mode)
+                        heartbeat_ms=cfg.heartbeat_ms, socket_mode=cfg.socket_mode, curve=curve)
         store.writer = StoreWriter(server.post)    # manifest, rm and tag writes (fsync) off the loop
         # one memory manager (issue 12): budgets in bytes; both admissions see each other's holders
         import inspect
@@ -266,6 +267,36 @@ class Reloader:
             j.schedule()
         elif key == "job_stop_timeout_s":
             j.stop_timeout = value
+
+
+def curve_keys(cfg) -> tuple[str, str] | None:
+    """For a tcp:// socket, (server secret key file, authorized client keys directory): the
+    config's, else <config dir>/curve/server.key_secret and <config dir>/curve/authorized.
+    ConfigError (exit 78) naming the fix when the key does not load or no client key is
+    authorized: tcp is never served without CURVE.  None for ipc:// (no CURVE there)."""
+    if not cfg.socket.startswith("tcp://"):
+        return None
+    from llmosd.server import load_server_keys
+    base = os.path.join(os.path.dirname(cfg.config_file or config_mod.default_config_file(
+        cfg.user, cfg.system)), "curve")
+    secret = cfg.curve_server_key or os.path.join(base, "server.key_secret")
+    authorized = cfg.curve_authorized_dir or os.path.join(base, "authorized")
+    fix = (f"run 'llmctl keygen --server --dir {os.path.dirname(secret)}' and copy each client's "
+           f"public key (from 'llmctl keygen') into {authorized}/, or set curve_server_key and "
+           "curve_authorized_dir, or use an ipc:// socket")
+    if not os.path.isfile(secret):
+        raise ConfigError(f"{cfg.socket} is a tcp socket, which llmosd serves only with CURVE keys, "
+                          f"and the server's secret key {secret} does not exist", hint=fix)
+    load_server_keys(secret)
+    try:
+        keys = [n for n in os.listdir(authorized) if n.endswith(".key")]
+    except OSError as e:
+        raise ConfigError(f"{cfg.socket} is a tcp socket and needs authorized client keys, but "
+                          f"{authorized} cannot be read: {e.strerror}", hint=fix) from None
+    if not keys:
+        raise ConfigError(f"{cfg.socket} is a tcp socket and no client key is authorized: "
+                          f"{authorized} holds no *.key file", hint=fix)
+    return secret, authorized
 
 
 def memory_manager(cfg):

@@ -21,20 +21,34 @@ import time
 from typing import Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from llmctl import protocol
-from llmctl.errors import BadRequest, Internal, LlmosdError, ShuttingDown, TooLarge
+from llmctl.errors import BadRequest, ConfigError, Internal, LlmosdError, ShuttingDown, TooLarge
 from llmosd.metrics import Metrics
 
 log = logging.getLogger("llmosd.server")
 
 
-class Peer:
-    """One connected client (one DEALER socket), keyed by its ROUTER routing id."""
+REMOTE_UID = -2        # every tcp (CURVE) client, until keys map to uids
 
-    def __init__(self, ident: bytes, address: str | None):
+
+class Peer:
+    """One connected client (one DEALER socket), keyed by its ROUTER routing id.
+
+    ipc peers carry their uid/gid/pid (peer credentials).  tcp peers have none: their
+    identity is ``key``, the Z85 CURVE public key the ZAP handler accepted (its User-Id).
+    Their ``uid`` is REMOTE_UID: an unprivileged user that is neither root nor the daemon's
+    (uid None would count as a trusted in-process caller), so remote clients own what they
+    make and may touch nothing of a local user's.  Mapping keys to uids is for later."""
+
+    def __init__(self, ident: bytes, address: str | None, key: str | None = None):
         self.ident = ident
         self.uid = self.gid = self.pid = None
+        self.key = key or None
+        if self.key:
+            self.uid = REMOTE_UID
         if address:   # ipc peers: "...:uid:gid:pid"
             parts = address.rsplit(":", 3)
             if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
@@ -48,7 +62,9 @@ class Peer:
         self.last_sent = time.monotonic()
 
     def __repr__(self) -> str:
-        return f"client(pid={self.pid}, uid={self.uid})" if self.pid is not None else f"client({self.ident.hex()})"
+        if self.pid is not None:
+            return f"client(pid={self.pid}, uid={self.uid})"
+        return f"client(key={self.key})" if self.key else f"client({self.ident.hex()})"
 
 
 class Stream:
@@ -128,7 +144,10 @@ class Ctx:
 
 class Server:
     def __init__(self, url: str, *, max_message: int, send_hwm: int, heartbeat_ms: int,
-                 socket_mode: int = 0o660):
+                 socket_mode: int = 0o660, curve: tuple[str, str] | None = None):
+        """``curve``: (server secret key file, directory of authorized client public keys);
+        required for tcp:// (see ``bind``), unused for ipc://."""
+        self.curve, self.auth = curve, None
         self.url, self.max_message = url, max_message
         self.heartbeat = heartbeat_ms / 1000.0
         self.ctx = zmq.Context()
@@ -169,7 +188,24 @@ class Server:
                 os.umask(old)
             os.chmod(path, self.socket_mode)
         else:
+            if self.url.startswith("tcp://"):
+                self._curve_server()
             self.sock.bind(self.url)
+
+    def _curve_server(self) -> None:
+        """tcp:// is CURVE only: our key pair on the socket, and a ZAP handler that admits the
+        public keys found in the authorized directory (read once, at start)."""
+        if not self.curve:
+            raise ConfigError(f"{self.url} needs CURVE keys", hint=CURVE_HINT)
+        secret_file, authorized = self.curve
+        public, secret = load_server_keys(secret_file)
+        self.auth = RefusalLoggingAuthenticator(self.ctx, log=logging.getLogger("llmosd.zap"))
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=authorized)
+        self.sock.curve_secretkey, self.sock.curve_publickey = secret, public
+        self.sock.curve_server = True
+        log.info("tcp with CURVE: %d authorized client key(s) in %s",
+                 len(self.auth.certs.get("*", {})), authorized)
 
     # -- cross-thread ----------------------------------------------------------------------
     def post(self, fn: Callable, *args) -> None:
@@ -274,7 +310,11 @@ class Server:
                     address = frames[1].get("Peer-Address") if len(frames) > 1 else None
                 except zmq.ZMQError:
                     address = None
-                peer = Peer(ident, address)
+                try:
+                    key = frames[1].get("User-Id") if self.auth and len(frames) > 1 else None
+                except zmq.ZMQError:
+                    key = None
+                peer = Peer(ident, address, key)
                 self.peers[ident] = peer
             self._handle(peer, frames[1:])
             self.forget_if_idle(peer)
@@ -354,6 +394,8 @@ class Server:
 
     def close(self) -> None:
         self.sock.close(linger=1000)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         if self.url.startswith("ipc://"):
             try:
@@ -362,3 +404,44 @@ class Server:
                 pass
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+CURVE_HINT = ("make the server's keys with 'llmctl keygen --server --dir DIR' and set curve_server_key "
+              "and curve_authorized_dir (see llmosd(8)), or use an ipc:// socket")
+
+
+def load_server_keys(path: str) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a ``zmq.auth`` secret key file; ConfigError naming the file."""
+    import zmq.auth
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the CURVE server key {path}: {e}", hint=CURVE_HINT) from None
+    if not secret:
+        raise ConfigError(f"{path} holds no secret key (a .key_secret file is needed)", hint=CURVE_HINT)
+    return public, secret
+
+
+class RefusalLoggingAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, logging every refused CURVE key at WARNING (once a minute per key
+    and address: a refused client retries its handshake every few hundred ms)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._address = ""
+        self._logged: dict = {}
+
+    async def handle_zap_message(self, msg):
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else ""
+        await super().handle_zap_message(msg)
+
+    async def _authenticate_curve(self, domain, client_key):
+        allowed, reason = await super()._authenticate_curve(domain, client_key)
+        if not allowed:
+            key = z85.encode(client_key).decode()
+            now, seen = time.monotonic(), (key, self._address)
+            if now - self._logged.get(seen, -1e9) >= 60:
+                self._logged[seen] = now
+                log.warning("refused a tcp client from %s: CURVE key %s is not authorized (%s)",
+                            self._address or "?", key, reason.decode("utf-8", "replace"))
+        return allowed, reason

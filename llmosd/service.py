@@ -155,7 +155,14 @@ SAMPLE_CONFIG = """\
 # max_jobs = 1             # jobs (create, import, train) running at once per device
 # job_stop_timeout_s = 30.0  # pause/cancel: seconds a job's worker gets before SIGKILL
 # metrics_port = 0          # Prometheus text on http://127.0.0.1:PORT/metrics (0: off; llmctl metrics always works)
+# admin_group = ""         # members (and root, and the daemon's user) may unload/cancel/rm what others own
+# shared_inference = true  # others may run requests on a model/instance they do not own
 # keep_alive = "5m"        # an idle instance unloads after this ("300", "5m", "1h"); "-1" never, "0" at once
+# Remote access: socket = "tcp://0.0.0.0:5555" is served only with CURVE keys (it refuses to start
+# without them); make them with `llmctl keygen --server --dir /etc/llmosd/curve`, and copy each
+# client's public key (`llmctl keygen` on its machine) into the authorized directory, then restart.
+# curve_server_key = "/etc/llmosd/curve/server.key_secret"
+# curve_authorized_dir = "/etc/llmosd/curve/authorized"   # *.key files; read at start
 
 # Memory budgets per device (also LLMOSD_BUDGET="cpu=8GiB,host=2GiB" and llmosd --budget cpu=8GiB).
 # A size ("8GiB", "512MB"), a percentage of the device's memory ("90%"), or "auto".
@@ -167,6 +174,16 @@ SAMPLE_CONFIG = """\
 # budget = "auto"          # 0 without CUDA (eviction unloads), else min(RAM/4, 32 GiB)
 #                          # without CUDA it is the cpu budget's RAM: cpu + host must fit in RAM
 #                          # (an "auto" cpu budget is lowered by it)
+
+# Quotas per user or group (a user's own table wins; else the largest of their groups').  Exceeding
+# one is refused (permission_denied) with the numbers.  Root and the daemon's user have none.
+# [quotas.users.alice]
+# max_instances = 2        # instances loaded by the user
+# max_device_bytes = "8GiB"  # bytes those instances hold
+# max_jobs = 1             # jobs not finished (queued, running, paused)
+# max_queued_requests = 16 # requests open at once
+# [quotas.groups.llmos]
+# max_instances = 1
 """
 
 SHIPPED_EXEC_START = "/usr/local/bin/llmosd --system"

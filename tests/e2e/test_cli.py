@@ -28,7 +28,7 @@ def test_i9_cli_is_a_package_of_module_level_commands():
     import llmctl.cli
     subjects = {"store": ["ls", "show", "rm", "tag", "create", "import", "export"],
                 "table": ["status", "free", "ps", "load", "unload", "pin", "unpin"],
-                "top": ["top"],
+                "top": ["top"], "admin": ["fsck"], "metrics": ["metrics"], "keygen": ["keygen"],
                 "infer": ["run", "generate", "chat", "score", "classify", "embed"],
                 "jobs": ["train", "jobs", "logs", "cancel", "pause", "resume"],
                 "finetune": ["finetune", "eval", "merge"]}
