@@ -41,6 +41,8 @@ class Ops:
         self.jobctl_ops = JobCtlOps(store, jobs)
         self.serve_ops = ServeOps(cfg, store, manager)
         self.export_ops = ExportOps(store)
+        for h in (self.store_ops, self.job_ops, self.jobctl_ops):    # admin_group, quotas
+            h.cfg = cfg
         self.routes = {name[3:]: getattr(h, name)
                        for h in (self, self.store_ops, self.job_ops, self.jobctl_ops, self.serve_ops,
                                  self.export_ops, AdminOps(self))

@@ -118,9 +118,9 @@ class FinetuneOps:
     cfg = None
 
     def _owner(self, man: dict) -> int | None:
-        """``man``'s owner for access checks (``access.model_owner``; an ownerless model is
-        the daemon user's once a config is set)."""
-        return access.model_owner(man, legacy=self.cfg is not None)
+        """``man``'s owner for access checks (``access.model_owner``); a model published
+        before owners were recorded has none, and anyone may act on it."""
+        return access.model_owner(man, legacy=False)
 
     def _check_job_quota(self, ctx: Ctx) -> None:
         """PermissionDenied with the numbers when ``ctx``'s uid already has its ``max_jobs``

@@ -1,7 +1,7 @@
 """Handlers for the store: ls, show, rm, tag, and blob uploads and downloads.
 
 Access (issue 14): ``rm`` and ``tag --force`` (replacing a model) are for the model's owner
-(``access.model_owner``: its manifest's ``owner``, else the daemon's own user) and
+(its manifest's ``owner``; a model published before owners were recorded is anyone's) and
 administrators; ``ls`` shows each model's owner."""
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ class StoreOps:
     cfg = None
 
     def _owner(self, man: dict) -> int | None:
-        """``man``'s owner for access checks (``access.model_owner``; an ownerless model is
-        the daemon user's once a config is set)."""
-        return access.model_owner(man, legacy=self.cfg is not None)
+        """``man``'s owner for access checks (``access.model_owner``); a model published
+        before owners were recorded has none, and anyone may act on it."""
+        return access.model_owner(man, legacy=False)
 
     def __init__(self, store: Store, manager, jobs, uploads: Uploads, sources: Sources):
         self.store, self.manager, self.jobs = store, manager, jobs
@@ -54,7 +54,7 @@ class StoreOps:
                            "method": lin.get("method"), "parent": lin.get("parent"),
                            "kind": kind_of(man), "base": (base_of(man) or {}).get("model"),
                            "instances": self.manager.table.ids_of(ref),
-                           "owner": access.model_owner(man), "owner_name": _name(access.model_owner(man))})
+                           "owner": self._owner(man), "owner_name": _name(self._owner(man))})
         ctx.ok({"models": models})
 
     def op_show(self, ctx: Ctx) -> None:
