@@ -136,7 +136,7 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
         path = ipc_path(self.url)
         if path is not None:
             check_socket_path(path)
-        tcp_keys = curve.load_keys() if self.url.startswith("tcp://") else None
+        tcp_keys = curve.keys_for(self.url)      # tcp: the endpoint checked, then the keys
         s = self._ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         # No ZMTP heartbeats: a reader that pauses stops draining the pipe, its pongs stall, the

@@ -9,6 +9,7 @@ Problems are ``ConfigError`` naming the file and the fix.
 from __future__ import annotations
 
 import os
+import re
 
 import zmq
 from zmq.utils import z85
@@ -56,6 +57,26 @@ def server_key() -> bytes:
         return env.encode()
     public, _ = _load(env or os.path.join(key_dir(), "server.key"), "the daemon's public key")
     return public
+
+
+_TCP = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}$")
+
+
+def check_endpoint(url: str) -> None:
+    """DaemonUnavailable for a tcp:// endpoint that cannot be connected to at all (checked
+    before the keys are read, so a typo is reported as a typo, not as missing keys)."""
+    if not _TCP.match(url):
+        raise DaemonUnavailable(f"cannot connect to {url!r}: not tcp://HOST:PORT",
+                                hint="--socket / LLMOSD_SOCKET takes a path, unix:///path, "
+                                     "ipc:///path or tcp://host:port")
+
+
+def keys_for(url: str) -> tuple[bytes, bytes, bytes] | None:
+    """``load_keys`` for a tcp:// endpoint (after ``check_endpoint``); None for any other."""
+    if not url.startswith("tcp://"):
+        return None
+    check_endpoint(url)
+    return load_keys()
 
 
 def load_keys() -> tuple[bytes, bytes, bytes]:
