@@ -16,8 +16,8 @@ from ..jobs import FT_NO_DATA
 from ..trainspec import (ARCH_KEYS, EVAL_METRICS, FINETUNE_KEYS, FT_METHODS, FT_REFUSED, data_files,
                          finetune_conflict, load_spec_file, merge_spec)
 from . import common
-from .job_export import KINDS, export_finetune
-from .jobs import Follow, NoInput, _upload_progress, spec_options
+from .job_export import export_finetune
+from .jobs import Follow, NoInput, _upload_progress, cluster_options, queue_options, spec_options
 from .store import _made, _progress
 
 FT_HELPS = {
@@ -80,21 +80,9 @@ def _arch_options(f):
 @_arch_options
 @click.option("--spec", "spec_file", metavar="FILE",
               help="TOML or JSON file with the same keys (method, rank, labels, epochs...); flags override it.")
-@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True, metavar="N",
-              help="-1000..1000: higher runs first (first come, first served within one).")
-@click.option("--preemptible", is_flag=True,
-              help="Let loads that need its memory pause it (checkpointed); it resumes when the "
-                   "room comes back.")
-@click.option("--wait", is_flag=True, help="Follow the job to its end and exit with its status.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the job row as JSON (and, with --wait, one line per metrics report).")
+@queue_options
 @click.option("--force", is_flag=True, help="Replace a model already named NAME.")
-@click.option("--export", nargs=2, type=(click.Choice(KINDS), click.Path(file_okay=False)),
-              metavar="slurm|torchrun DIR",
-              help="Write a job to run on a cluster into DIR instead (BASE's files come from the daemon).")
-@click.option("--nnodes", type=click.IntRange(1, 4096), default=1, show_default=True,
-              help="Nodes of an exported job.")
-@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of an exported torchrun job [localhost:29500].")
+@cluster_options("Write a job to run on a cluster into DIR instead (BASE's files come from the daemon).")
 @click.pass_context
 def finetune(ctx, base, name, more_data, data, val_data, spec_file, priority, preemptible, wait, as_json,
              force, export, nnodes, rdzv_endpoint, **flags):

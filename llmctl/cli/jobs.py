@@ -93,6 +93,39 @@ def spec_options(exclude=(), helps=None):
 _spec_options = spec_options()
 
 
+def _stack(opts):
+    def apply(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return apply
+
+
+# The queueing flags train and finetune share (priority, preemptible, --wait, --json).
+queue_options = _stack([
+    click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True, metavar="N",
+                 help="-1000..1000: higher runs first (first come, first served within one)."),
+    click.option("--preemptible", is_flag=True,
+                 help="Let loads that need its memory pause it (checkpointed); it resumes when the "
+                      "room comes back."),
+    click.option("--wait", is_flag=True, help="Follow the job to its end and exit with its status."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print the job row as JSON (and, with --wait, one line per metrics report)."),
+])
+
+
+def cluster_options(export_help: str):
+    """--export slurm|torchrun DIR, --nnodes and --rdzv-endpoint (train and finetune)."""
+    return _stack([
+        click.option("--export", nargs=2, type=(click.Choice(KINDS), click.Path(file_okay=False)),
+                     metavar="slurm|torchrun DIR", help=export_help),
+        click.option("--nnodes", type=click.IntRange(1, 4096), default=1, show_default=True,
+                     help="Nodes of an exported job."),
+        click.option("--rdzv-endpoint", metavar="HOST:PORT",
+                     help="Rendezvous of an exported torchrun job [localhost:29500]."),
+    ])
+
+
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("name")
 @click.argument("more_data", nargs=-1, metavar="[FILE]...")
@@ -101,19 +134,8 @@ _spec_options = spec_options()
 @_spec_options
 @click.option("--spec", "spec_file", metavar="FILE",
               help="TOML or JSON file with the same keys (vocab_size, max_steps...); flags override it.")
-@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True, metavar="N",
-              help="-1000..1000: higher runs first (first come, first served within one).")
-@click.option("--preemptible", is_flag=True,
-              help="Let loads that need its memory pause it (checkpointed); it resumes when the "
-                   "room comes back.")
-@click.option("--wait", is_flag=True, help="Follow the job to its end and exit with its status.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the job row as JSON (and, with --wait, one line per metrics report).")
-@click.option("--export", nargs=2, type=(click.Choice(KINDS), click.Path(file_okay=False)),
-              metavar="slurm|torchrun DIR", help="Write a job to run on a cluster into DIR instead (no daemon).")
-@click.option("--nnodes", type=click.IntRange(1, 4096), default=1, show_default=True,
-              help="Nodes of an exported job.")
-@click.option("--rdzv-endpoint", metavar="HOST:PORT", help="Rendezvous of an exported torchrun job [localhost:29500].")
+@queue_options
+@cluster_options("Write a job to run on a cluster into DIR instead (no daemon).")
 @click.pass_context
 def train(ctx, name, more_data, data, spec_file, priority, preemptible, wait, as_json, export, nnodes,
           rdzv_endpoint, **flags):
