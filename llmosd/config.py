@@ -43,12 +43,21 @@ class Config:
     stream_buffer: int = 64          # chunks a slow client may lag before its generation pauses
     heartbeat_ms: int = 1000         # beat to idle streams; dead peers noticed on the next beat
     default_max_tokens: int = 256
-    max_batch: int = 16              # requests stepped together on one instance
+    max_batch: int = 16              # sequences decoded together in one batched step of an instance
+    max_prefill_tokens: int = 128    # prompt (and score/embed/classify) tokens per engine step: a
+    #                                  long prompt is cut into chunks so running decodes keep going
+    max_waiting: int = 256           # requests queued on one instance before new ones get `busy`
+    kv_block_size: int = 16          # positions per block of the paged KV cache
+    compile: str = "auto"            # torch.compile of the decode kernels: auto (when a C++ compiler
+    #                                  works) | on | off
+    quant: str = "auto"              # weights of a load without --quant: auto (as stored) | none
+    #                                  (dequantized to dtype) | int8 | int4
     shutdown_grace_s: float = 3.0    # SIGTERM: how long in-flight work may finish
     socket_mode: int = 0o660         # octal: 660, 0660 and 0o660 all mean rw-rw----
     max_uploads: int = 64            # open uploads in the whole daemon (each holds a descriptor)
     max_uploads_per_client: int = 8  # open uploads per client connection
-    max_kv_bytes: int = 0            # KV-cache bytes all admitted requests may reserve; 0 = auto (RAM/4)
+    max_kv_bytes: int = 0            # bytes of each instance's paged KV-cache pool; 0 = auto
+    #                                  (min(RAM/4, 1 GiB), at least one full context)
     max_jobs: int = 1                # jobs (create, import, train) running at once per device
     job_stop_timeout_s: float = 30.0  # pause/cancel: how long a worker may take before SIGKILL
     metrics_port: int = 0            # Prometheus text on http://127.0.0.1:PORT/metrics; 0 = off
@@ -351,6 +360,15 @@ def load(config_file: str | None = None, flags: dict | None = None,
     if resolved.dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise ConfigError(f"{origin('dtype')}dtype must be auto, float32, float16 or bfloat16, "
                           f"got {resolved.dtype!r}")
+    if resolved.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"{origin('compile')}compile must be auto, on or off, got {resolved.compile!r}")
+    if resolved.quant not in ("auto", "none", "int8", "int4"):
+        raise ConfigError(f"{origin('quant')}quant must be auto, none, int8 or int4, got {resolved.quant!r}")
+    for key, lo, hi in (("max_prefill_tokens", 1, 1 << 20), ("max_waiting", 1, 1 << 20),
+                        ("kv_block_size", 1, 4096)):
+        if not lo <= getattr(resolved, key) <= hi:
+            raise ConfigError(f"{origin(key)}{key} must be between {lo} and {hi}, "
+                              f"got {getattr(resolved, key)}")
     if resolved.max_jobs < 1:
         raise ConfigError(f"{origin('max_jobs')}max_jobs must be at least 1, got {resolved.max_jobs}")
     if not 0 <= resolved.job_stop_timeout_s <= 86400:
@@ -368,6 +386,7 @@ def load(config_file: str | None = None, flags: dict | None = None,
 # the budgets) is read at start only: the socket, paths, device and dtype are bound then, and the
 # memory manager has no setter for its budgets.
 RELOADABLE = ("log_level", "keep_alive", "default_max_tokens", "max_batch", "stream_buffer",
+              "max_prefill_tokens", "max_waiting",
               "max_uploads", "max_uploads_per_client", "max_kv_bytes", "max_jobs",
               "job_stop_timeout_s")
 

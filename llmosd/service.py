@@ -131,7 +131,7 @@ SAMPLE_CONFIG = """\
 # /etc/llmosd/llmosd.toml - every key is optional; see llmosd(8).  Precedence:
 # defaults < this file < LLMOSD_* environment variables < command-line flags.
 # SIGHUP (systemctl reload llmosd) re-reads this file: log_level, keep_alive, default_max_tokens,
-# max_batch, stream_buffer, max_uploads, max_uploads_per_client, max_kv_bytes, max_jobs and
+# max_batch, max_prefill_tokens, max_waiting, stream_buffer, max_uploads, max_uploads_per_client, max_kv_bytes, max_jobs and
 # job_stop_timeout_s apply at once; the other keys and the budgets need a restart.
 [llmosd]
 # socket = "ipc:///run/llmosd/llmosd.sock"
@@ -145,7 +145,12 @@ SAMPLE_CONFIG = """\
 # stream_buffer = 64
 # heartbeat_ms = 1000
 # default_max_tokens = 256
-# max_batch = 16
+# max_batch = 16          # sequences decoded together in one batched step
+# max_prefill_tokens = 128 # prompt tokens per engine step (long prompts are chunked)
+# max_waiting = 256        # requests queued on one instance before `busy`
+# kv_block_size = 16       # positions per block of the paged KV cache
+# compile = "auto"         # torch.compile of the decode kernels: auto | on | off
+# quant = "auto"           # weights of a load without --quant: auto | none | int8 | int4
 # shutdown_grace_s = 3.0
 # socket_mode = 0o660      # octal however written: 660, 0660, 0o660
 # user = false             # user mode: XDG paths even as root
