@@ -388,7 +388,7 @@ def load(config_file: str | None = None, flags: dict | None = None,
 RELOADABLE = ("log_level", "keep_alive", "default_max_tokens", "max_batch", "stream_buffer",
               "max_prefill_tokens", "max_waiting",
               "max_uploads", "max_uploads_per_client", "max_kv_bytes", "max_jobs",
-              "job_stop_timeout_s")
+              "job_stop_timeout_s", "admin_group", "shared_inference", "quotas")
 
 
 def reload_changes(old: Config, new: Config) -> tuple[dict, dict]:
@@ -399,6 +399,8 @@ def reload_changes(old: Config, new: Config) -> tuple[dict, dict]:
         a, b = getattr(old, k), getattr(new, k)
         if a != b:
             (apply if k in RELOADABLE else restart)[k] = (a, b)
+    if old.quotas != new.quotas:            # [quotas.*] tables: internal, compared whole
+        apply["quotas"] = (old.quotas, new.quotas)
     for section in sorted(set(old.budgets) | set(new.budgets)):
         a, b = old.budgets.get(section, "auto"), new.budgets.get(section, "auto")
         if a != b:

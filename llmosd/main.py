@@ -267,6 +267,9 @@ class Reloader:
             j.schedule()
         elif key == "job_stop_timeout_s":
             j.stop_timeout = value
+        # admin_group, shared_inference, quotas: the handlers read the shared Config on each
+        # request, so setting it (reload()) is all; max_prefill_tokens, max_waiting: the same
+        # for engines started from now on
 
 
 def curve_keys(cfg) -> tuple[str, str] | None:

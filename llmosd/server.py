@@ -34,6 +34,17 @@ log = logging.getLogger("llmosd.server")
 REMOTE_UID = -2        # every tcp (CURVE) client, until keys map to uids
 
 
+def audit_refusal(peer: "Peer", mtype: str, body: dict) -> None:
+    """The audit trail of refusals (issue 14): a permission_denied answer is logged at INFO
+    with the peer's uid and the reason, as every granted store change, load and job action is
+    by its handler."""
+    if body.get("name") == "permission_denied":
+        who = f"uid {peer.uid}" if peer.uid is not None else "an in-process caller"
+        if peer.key:
+            who += f" (CURVE key {peer.key[:8]}...)"
+        log.info("refused %s by %s: %s", mtype, who, body.get("message", ""))
+
+
 class Peer:
     """One connected client (one DEALER socket), keyed by its ROUTER routing id.
 
@@ -94,6 +105,7 @@ class Stream:
         if not self.closed:
             body = err if isinstance(err, dict) else err.to_wire()
             self.server.count(self.mtype, body.get("name"))
+            audit_refusal(self.peer, self.mtype, body)
             self.server.send(self.peer, protocol.reply(self.rid, "error", body))
             self._close()
 
@@ -129,6 +141,7 @@ class Ctx:
         self._answered()
         body = err if isinstance(err, dict) else err.to_wire()
         self.server.count(self.type, body.get("name"))
+        audit_refusal(self.peer, self.type, body)
         self.server.send(self.peer, protocol.reply(self.rid, "error", body))
 
     def _answered(self) -> None:
@@ -343,6 +356,7 @@ class Server:
             rid = getattr(e, "rid", rid)
             log.debug("request %s from %r refused: %s", rid, peer, e)
             self.count(mtype, e.name)
+            audit_refusal(peer, mtype, e.to_wire())
             self.send(peer, protocol.reply(rid, "error", e.to_wire()))
         except Exception as e:
             log.exception("handler failed")

@@ -131,8 +131,9 @@ SAMPLE_CONFIG = """\
 # /etc/llmosd/llmosd.toml - every key is optional; see llmosd(8).  Precedence:
 # defaults < this file < LLMOSD_* environment variables < command-line flags.
 # SIGHUP (systemctl reload llmosd) re-reads this file: log_level, keep_alive, default_max_tokens,
-# max_batch, max_prefill_tokens, max_waiting, stream_buffer, max_uploads, max_uploads_per_client, max_kv_bytes, max_jobs and
-# job_stop_timeout_s apply at once; the other keys and the budgets need a restart.
+# max_batch, max_prefill_tokens, max_waiting, stream_buffer, max_uploads, max_uploads_per_client,
+# max_kv_bytes, max_jobs, job_stop_timeout_s, admin_group, shared_inference and [quotas.*] apply
+# at once; the other keys and the budgets need a restart.
 [llmosd]
 # socket = "ipc:///run/llmosd/llmosd.sock"
 # state_dir = "/var/lib/llmosd"

@@ -175,4 +175,23 @@ def test_i14_reload_changes_split_runtime_keys_from_restart_keys(tmp_path):
     apply, restart = config.reload_changes(old, new)
     assert apply == {"keep_alive": (300.0, 3600.0), "log_level": ("info", "debug"), "max_jobs": (1, 2)}
     assert restart == {"send_hwm": (1000, 5), "devices.cpu.budget": ("auto", "1GiB")}
-    assert set(config.RELOADABLE) <= set(config._KEYS)
+    assert set(config.RELOADABLE) <= set(config._KEYS) | {"quotas"}
+
+
+def test_i14_access_settings_reload_without_restart(tmp_path):
+    """admin_group, shared_inference and the [quotas] tables apply on SIGHUP (the handlers
+    read the shared Config), so an administrator tightens a quota without a restart."""
+    import types
+    from llmosd.main import Reloader
+    old, _ = config.load("/dev/null", {}, environ={})
+    f = tmp_path / "c.toml"
+    f.write_text('[llmosd]\nadmin_group = "wheel"\nshared_inference = false\n'
+                 '[quotas.users.root]\nmax_instances = 2\n')
+    new, _ = config.load(str(f), {}, environ={})
+    apply, restart = config.reload_changes(old, new)
+    assert set(apply) == {"admin_group", "shared_inference", "quotas"} and not restart
+    fake = types.SimpleNamespace()
+    r = Reloader(old, lambda: new, manager=fake, jobs=fake, uploads=fake)
+    r.reload()
+    assert old.admin_group == "wheel" and old.shared_inference is False
+    assert old.quotas == new.quotas and old.quotas
