@@ -45,21 +45,53 @@ def audit_refusal(peer: "Peer", mtype: str, body: dict) -> None:
         log.info("refused %s by %s: %s", mtype, who, body.get("message", ""))
 
 
+def key_uids(authorized: str) -> dict[str, int]:
+    """Z85 public key -> local uid, for the authorized key files named after a local user
+    (``alice.key``, or ``alice.anything.key``): such a tcp client acts as that user (owns what
+    it makes, may act on what that user owns).  Never root: a remote key named ``root`` stays
+    REMOTE_UID (logged), so no key on disk is a remote superuser.  Links are not followed."""
+    import pwd
+    import zmq.auth
+    out = {}
+    try:
+        names = sorted(os.listdir(authorized))
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(authorized, name)
+        if not name.endswith(".key") or os.path.islink(path) or not os.path.isfile(path):
+            continue
+        user = name[:-len(".key")].split(".")[0]
+        try:
+            uid = pwd.getpwnam(user).pw_uid
+            public, _ = zmq.auth.load_certificate(path)
+        except (KeyError, ValueError, OSError):
+            continue
+        if uid == 0:
+            log.warning("CURVE key %s is named after root: remote clients never act as root; "
+                        "it stays an unprivileged remote client", path)
+            continue
+        out[public.decode()] = uid
+    return out
+
+
 class Peer:
     """One connected client (one DEALER socket), keyed by its ROUTER routing id.
 
     ipc peers carry their uid/gid/pid (peer credentials).  tcp peers have none: their
     identity is ``key``, the Z85 CURVE public key the ZAP handler accepted (its User-Id).
-    Their ``uid`` is REMOTE_UID: an unprivileged user that is neither root nor the daemon's
-    (uid None would count as a trusted in-process caller), so remote clients own what they
-    make and may touch nothing of a local user's.  Mapping keys to uids is for later."""
+    Their ``uid`` is the local user their key file is named after (``key_uids``: the
+    administrator's ``alice.key`` acts as alice), else REMOTE_UID: an unprivileged user that is
+    neither root nor the daemon's (uid None would count as a trusted in-process caller), so
+    remote clients own what they make and may touch nothing of a local user's."""
 
-    def __init__(self, ident: bytes, address: str | None, key: str | None = None):
+    def __init__(self, ident: bytes, address: str | None, key: str | None = None,
+                 key_uids: dict | None = None):
         self.ident = ident
         self.uid = self.gid = self.pid = None
         self.key = key or None
         if self.key:
-            self.uid = REMOTE_UID
+            self.uid = (key_uids or {}).get(self.key, REMOTE_UID)
         if address:   # ipc peers: "...:uid:gid:pid"
             parts = address.rsplit(":", 3)
             if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
@@ -161,6 +193,7 @@ class Server:
         """``curve``: (server secret key file, directory of authorized client public keys);
         required for tcp:// (see ``bind``), unused for ipc://."""
         self.curve, self.auth = curve, None
+        self.key_uids: dict[str, int] = {}      # tcp: public key -> local uid (key_uids)
         self.url, self.max_message = url, max_message
         self.heartbeat = heartbeat_ms / 1000.0
         self.ctx = zmq.Context()
@@ -217,8 +250,9 @@ class Server:
         self.auth.configure_curve(domain="*", location=authorized)
         self.sock.curve_secretkey, self.sock.curve_publickey = secret, public
         self.sock.curve_server = True
-        log.info("tcp with CURVE: %d authorized client key(s) in %s",
-                 len(self.auth.certs.get("*", {})), authorized)
+        self.key_uids = key_uids(authorized)
+        log.info("tcp with CURVE: %d authorized client key(s) in %s (%d named after a local user)",
+                 len(self.auth.certs.get("*", {})), authorized, len(self.key_uids))
 
     # -- cross-thread ----------------------------------------------------------------------
     def post(self, fn: Callable, *args) -> None:
@@ -327,7 +361,7 @@ class Server:
                     key = frames[1].get("User-Id") if self.auth and len(frames) > 1 else None
                 except zmq.ZMQError:
                     key = None
-                peer = Peer(ident, address, key)
+                peer = Peer(ident, address, key, self.key_uids)
                 self.peers[ident] = peer
             self._handle(peer, frames[1:])
             self.forget_if_idle(peer)
