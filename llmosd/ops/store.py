@@ -175,7 +175,8 @@ class StoreOps:
             log.info("tag %s as %s by uid %s%s", src, canon, ctx.uid, " (replaced)" if old else "")
             ctx.ok({"model": canon, "source": src, "digest": digest})
         # frees a replaced model's blobs no other model uses
-        self.store.writer.submit(lambda: self.store.copy(src, dst, replace=force), done)
+        # the new name is the tagger's (bob's tag of alice's model is bob's to remove)
+        self.store.writer.submit(lambda: self.store.copy(src, dst, replace=force, owner=ctx.uid), done)
 
     # -- uploads --------------------------------------------------------------------------
     def op_upload(self, ctx: Ctx) -> None:

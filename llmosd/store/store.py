@@ -455,13 +455,15 @@ class Store:
                     if close else ModelNotFound.default_hint)
             raise ModelNotFound(e.message, hint=hint) from None
 
-    def copy(self, source: str, target: str, *, replace: bool = False) -> str:
-        """Make ``target`` name the same manifest as ``source``; returns the canonical target.
+    def copy(self, source: str, target: str, *, replace: bool = False, owner: int | None = None) -> str:
+        """Make ``target`` name the same manifest as ``source`` (owned by ``owner`` if given:
+        a tag is its maker's); returns the canonical target.
 
         A target that already names the same content is left as it is; one that names other
         content is AlreadyExists unless ``replace`` (then its blobs no other model uses go)."""
         with self._lock:
             _, man, _ = self._get(source)
+            man = man if owner is None else {**man, "owner": owner}
             canon = canonical(target)
             try:
                 _, _, old = self._get(canon)

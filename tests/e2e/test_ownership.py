@@ -68,7 +68,8 @@ def shared(people):
         (base / "run").mkdir(mode=0o755)
         os.chmod(base / "run", 0o755)
         conf = base / "llmosd.toml"
-        conf.write_text(f'socket_mode = "666"\nadmin_group = "{group}"\n')
+        conf.write_text(f'socket_mode = "666"\nadmin_group = "{group}"\n'
+                        f'[quotas.users.{users["bob"][0]}]\nmax_jobs = 1\n')
         text = base / "text.txt"
         text.write_text(SHAKESPEARE.read_text()[:20_000])
         os.chmod(text, 0o644)
@@ -123,6 +124,19 @@ def test_i14_2_users_cannot_touch_each_others_things(shared):
     # ...but may use it (shared_inference is on by default)
     ok(as_user(d, bob, "generate", "amodel", "to be", "--max-tokens", "2"))
 
+    # bob's tag of alice's model is bob's: he may remove it, and it leaves hers alone
+    ok(as_user(d, bob, "tag", "amodel", "bcopy"))
+    assert any(line.startswith("bcopy") and bob[0] in line for line in ok(d.cli("ls")).splitlines())
+    ok(as_user(d, bob, "rm", "bcopy"))
+    assert any(line.startswith("amodel") for line in ok(d.cli("ls")).splitlines())
+
+    # bob's quota (max_jobs = 1): a second job is refused with the numbers
+    bjob = int(ok(as_user(d, bob, "train", "btrain", "--data", str(text), *ARCH,
+                          "--max-steps", "100000")).split()[0])
+    r = as_user(d, bob, "train", "btrain2", "--data", str(text), *ARCH, "--max-steps", "10")
+    assert r.returncode == 77 and "quota exceeded" in r.stderr and "jobs: 1 in use" in r.stderr, r.stderr
+    ok(as_user(d, bob, "cancel", str(bjob)))
+
     # an admin (admin group) may unload it; root may cancel and rm
     ok(as_user(d, admin, "unload", "amodel"))
     ok(d.cli("cancel", str(job)))
@@ -134,3 +148,4 @@ def test_i14_2_users_cannot_touch_each_others_things(shared):
     assert f"unload amodel:latest by uid {admin[1]}" in log
     assert "rm amodel:latest by uid 0" in log
     assert f"job {job} (train atrain:latest): cancel by uid 0" in log
+    assert f"refused rm by uid {bob[1]}" in log
