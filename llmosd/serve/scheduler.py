@@ -1,35 +1,44 @@
-"""Which sequences an engine step runs, when a sequence is done, and which requests are admitted
-at all.  Pure logic, no torch.
+"""Which sequences an engine step runs, and when a sequence is done.  Pure logic, no torch.
 
-``schedule()`` returns a ``Plan`` (sequences to prefill, sequences to decode one token); the
-engine runs it; ``update()`` takes each sampled token and says whether its sequence finished.
-Sequences whose client has not taken its output (``blocked``) are skipped, which is how a slow
-reader applies backpressure without stalling the other sequences.
+Continuous batching over a paged KV cache (``blocks.BlockManager``), vLLM v1 style: one step
+runs every decoding sequence one token and spends what is left of one token budget
+(``max_prefill_tokens``; each decode counts one) on prefill chunks, so a long prompt is cut
+into chunks and never stalls the decodes.  Per step the engine calls ``schedule()``, runs the
+``Plan`` (``Chunk`` rows of a prefill, ``decode`` keys), then ``postprocess()`` per sampled
+token; ``finish()`` cancels.  ``num_computed`` of a sequence advances when it is scheduled:
+the engine runs every plan it gets before it asks for the next one.
 
-Admission (``KVBudget``): each generation holds a KV cache for its whole length from its first
-step, so the daemon admits generations against a limit of KV-cache bytes (``max_kv_bytes``)
-instead of letting them grow until the OOM killer ends the daemon.  The instance manager owns
-one budget and uses it on the control-loop thread only (no lock, no state shared with engines):
-- at submit it reserves an upper bound, ``kv_request_bytes``: the prompt's token count is
-  bounded from its UTF-8 length without tokenizing (``prompt_token_bound``), plus max_tokens,
-  capped by the context; a request past the free bytes gets ``Busy``, one bigger than the
-  whole limit ``InvalidArgument`` (it could never run);
-- the engine never allocates more than was reserved, and once it has tokenized it reports the
-  bytes really allocated, which shrink the reservation;
-- the reservation is released when the request ends, fails or is cancelled, or its instance
-  stops.
-score/embed/classify hold no KV cache and are not counted.  (The memory manager will replace
-this with budgets per device; the paged engine with blocks handed out as sequences grow.)
+- Admission: a waiting sequence gets blocks for its whole prompt (leading blocks shared with a
+  cached identical prefix count as computed) only when the pool holds them; running
+  (prefilling + decoding) sequences never exceed ``max_batch``.
+- Fairness: preempted sequences come back first; then the waiting client with the fewest
+  running sequences goes next (ties: the one served least recently), FIFO within a client, so
+  one client's thousand queued lines get one slot per round and an interactive client's
+  request goes next.
+- Growth and preemption: a decoding sequence takes a new block when its table is full; when
+  the pool is empty the newest running sequence is preempted (blocks freed, ``num_computed``
+  0, back to the front of the queue) and later recomputed from its prompt and generated tokens
+  (its computed blocks stay in the prefix cache until reused, so this is often cheap).
+  ``capacity`` is cut to the pool at ``add``, so a sequence alone always fits and ends with
+  "context" at the pool's size rather than deadlocking.
+- Backpressure: a sequence whose client lags (``blocked(key)``) is skipped for the step and
+  keeps its blocks.
+- The wait queue is bounded: past ``max_waiting`` ``add`` raises ``Busy``.
+
+The KV-byte admission below (``KVBudget`` and helpers) predates the paged cache; the instance
+manager still imports it until admission moves to the pool.
 """
 from __future__ import annotations
 
-from collections import deque
+import itertools
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
 from llmctl.errors import Busy, InvalidArgument
 # Decimal units, as llmctl's tables write them; serve/instances.py imports size_text from here.
 from llmosd.mem.policy import size_text, sizes_text  # noqa: F401
+from llmosd.serve.blocks import BlockManager
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -37,75 +46,255 @@ WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 @dataclass
 class Seq:
     key: Hashable
+    client: Hashable               # fairness unit (peer identity / uid)
+    tokens: list[int]              # prompt + generated so far (postprocess appends)
     prompt_len: int
     max_tokens: int
-    capacity: int                  # positions available (prompt + generated must fit)
+    capacity: int                  # positions available: prompt + generated must fit
+    num_computed: int = 0          # leading tokens whose KV is in the cache (or scheduled)
     generated: int = 0
     status: str = WAITING
     finish_reason: str | None = None
+    arrival: int = 0               # set by add: a monotonic counter (newest preempted first)
+
+
+@dataclass
+class Chunk:
+    """Prefill ``tokens[start:start + length]`` of ``key``; ``sample``: it ends at the end of
+    the sequence's tokens, so the engine samples a token from its last row."""
+    key: Hashable
+    start: int
+    length: int
+    sample: bool
 
 
 @dataclass
 class Plan:
-    prefill: list = field(default_factory=list)
-    decode: list = field(default_factory=list)
+    prefill: list[Chunk] = field(default_factory=list)
+    decode: list = field(default_factory=list)       # keys: compute tokens[-1], sample
+    preempted: list = field(default_factory=list)    # keys whose KV was dropped this step
+    finished: list = field(default_factory=list)     # keys the scheduler ended ("context")
 
     def __bool__(self) -> bool:
         return bool(self.prefill or self.decode)
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, eos_ids: set[int]):
+    """One instance's sequences over one ``BlockManager``.  One thread (the engine's)."""
+
+    def __init__(self, blocks: BlockManager, *, max_batch: int = 16, max_prefill_tokens: int = 128,
+                 max_waiting: int = 256, eos_ids=()):
+        self.blocks = blocks
         self.max_batch = max(1, max_batch)
+        self.max_prefill_tokens = max(1, max_prefill_tokens)
+        self.max_waiting = max(1, max_waiting)
         self.eos_ids = set(eos_ids)
         self.seqs: dict[Hashable, Seq] = {}
-        self._order: deque = deque()       # round-robin order of unfinished keys
+        self.running: dict[Hashable, None] = {}        # admitted keys, in admission order
+        self._resume: deque = deque()                   # preempted keys: first to come back
+        self._queues: dict[Hashable, deque] = {}        # client -> its waiting keys, FIFO
+        self._running_of: Counter = Counter()           # client -> running sequences
+        self._served: dict[Hashable, int] = {}          # client -> tick of its last admission
+        self._tick = itertools.count()
+        self._arrival = itertools.count()
 
-    def add(self, seq: Seq) -> None:
-        if seq.prompt_len < 1 or seq.prompt_len > seq.capacity:
-            raise ValueError(f"prompt of {seq.prompt_len} tokens does not fit {seq.capacity} positions")
-        self.seqs[seq.key] = seq
-        self._order.append(seq.key)
-
-    def finish(self, key: Hashable, reason: str) -> Seq | None:
-        seq = self.seqs.pop(key, None)
-        if seq is not None:
-            seq.status, seq.finish_reason = FINISHED, reason
-            self._order.remove(key)
-        return seq
-
+    # -- queries ------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.seqs)
 
-    def schedule(self, blocked: Callable[[Hashable], bool] = lambda k: False) -> Plan:
-        """Up to max_batch runnable sequences, oldest waiting prefills first, then round robin."""
-        plan = Plan()
-        chosen = 0
-        for key in list(self._order):
-            if chosen >= self.max_batch:
-                break
-            seq = self.seqs[key]
-            if blocked(key):
-                continue
-            (plan.prefill if seq.status == WAITING else plan.decode).append(key)
-            chosen += 1
-        # rotate so that sequences beyond max_batch get their turn next step
-        if len(self._order) > self.max_batch:
-            self._order.rotate(-chosen)
-        return plan
+    def __contains__(self, key) -> bool:
+        return key in self.seqs
 
-    def update(self, key: Hashable, token: int, stop_hit: bool = False) -> Seq:
-        """Record one sampled token; returns the Seq, finished (and removed) if it ended."""
+    @property
+    def waiting(self) -> int:
+        return len(self.seqs) - len(self.running)
+
+    def table(self, key) -> list[int]:
+        return self.blocks.table(key)
+
+    def stats(self) -> dict:
+        b = self.blocks
+        return {"waiting": self.waiting, "running": len(self.running),
+                "blocks_total": b.num_blocks, "blocks_used": b.used_count,
+                "blocks_cached": b.cached_count, "block_size": b.block_size}
+
+    # -- requests -----------------------------------------------------------------------------
+    def add(self, seq: Seq) -> None:
+        """Queue ``seq``.  ValueError when it could never run (empty prompt, prompt beyond its
+        capacity or the whole pool: the engine reports InvalidArgument); Busy when
+        ``max_waiting`` requests already wait.  Cuts ``seq.capacity`` to the pool's positions."""
+        pool = self.blocks.num_blocks * self.blocks.block_size
+        n = len(seq.tokens)
+        if seq.key in self.seqs:
+            raise ValueError(f"sequence {seq.key!r} is already scheduled")
+        if n < 1:
+            raise ValueError("the prompt has no tokens")
+        if n > seq.capacity:
+            raise ValueError(f"a prompt of {n} tokens does not fit the context of "
+                             f"{seq.capacity} positions")
+        if n > pool:
+            raise ValueError(f"a prompt of {n} tokens does not fit the KV cache pool of "
+                             f"{pool} positions ({self.blocks.num_blocks} blocks of "
+                             f"{self.blocks.block_size})")
+        if self.waiting >= self.max_waiting:
+            raise Busy(f"the instance already has {self.waiting} requests waiting "
+                       f"(max_waiting is {self.max_waiting})",
+                       hint="retry later, or raise max_waiting (LLMOSD_MAX_WAITING) "
+                            "for the daemon")
+        seq.capacity = min(seq.capacity, pool)
+        seq.status, seq.finish_reason, seq.num_computed = WAITING, None, 0
+        seq.arrival = next(self._arrival)
+        self.seqs[seq.key] = seq
+        self._queues.setdefault(seq.client, deque()).append(seq.key)
+
+    def postprocess(self, key, token: int, stop_hit: bool = False) -> Seq:
+        """Record the token sampled for ``key`` (after its decode or last prefill chunk ran);
+        returns its Seq, finished (blocks freed) with finish_reason "stop" (eos or a stop
+        string), "length" (max_tokens) or "context" (capacity) when it ended."""
         seq = self.seqs[key]
-        seq.status = RUNNING
+        if key not in self.running or seq.num_computed != len(seq.tokens):
+            raise ValueError(f"sequence {key!r} was not scheduled to sample a token")
+        seq.tokens.append(token)
         seq.generated += 1
         if token in self.eos_ids or stop_hit:
             return self.finish(key, "stop")
         if seq.generated >= seq.max_tokens:
             return self.finish(key, "length")
-        if seq.prompt_len + seq.generated >= seq.capacity:
+        if len(seq.tokens) >= seq.capacity:
             return self.finish(key, "context")
+        if self.blocks.positions(key) >= len(seq.tokens) or self.blocks.free_count:
+            self.blocks.append(key, seq.tokens, seq.num_computed)
+        else:                                          # the next schedule() makes room
+            self.blocks.commit(key, seq.tokens, seq.num_computed)
         return seq
+
+    def finish(self, key, reason: str) -> Seq | None:
+        """End ``key`` (cancelled, failed, done): its blocks go back to the pool.  None when
+        it is not here (already finished)."""
+        seq = self.seqs.pop(key, None)
+        if seq is None:
+            return None
+        if key in self.running:
+            del self.running[key]
+            self._running_of[seq.client] -= 1
+            self.blocks.free(key)
+        elif key in self._resume:
+            self._resume.remove(key)
+        else:
+            q = self._queues[seq.client]
+            q.remove(key)
+            if not q:
+                del self._queues[seq.client]
+        if not self._running_of[seq.client]:
+            del self._running_of[seq.client]
+        if seq.client not in self._queues and seq.client not in self._running_of:
+            self._served.pop(seq.client, None)
+        seq.status, seq.finish_reason = FINISHED, reason
+        return seq
+
+    # -- the step ------------------------------------------------------------------------------
+    def schedule(self, blocked: Callable[[Hashable], bool] = lambda key: False) -> Plan:
+        """The next step's work: decodes first, then prefill chunks in the budget left."""
+        plan = Plan()
+        for key in self.running:       # the last plan ran: its full blocks join the prefix cache
+            seq = self.seqs[key]
+            self.blocks.commit(key, seq.tokens, seq.num_computed)
+        # decodes count against the budget; prefills still progress, a token a step at least
+        budget = max(1, self.max_prefill_tokens - self._decode(plan, blocked))
+        for key in sorted(self.running, key=lambda k: self.seqs[k].arrival):
+            seq = self.seqs[key]
+            if budget < 1:
+                break
+            if len(seq.tokens) - seq.num_computed > 1 and not blocked(key):
+                budget -= self._chunk(plan, seq, budget)
+        while budget >= 1 and len(self.running) < self.max_batch:
+            key = self._next_waiting(blocked)
+            if key is None or not self.blocks.can_allocate(self.seqs[key].tokens):
+                break
+            budget -= self._chunk(plan, self._admit(key), budget)
+        return plan
+
+    def _decode(self, plan: Plan, blocked) -> int:
+        """Schedule the decodes (at most max_batch, round robin beyond); returns how many."""
+        for key in list(self.running):
+            if len(plan.decode) >= self.max_batch:
+                break
+            seq = self.seqs.get(key)
+            if (key not in self.running or len(seq.tokens) - seq.num_computed != 1
+                    or blocked(key) or not self._grow(plan, seq)):
+                continue
+            plan.decode.append(key)
+            seq.num_computed += 1
+        if len(plan.decode) >= self.max_batch:        # more than fit: they go last next step
+            for key in plan.decode:
+                self.running[key] = self.running.pop(key)
+        return len(plan.decode)
+
+    def _grow(self, plan: Plan, seq: Seq) -> bool:
+        """Make ``seq``'s table cover all its tokens, preempting the newest running sequences
+        while the pool is empty; False when ``seq`` itself was preempted or ended."""
+        need = len(seq.tokens)
+        while self.blocks.positions(seq.key) < need and not self.blocks.free_count:
+            victim = max(self.running, key=lambda k: self.seqs[k].arrival)
+            if victim == seq.key and len(self.running) == 1:
+                self.finish(seq.key, "context")      # unreachable: capacity is cut to the pool
+                plan.finished.append(seq.key)
+                return False
+            self._preempt(plan, victim)
+            if victim == seq.key:
+                return False
+        if self.blocks.positions(seq.key) < need:
+            self.blocks.append(seq.key, seq.tokens, seq.num_computed)
+        return True
+
+    def _preempt(self, plan: Plan, key) -> None:
+        seq = self.seqs[key]
+        if key in plan.decode:
+            plan.decode.remove(key)
+        del self.running[key]
+        self._running_of[seq.client] -= 1
+        self.blocks.free(key)
+        seq.num_computed, seq.status = 0, WAITING
+        self._resume.appendleft(key)
+        plan.preempted.append(key)
+
+    def _next_waiting(self, blocked):
+        """The key to admit next: a preempted one, else the fair pick's FIFO head; None."""
+        for key in self._resume:
+            if not blocked(key):
+                return key
+        best = None
+        for client, q in self._queues.items():
+            if blocked(q[0]):
+                continue
+            rank = (self._running_of.get(client, 0), self._served.get(client, -1))
+            if best is None or rank < best[0]:
+                best = (rank, q[0])
+        return None if best is None else best[1]
+
+    def _admit(self, key) -> Seq:
+        seq = self.seqs[key]
+        if key in self._resume:
+            self._resume.remove(key)
+        else:
+            q = self._queues[seq.client]
+            q.popleft()
+            if not q:
+                del self._queues[seq.client]
+        seq.num_computed = self.blocks.allocate(key, seq.tokens)
+        seq.status = RUNNING
+        self.running[key] = None
+        self._running_of[seq.client] += 1
+        self._served[seq.client] = next(self._tick)
+        return seq
+
+    def _chunk(self, plan: Plan, seq: Seq, budget: int) -> int:
+        """Schedule the next prefill chunk of ``seq`` within ``budget``; returns its length."""
+        n = min(len(seq.tokens) - seq.num_computed, budget)
+        end = seq.num_computed + n
+        plan.prefill.append(Chunk(seq.key, seq.num_computed, n, end == len(seq.tokens)))
+        seq.num_computed = end
+        return n
 
 
 # -- admission by KV-cache bytes ---------------------------------------------------------------
