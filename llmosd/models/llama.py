@@ -5,7 +5,10 @@ grouped-query attention, SwiGLU MLP, optional tied embeddings.  Parameter names 
 are those of Hugging Face's LlamaForCausalLM, so a HF state dict loads as it is.
 
 Shapes: B batch, T new tokens, S cached+new positions, H query heads, K kv heads, D head dim,
-C model width, V vocabulary.
+C model width, V vocabulary.  Two inference paths: a contiguous per-sequence ``KVCache``
+(``forward(tokens, cache, start)``, also training's path without a cache) and the paged pool
+(``PagedKV`` + ``paged_batch`` -> ``forward_paged``): the new tokens of several sequences as N
+flattened rows for the linear layers, each sequence attending to its own blocks (N rows, P = blocks x block_size pool slots).
 """
 from __future__ import annotations
 
@@ -254,6 +257,116 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class PagedKV:
+    """The paged key/value pool of an instance: for k and v, layers x (num_blocks, block_size,
+    K, D) in one tensor each.  A sequence's position p lives in slot
+    ``table[p // block_size] * block_size + p % block_size`` of its block table."""
+
+    def __init__(self, cfg: LlamaConfig, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s k and v as (num_blocks * block_size, K, D) views."""
+        k, v = self.k[layer], self.v[layer]
+        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def block_bytes(self) -> int:
+        return self.nbytes() // self.num_blocks
+
+
+@dataclass
+class AttnGroup:
+    """Sequences attended in one SDPA call: rows r0 .. r0 + B*T of the batch (B sequences of T
+    new tokens each); ``gather`` (B, S) the pool slots of their positions 0..S-1 (padded);
+    ``mask`` (B, 1, T, S) bool (True: may attend) or None with ``causal`` (prefill at 0)."""
+    r0: int
+    B: int
+    T: int
+    gather: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool = False
+
+
+@dataclass
+class PagedBatch:
+    """One paged forward's inputs, shared by every layer: tokens, positions and slots (N,)
+    of the N new rows, and the attention groups covering them in row order."""
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    groups: list
+
+
+def _slot_index(tables: torch.Tensor, pos: torch.Tensor, bs: int) -> torch.Tensor:
+    """tables (B, nb) block ids, pos (B, S) positions -> (B, S) pool slots."""
+    return tables.gather(1, torch.div(pos, bs, rounding_mode="floor")) * bs + pos % bs
+
+
+def _tables(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
+    """Block tables right-padded with ``fill`` to ``width`` -> (B, width) int64."""
+    return torch.tensor([list(r[:width]) + [fill] * (width - len(r[:width])) for r in rows], dtype=torch.long)
+
+
+def paged_batch(seqs: list[tuple[list[int], int, list[int]]], block_size: int, device,
+                *, pad_batch: int = 0, pad_len: int = 0, scratch: int = 0,
+                force_mask: bool = False) -> tuple[PagedBatch, list[int]]:
+    """The batch for ``seqs`` = [(new ids, start, block table)]: single-token sequences form
+    one group (first), each longer chunk its own.  Returns the batch and, per sequence in the
+    given order, the row of its last token.  ``pad_batch`` pads the single-token group to that
+    many rows and ``pad_len`` its gathered length to that many positions (static shapes for
+    CUDA graphs): padding rows write to and read from block ``scratch``.  ``force_mask``: the
+    single-token group always carries a mask (a graph's static input)."""
+    bs = block_size
+    dec = [i for i, (ids, _, _) in enumerate(seqs) if len(ids) == 1]
+    chunks = [i for i, (ids, _, _) in enumerate(seqs) if len(ids) > 1]
+    tokens, positions, slots, groups, last = [], [], [], [], [0] * len(seqs)
+    if dec or pad_batch:
+        B = max(len(dec), pad_batch)
+        lens = [seqs[i][1] + 1 for i in dec] + [1] * (B - len(dec))
+        S = max(max(lens), pad_len)
+        nb = -(-S // bs)
+        tables = _tables([seqs[i][2] for i in dec] + [[scratch]] * (B - len(dec)), nb, scratch)
+        pos = torch.arange(S).expand(B, S)
+        gather = _slot_index(tables, pos, bs)                                   # (B, S)
+        ln = torch.tensor(lens)
+        here = ln - 1
+        slots.append(gather.gather(1, here[:, None])[:, 0])
+        positions.append(here)
+        tokens += [seqs[i][0][0] for i in dec] + [0] * (B - len(dec))
+        mask = None
+        if force_mask or B > 1 or S > lens[0]:
+            mask = (pos < ln[:, None])[:, None, None, :].to(device)            # (B, 1, 1, S)
+        groups.append(AttnGroup(0, B, 1, gather.to(device), mask))
+        for r, i in enumerate(dec):
+            last[i] = r
+    for i in chunks:
+        ids, start, table = seqs[i]
+        T, S = len(ids), start + len(ids)
+        nb = -(-S // bs)
+        gather = _slot_index(_tables([table], nb, scratch), torch.arange(S)[None], bs)   # (1, S)
+        r0 = len(tokens)
+        q = torch.arange(start, S)
+        slots.append(gather[0, start:])
+        positions.append(q)
+        tokens += list(ids)
+        if start == 0:
+            mask, causal = None, True
+        else:                             # row t sees positions <= start + t
+            mask, causal = (torch.arange(S)[None, :] <= q[:, None])[None, None].to(device), False
+        groups.append(AttnGroup(r0, 1, T, gather.to(device), mask, causal))
+        last[i] = r0 + T - 1
+    pb = PagedBatch(torch.tensor(tokens, dtype=torch.long, device=device), torch.cat(positions).to(device),
+                    torch.cat(slots).to(device), groups)
+    return pb, last
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -290,6 +403,29 @@ class Attention(nn.Module):
                                            enable_gqa=self.h != self.k)   # (B, H, T, D)
         return drop(self.o_proj(y.transpose(1, 2).reshape(B, T, self.h * self.d)), p, self.training)
 
+    def forward_paged(self, x, cos, sin, kv: "PagedKV", layer: int, pb: "PagedBatch") -> torch.Tensor:
+        """x (N, C): the new tokens of every sequence of ``pb``, flattened -> (N, C).  Their
+        k/v go into the pool's slots; each attention group reads its sequences' K/V back
+        through their block tables (inference only: no dropout)."""
+        N = x.shape[0]
+        q = self.q_proj(x).view(N, self.h, self.d)                        # (N, H, D)
+        k = self.k_proj(x).view(N, self.k, self.d)                        # (N, K, D)
+        v = self.v_proj(x).view(N, self.k, self.d)
+        q = (q * cos + rotate_half(q) * sin).to(v.dtype)                  # cos, sin (N, 1, D)
+        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
+        kc, vc = kv.slots(layer)                                          # (P, K, D) each
+        kc.index_copy_(0, pb.slots, k.to(kc.dtype))
+        vc.index_copy_(0, pb.slots, v.to(vc.dtype))
+        ys = []
+        for g in pb.groups:
+            qg = q[g.r0:g.r0 + g.B * g.T].view(g.B, g.T, self.h, self.d).transpose(1, 2)  # (B, H, T, D)
+            kg = kc[g.gather].transpose(1, 2).to(q.dtype)                 # (B, S, K, D) -> (B, K, S, D)
+            vg = vc[g.gather].transpose(1, 2).to(q.dtype)
+            y = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, is_causal=g.causal,
+                                               enable_gqa=self.h != self.k)                 # (B, H, T, D)
+            ys.append(y.transpose(1, 2).reshape(g.B * g.T, self.h * self.d))
+        return self.o_proj(ys[0] if len(ys) == 1 else torch.cat(ys))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -314,6 +450,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache, layer, start):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_paged(self, x, cos, sin, kv, layer, pb):
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, kv, layer, pb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -371,6 +511,29 @@ class Llama(nn.Module):
         x = self.hidden(tokens, cache, start)
         if last_only:
             x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (N,) int -> cos, sin (N, 1, D), the same values ``rope`` gives."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]   # (N, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]                     # (N, 1, D)
+        return emb.cos(), emb.sin()
+
+    def hidden_paged(self, pb: "PagedBatch", kv: "PagedKV") -> torch.Tensor:
+        """The rows of ``pb`` (N new tokens of several sequences over the paged cache ``kv``)
+        -> final hidden states (N, C), before the last norm.  Inference only."""
+        x = self.model.embed_tokens(pb.tokens)                             # (N, C)
+        cos, sin = self.rope_at(pb.positions)
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward_paged(x, cos, sin, kv, i, pb)
+        return x
+
+    def forward_paged(self, pb: "PagedBatch", kv: "PagedKV",
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (R, V) in float32 of the rows ``rows`` (R,) of ``pb`` (None: every row)."""
+        x = self.hidden_paged(pb, kv)
+        if rows is not None:
+            x = x.index_select(0, rows)
         return self.lm_head(self.model.norm(x)).float()
 
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
