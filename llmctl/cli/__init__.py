@@ -24,7 +24,7 @@ import zmq
 
 from ..errors import EX_IOERR, EX_PROTOCOL, EX_UNAVAILABLE, EX_USAGE, LlmosdError
 from ..paths import normalize_socket
-from . import admin, finetune, infer, jobs, keygen, metrics, store, table, top
+from . import admin, finetune, http, infer, jobs, keygen, metrics, store, table, top
 
 # What users of other tools type, and what llmctl calls it.
 ALIASES = {
@@ -104,7 +104,7 @@ def cli(ctx, socket, timeout):
     ctx.obj = {**(ctx.obj or {}), "socket": socket, "timeout": timeout}   # a given obj may hold a client
 
 
-for _module in (store, table, top, infer, jobs, finetune, metrics, admin, keygen):
+for _module in (store, table, top, infer, jobs, finetune, metrics, admin, keygen, http):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 
