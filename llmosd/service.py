@@ -192,11 +192,76 @@ SAMPLE_CONFIG = """\
 # max_instances = 1
 """
 
+HTTP_UNIT = """\
+# llmosd-http.service - the HTTP gateway (OpenAI and Ollama APIs) to llmosd; see llmctl(1),
+# serve-http.  It is an ordinary client of the daemon: it runs as a user of group llmos (which
+# may open the daemon's socket) and acts with that user's rights.  Loopback only as shipped;
+# to listen elsewhere, add a drop-in (systemctl edit llmosd-http) with
+#   [Service]
+#   ExecStart=
+#   ExecStart=/usr/local/bin/llmctl serve-http --listen 0.0.0.0:11435 --api-key-file /etc/llmosd/http-keys
+#   IPAddressAllow=any
+# (the key file: one key per line, not readable by other users, e.g. root:llmos 0640).
+[Unit]
+Description=llmosd HTTP gateway - OpenAI and Ollama APIs
+{documentation}After=llmosd.service network.target
+Wants=llmosd.service
+
+[Service]
+Type=exec
+ExecStart={exec_start}
+DynamicUser=yes
+SupplementaryGroups=llmos
+Environment=LLMOSD_SOCKET=ipc:///run/llmosd/llmosd.sock
+Restart=on-failure
+RestartSec=2s
+# 78 (EX_CONFIG): a bad --listen, a missing key file, non-loopback without keys
+RestartPreventExitStatus=78
+TimeoutStopSec=15s
+
+# Hardening: it only talks HTTP and to the daemon's socket.
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome={protect_home}
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectHostname=yes
+ProtectClock=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+IPAddressDeny=any
+IPAddressAllow=localhost
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+KeyringMode=private
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged
+SystemCallErrorNumber=EPERM
+UMask=0077
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 SHIPPED_EXEC_START = "/usr/local/bin/llmosd --system"
+SHIPPED_HTTP_EXEC_START = "/usr/local/bin/llmctl serve-http --listen 127.0.0.1:11435"
+HTTP_MAN_PAGES = ("llmctl(1)", "llmosd(8)")
 MAN_PAGES = ("llmosd(8)", "llmctl(1)", "llmosd-protocol(7)")
 # where each file goes, relative to the prefix; the config only when absent
 TARGETS = {"unit": "etc/systemd/system/llmosd.service", "sysusers": "etc/sysusers.d/llmosd.conf",
-           "tmpfiles": "etc/tmpfiles.d/llmosd.conf", "config": "etc/llmosd/llmosd.toml"}
+           "tmpfiles": "etc/tmpfiles.d/llmosd.conf", "config": "etc/llmosd/llmosd.toml",
+           "http_unit": "etc/systemd/system/llmosd-http.service"}
 # ProtectHome=yes hides these: code installed below them needs read-only instead
 HOME_DIRS = ("/home", "/root", "/run/user")
 
@@ -205,6 +270,20 @@ def exec_start(python: str = sys.executable) -> str:
     """The unit's ExecStart for this installation: this interpreter with ``-m llmosd --system``
     (a virtual environment's python finds its packages by its own path, so no activation)."""
     return " ".join(shlex.quote(p) for p in (os.path.abspath(python), "-m", "llmosd", "--system"))
+
+
+def http_exec_start(python: str = sys.executable) -> str:
+    """The gateway unit's ExecStart for this installation: ``python -m llmctl.cli serve-http``
+    on loopback (a drop-in changes --listen; see the unit's comment)."""
+    return " ".join(shlex.quote(p) for p in (os.path.abspath(python), "-m", "llmctl.cli", "serve-http",
+                                              "--listen", "127.0.0.1:11435"))
+
+
+def http_unit_text(exec_start: str = SHIPPED_HTTP_EXEC_START, protect_home: str = "yes",
+                   man_pages=HTTP_MAN_PAGES) -> str:
+    """The gateway's unit (llmosd-http.service) with ``exec_start``."""
+    doc = ("Documentation=" + " ".join(f"man:{p}" for p in man_pages) + "\n") if man_pages else ""
+    return HTTP_UNIT.format(exec_start=exec_start, protect_home=protect_home, documentation=doc)
 
 
 def needs_home(paths: list[str]) -> bool:
@@ -241,7 +320,9 @@ def plan(prefix: str = "/", python: str = sys.executable, man_pages=None) -> dic
     code = [python, os.path.dirname(os.path.abspath(llmosd.__file__))]
     pages = installed_man_pages() if man_pages is None else man_pages
     texts = {"unit": unit_text(exec_start(python), "read-only" if needs_home(code) else "yes", pages),
-             "sysusers": SYSUSERS, "tmpfiles": TMPFILES, "config": SAMPLE_CONFIG}
+             "sysusers": SYSUSERS, "tmpfiles": TMPFILES, "config": SAMPLE_CONFIG,
+             "http_unit": http_unit_text(http_exec_start(python), "read-only" if needs_home(code) else "yes",
+                                         [p for p in HTTP_MAN_PAGES if p in pages])}
     out = {}
     for what, rel in TARGETS.items():
         path = os.path.join(prefix, rel)
@@ -277,7 +358,8 @@ def next_steps(prefix: str) -> list[str]:
                 "systemctl enable --now llmosd"]
     return ["systemd-sysusers", "systemd-tmpfiles --create", "systemctl daemon-reload",
             "systemctl enable --now llmosd",
-            "usermod -aG llmos USER    # each user who may use llmctl (log in again after)"]
+            "usermod -aG llmos USER    # each user who may use llmctl (log in again after)",
+            "systemctl enable --now llmosd-http    # optional: the OpenAI/Ollama HTTP gateway"]
 
 
 def install(prefix: str = "/", dry_run: bool = False, out=sys.stdout, **kw) -> dict[str, str]:

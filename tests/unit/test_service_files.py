@@ -22,6 +22,7 @@ def test_i14_1_shipped_files_are_the_ones_install_service_writes():
     assert (shipped / "llmosd.sysusers").read_text() == service.SYSUSERS
     assert (shipped / "llmosd.tmpfiles").read_text() == service.TMPFILES
     assert (shipped / "llmosd.toml").read_text() == service.SAMPLE_CONFIG
+    assert (shipped / "llmosd-http.service").read_text() == service.http_unit_text()
 
 
 def test_i14_1_unit_has_the_service_settings_the_issue_names():
