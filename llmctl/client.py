@@ -321,12 +321,15 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
         return self._call("tag", {"source": source, "target": target, **({"force": True} if force else {})})
 
     def load(self, model: str, timeout: float | None = None, *, keep_alive: float | None = None,
-             priority: int | None = None, pin: bool = False) -> dict:
+             priority: int | None = None, pin: bool = False, dtype: str | None = None,
+             quant: str | None = None) -> dict:
         """Load ``model`` (its instance row; ``already_loaded`` is true when it was).  Memory
-        (1.7): ``keep_alive`` seconds idle before it unloads (-1 forever, 0 at once),
-        ``priority`` (lower is evicted first), ``pin`` (never evicted, never expires)."""
+        (1.7): ``keep_alive`` idle seconds (-1 forever), ``priority`` (lower is evicted first),
+        ``pin`` (never evicted); 1.9: ``dtype``, ``quant`` (auto|none|int8|int4 weights)."""
         body = _clean({"model": model, "keep_alive": keep_alive, "priority": priority, "pin": pin or None})
         self._require_minor(7, "--keep-alive, --priority and --pin", len(body) > 1)
+        body.update(opts := _clean({"dtype": dtype, "quant": quant}))
+        self._require_minor(9, "--dtype and --quant", bool(opts))
         return self._call("load", body, timeout=timeout or self._work_timeout)
 
     def pin(self, target: str | int) -> dict:

@@ -23,7 +23,7 @@ import msgpack
 from .errors import BadRequest, InvalidArgument, TooLarge, UnknownType, UnsupportedVersion
 
 VERSION = 1            # protocol major version: a mismatch is refused in ``hello``
-MINOR = 8              # additions that old peers can ignore bump only this
+MINOR = 9              # additions that old peers can ignore bump only this
 DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
 UPLOAD_CHUNK = 4 * 1024 * 1024     # bytes per upload_chunk the client sends
 
@@ -95,6 +95,8 @@ _GEN = {"keep_alive": _KEEP, "max_tokens": Field(_I, lo=1, hi=1_000_000), "tempe
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")   # model defaults may set these
 _DIGEST = Field(_S, True, max_len=80)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+IMPORT_DTYPES = DTYPES + ("int8", "int4")     # 1.9: int8/int4 store quantized weights
+QUANTS = ("auto", "none", "int8", "int4")     # 1.9: load's weight form
 _JOB = Field(_I, True, lo=1, hi=U64)
 # Job states (1.5): queued -> running -> succeeded | failed | cancelled, running -> pausing ->
 # paused -> queued (resume); see llmosd-protocol(7) for every legal move.
@@ -122,7 +124,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     "tag": {"source": _name(), "target": _name(), "force": Field(_B)},
     # memory (1.7): keep_alive in seconds (-1 forever, 0 unload when idle), priority, pins
     "load": {"model": _name(), "keep_alive": _KEEP, "priority": Field(_I, lo=-1000, hi=1000),
-             "pin": Field(_B)},
+             "pin": Field(_B), "dtype": Field(_S, choices=DTYPES), "quant": Field(_S, choices=QUANTS)},
     "unload": {"target": _name(), "force": Field(_B)},
     # memory (1.7): pin/unpin a model's instances (target: a model name or an instance id)
     "pin": {"target": _name()},
@@ -146,7 +148,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
                  "size": Field(_I, True, lo=1, hi=UPLOAD_CHUNK)},
     "import": {"name": _name(), "files": Field((dict,), True, max_len=1000, items=(str,)),
                "format": Field(_S, choices=("hf", "gguf", "peft")), "force": Field(_B),
-               "dtype": Field(_S, choices=DTYPES), "base": _name(False)},
+               "dtype": Field(_S, choices=IMPORT_DTYPES), "base": _name(False)},
     # jobs (1.5): the spec's keys and values are checked by the daemon against the data
     "train": {"name": _name(), "data": Field((dict,), True, max_len=1000, items=(str,)),
               "spec": Field((dict,), True, max_len=64), "priority": Field(_I, lo=-1000, hi=1000),

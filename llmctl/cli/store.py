@@ -222,9 +222,11 @@ def create(ctx, name, vocab_from, as_json, **opts):
 @click.argument("path", type=click.Path(exists=True))
 @click.argument("name", required=False)
 @click.option("--force", is_flag=True, help="Replace a model of the same name.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Store weights as this type (auto: GGUF quantized tensors become "
-                                      "float32, or float16 past 4 GiB; HF weights keep theirs).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "int8", "int4"]),
+              default="auto", show_default=True,
+              help="Store weights as this type (auto: as the file has them: GGUF Q8_0/Q4_0/Q4_1 kept "
+                   "packed, other quantized types requantized to int8/int4; int8/int4: quantized in "
+                   "groups of 32; a float type: dequantized).")
 @click.option("--base", metavar="MODEL", help="PATH is a PEFT adapter directory (adapter_config.json, "
                                              "adapter_model.safetensors) for the stored MODEL.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -232,9 +234,9 @@ def create(ctx, name, vocab_from, as_json, **opts):
 def import_(ctx, path, name, force, dtype, base, as_json):
     """Import a GGUF file or a Hugging Face model directory PATH as NAME[:TAG].
 
-    GGUF (llama.cpp, Ollama): architecture llama; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-    Q5_0, Q5_1, Q2_K..Q6_K are dequantized; the tokenizer and chat template come from its
-    metadata.  A Hugging Face directory needs config.json, *.safetensors weights (sharded
+    GGUF (llama.cpp, Ollama): architecture llama; tensors F32, F16, BF16, Q8_0, Q4_0, Q4_1
+    (kept quantized), Q5_0, Q5_1, Q2_K..Q6_K (requantized to int8/int4); the tokenizer and
+    chat template come from its metadata.  A Hugging Face directory needs config.json, *.safetensors weights (sharded
     with their index, or one file) and tokenizer.json or tokenizer.model;
     tokenizer_config.json and generation_config.json are used when present.  A PEFT LoRA adapter
     directory (adapter_config.json, adapter_model.safetensors) is imported with --base MODEL as

@@ -1,10 +1,13 @@
 """GGUF files in (llama.cpp / Ollama): metadata -> config, tensors -> HF-named weights.
 
-Runs in a job worker.  Tensors are dequantized with the ``gguf`` package's reference
-dequantizer and kept in float32 (F16/BF16 tensors keep their type), so the imported model
-computes exactly what the quantized file describes.  llama.cpp's converter permutes the rows
-of ``attn_q``/``attn_k`` (interleaved rotary pairs); that permutation is undone here so the
-weights fit the Hugging Face rotary layout our model uses.
+Runs in a job worker.  By default (dtype "auto") quantized tensors stay quantized: Q8_0, Q4_0
+and Q4_1 blocks are kept bit for bit in ``models.quant``'s stored form (``X.qweight``,
+``X.scales``, ``X.mins``); other quantized types (K-quants, Q5_x) are dequantized with the
+``gguf`` package's reference dequantizer and requantized to int4 (types of up to 4 bits) or
+int8 (5 bits and more); F32/F16/BF16 tensors keep their type.  A float dtype dequantizes
+everything; int8/int4 quantize everything to that form.  llama.cpp's converter permutes the
+rows of ``attn_q``/``attn_k`` (interleaved rotary pairs); that permutation is undone here (on
+the packed rows too) so the weights fit the Hugging Face rotary layout our model uses.
 """
 from __future__ import annotations
 
@@ -14,11 +17,15 @@ import torch
 from llmosd.formats.common import CheckpointError, check_shapes
 from llmosd.formats.gguf_vocab import from_gguf
 from llmosd.models.llama import LlamaConfig, check_config
+from llmosd.models import quant
 from llmosd.models.loader import DTYPES
 
-# Tensor types this importer dequantizes (all through gguf.quants.dequantize).
+# Tensor types this importer reads (all dequantizable through gguf.quants.dequantize).
 SUPPORTED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
              "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+PACKED = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}       # kept as they are: bytes per block of 32
+LOW_BITS = ("Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K")  # requantized to int4; the others to int8
 
 _LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
           "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -157,56 +164,100 @@ def hf_name(name: str) -> str | None:
     return None
 
 
-AUTO_FLOAT32_LIMIT = 4 << 30     # "auto": quantized tensors become float32 up to this many bytes
+AUTO_FLOAT32_LIMIT = 4 << 30     # dtype "float": quantized tensors become float32 up to this many bytes
 
 
 def store_dtype(reader, dtype: str) -> torch.dtype | None:
-    """The dtype dequantized tensors are kept in: float32 (exact) unless the model would exceed
-    AUTO_FLOAT32_LIMIT that way, then float16; or what the caller asked for."""
-    if dtype == "auto":
+    """The dtype dequantized tensors are kept in (dtype "float": float32, exact, unless the
+    model would exceed AUTO_FLOAT32_LIMIT that way, then float16); None for "auto", "int8" and
+    "int4", which keep or make quantized forms."""
+    if dtype == "float":
         n = sum(int(t.n_elements) for t in reader.tensors)
         return torch.float32 if 4 * n <= AUTO_FLOAT32_LIMIT else torch.float16
-    return DTYPES[dtype]
+    return DTYPES.get(dtype)
 
 
-def tensors(reader, cfg: LlamaConfig, progress, dtype: torch.dtype = torch.float32
-            ) -> tuple[dict[str, torch.Tensor], list[float] | None]:
-    """HF-named tensors (quantized ones dequantized into ``dtype``; F16/BF16 ones keep their type
-    unless ``dtype`` is narrower than float32); also llama3-style rope frequency factors."""
+def packed(data: np.ndarray, qtype: str, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The stored form (``models.quant``) of a Q8_0/Q4_0/Q4_1 tensor's raw blocks, lossless:
+    the same quants in the same nibble order, the same float16 scales (and mins; Q4_0's are
+    -8 * scale)."""
+    N, K = shape
+    G = K // quant.GROUP
+    blocks = np.ascontiguousarray(data).reshape(N, G, PACKED[qtype])
+    d = blocks[..., :2].copy().view(np.float16).reshape(N, G)
+    if qtype == "Q8_0":
+        q = blocks[..., 2:].copy().view(np.int8).reshape(N, K)
+        return {"qweight": torch.from_numpy(q), "scales": torch.from_numpy(d)}
+    if qtype == "Q4_0":
+        m, q = d * np.float16(-8), blocks[..., 2:]
+    else:
+        m, q = blocks[..., 2:4].copy().view(np.float16).reshape(N, G), blocks[..., 4:]
+    return {"qweight": torch.from_numpy(q.reshape(N, K // 2).copy()), "scales": torch.from_numpy(d),
+            "mins": torch.from_numpy(np.ascontiguousarray(m))}
+
+
+def _form(t, qtype: str, shape, dtype: str, name: str):
+    """("float", tensor) or ("q", {qweight, scales[, mins]}) for one GGUF tensor under ``dtype``
+    (auto|float|float32|float16|bfloat16|int8|int4 — "float" is auto's old float32 choice)."""
     import gguf
+    head = name in ("model.embed_tokens.weight", "lm_head.weight")
+    if dtype == "auto" and qtype in PACKED and len(shape) == 2:
+        return "q", packed(t.data, qtype, shape)
+    # np.array copies: the reader's arrays are read-only views of the mapped file
+    w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
+    bits = None
+    if len(shape) == 2 and quant.quantizable(shape):
+        if dtype == "auto" and qtype not in ("F32", "F16", "BF16"):
+            bits = 4 if qtype in LOW_BITS else 8
+        elif dtype in ("int8", "int4"):
+            bits = 8 if dtype == "int8" or head else 4
+    if bits is not None:
+        return "q", quant.quantize(w, bits)
+    return "float", w
+
+
+def tensors(reader, cfg: LlamaConfig, progress, dtype: str = "auto",
+            target: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], list[float] | None]:
+    """HF-named tensors in the form ``dtype`` asks for (module docstring; quantized layers as
+    ``<layer>.qweight/.scales[/.mins]``); F16/BF16 ones keep their type unless ``target`` is a
+    narrower float; also llama3-style rope frequency factors."""
     out, factors = {}, None
     total = len(reader.tensors)
     for i, t in enumerate(reader.tensors):
         qtype = _qtype(t)
         shape = tuple(int(x) for x in reversed(t.shape))           # GGUF lists ne0 (columns) first
+        name = "rope_freqs.weight" if t.name == "rope_freqs.weight" else _hf_name(t)
         try:
-            # np.array copies: the reader's arrays are read-only views of the mapped file
-            arr = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-            w = torch.from_numpy(arr).reshape(shape)
-            if qtype in ("F16", "BF16") and dtype == torch.float32:   # keep the file's precision
-                w = w.to(torch.float16 if qtype == "F16" else torch.bfloat16)
-            elif dtype != torch.float32 and w.ndim > 1:               # norms stay float32
-                w = w.to(dtype)
+            kind, w = _form(t, qtype, shape, dtype if target is None else "float", name)
+            if kind == "float":
+                if qtype in ("F16", "BF16") and target in (None, torch.float32):   # keep the file's precision
+                    w = w.to(torch.float16 if qtype == "F16" else torch.bfloat16)
+                elif target not in (None, torch.float32) and w.ndim > 1:          # norms stay float32
+                    w = w.to(target)
         except (ValueError, RuntimeError, IndexError) as e:
             raise CheckpointError(f"tensor {t.name} cannot be read (truncated file?): {e}") from None
         if t.name == "rope_freqs.weight":
             factors = [float(x) for x in w.float().flatten()]
             continue
-        name = _hf_name(t)
-        if name.endswith("q_proj.weight"):
-            w = unpermute(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute(w, cfg.num_key_value_heads)
-        out[name] = w
+        heads = (cfg.num_attention_heads if name.endswith("q_proj.weight") else
+                 cfg.num_key_value_heads if name.endswith("k_proj.weight") else None)
+        if kind == "float":
+            out[name] = w if heads is None else unpermute(w, heads)
+        else:
+            path = name[:-len(".weight")]
+            for part, v in w.items():
+                out[f"{path}.{part}"] = (v if heads is None else unpermute(v, heads)).contiguous()
         if i % 16 == 15 or i == total - 1:
-            progress({"stage": "weights", "message": f"dequantized {i + 1}/{total} tensors",
+            progress({"stage": "weights", "message": f"converted {i + 1}/{total} tensors",
                       "done": i + 1, "total": total})
     return out, factors
 
 
 def import_gguf(store, path: str, progress, dtype: str = "auto") -> tuple[LlamaConfig, dict, dict, dict]:
     """(config, tensors, tokenizer {type,data,info}, sampling defaults) of the GGUF at ``path``.
-    ``dtype``: auto|float32|float16|bfloat16, what dequantized tensors are stored as."""
+    ``dtype``: auto (quantized tensors kept or requantized, see the module docstring) |
+    float (dequantized to float32, float16 for a huge model) | float32|float16|bfloat16 |
+    int8|int4."""
     reader = read(path)
     meta = metadata(reader)
     names = {t.name for t in reader.tensors}
@@ -220,9 +271,9 @@ def import_gguf(store, path: str, progress, dtype: str = "auto") -> tuple[LlamaC
     cfg.eos_token_id = info["eos_token_ids"]
     cfg.pad_token_id = meta.get("tokenizer.ggml.padding_token_id")
     target = store_dtype(reader, dtype)
-    if dtype == "auto" and target != torch.float32:
+    if dtype == "float" and target != torch.float32:
         progress({"stage": "weights", "message": "large model: storing dequantized tensors as float16"})
-    sd, factors = tensors(reader, cfg, progress, target)
+    sd, factors = tensors(reader, cfg, progress, dtype, target)
     if factors is not None:
         if len(factors) != cfg.head_dim // 2:
             raise CheckpointError(f"rope_freqs.weight has {len(factors)} values, the head size needs {cfg.head_dim // 2}")

@@ -3,7 +3,8 @@
 Pure functions, no torch: from a manifest, its config and its tokenizer blob they make the
 small files (config.json, tokenizer.json or tokenizer.model with tokenizer_config.json,
 generation_config.json) as bytes, and say which blobs are written as they are (the safetensors
-weights, which already carry Hugging Face tensor names; a SentencePiece model).  The client
+weights, which already carry Hugging Face tensor names; a SentencePiece model).  Weights stored
+quantized (``weights.quant``, issue 13) are refused with the way out: a float import.  The client
 writes them in the order given (see ``llmctl export``).
 """
 from __future__ import annotations
@@ -78,6 +79,11 @@ def hf_files(manifest: dict, config: dict, tokenizer_blob: bytes) -> list[dict]:
     """Every file of the export, in the order to write them: ``{"name", "data": bytes}`` for a
     file made here, ``{"name", "digest", "size"}`` for a blob written as it is."""
     weights = manifest["weights"]
+    if weights.get("quant"):
+        raise InvalidArgument(f"the model's weights are stored quantized ({weights['quant']}), which a "
+                              "Hugging Face safetensors directory cannot hold",
+                              hint="import it again with --dtype float32 (or bfloat16) under another "
+                                   "name and export that")
     hf_cfg = config_json(config, weights.get("dtype", "float32"))
     tok_file, tcfg = tokenizer_files(manifest["tokenizer"], tokenizer_blob, manifest.get("chat_template"))
     tcfg["model_max_length"] = config.get("max_position_embeddings")

@@ -31,16 +31,28 @@ def _head_dim(config: dict) -> int:
     return int(config.get("head_dim") or h // heads)
 
 
-def estimate_instance(manifest: dict, dtype_bytes: int, config: dict | None = None) -> int:
+QUANT_BYTES = {"int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}   # per weight: q + float16 scale (+ min) per 32
+
+
+def estimate_instance(manifest: dict, dtype_bytes: int, config: dict | None = None,
+                      quant: str = "auto") -> int:
     """Bytes ``manifest``'s model holds once loaded with weights of ``dtype_bytes`` bytes each
     (4 float32, 2 bfloat16/float16).  An adapter or classifier with a base (no weights of its
     own): its own parameters, float32 (what attaching it adds to the base's instance).
     ``config`` (optional, the model config dict) adds the rotary buffer exactly; without it a
-    small allowance stands in.  (``config`` is an addition to the design's signature.)"""
+    small allowance stands in.  (``config`` is an addition to the design's signature.)
+    ``quant`` (the load's, issue 13): "auto" on a model stored quantized (``weights.quant``)
+    holds the stored bytes (memory-mapped as they are); "int8"/"int4" quantize at load (group
+    32: 1.0625 / 0.625 bytes a weight); "none" and float models: ``dtype_bytes`` a weight."""
     params = int(manifest.get("parameters") or 0)
-    if _kind(manifest) != "model" and not isinstance(manifest.get("weights"), dict):
+    weights = manifest.get("weights")
+    if _kind(manifest) != "model" and not isinstance(weights, dict):
         return params * F32
     rotary = (_head_dim(config) // 2) * F32 if config else 256
+    if quant == "auto" and weights.get("quant") and weights.get("size"):
+        return int(weights["size"]) + rotary
+    if quant in QUANT_BYTES:
+        return int(params * QUANT_BYTES[quant]) + rotary
     return params * dtype_bytes + rotary
 
 

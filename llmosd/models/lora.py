@@ -24,6 +24,7 @@ from torch import nn
 
 from llmctl.errors import LoadFailed
 from llmosd.models.llama import LlamaConfig, expected_shapes
+from llmosd.models.quant import QLinear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "base_model.model."
@@ -86,11 +87,14 @@ def adapter_name(key: str) -> str:
 class LoraLinear(nn.Linear):
     """A linear layer with named LoRA adapters; it shares the replaced layer's Parameters."""
 
-    def __init__(self, base: nn.Linear):
+    def __init__(self, base: nn.Linear | QLinear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)  # a Parameter, or None as nn.Linear registers it
+        # a quantized base (served adapters on an int8/int4 model) computes the base term
+        # itself; its packed tensors stay shared, the adapter adds a float low-rank term
+        self.qbase = base if isinstance(base, QLinear) else None
+        self.weight = None if self.qbase is not None else base.weight
+        self.register_parameter("bias", None if self.qbase is not None else base.bias)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.scale: dict[str, float] = {}
@@ -99,7 +103,7 @@ class LoraLinear(nn.Linear):
         self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.qbase(x) if self.qbase is not None else F.linear(x, self.weight, self.bias)
         name = self.active
         if name is None:
             return y
@@ -112,7 +116,8 @@ class LoraLinear(nn.Linear):
         return (y + F.linear(F.linear(h, a), b) * self.scale[name]).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", adapters={list(self.lora_A)}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters={list(self.lora_A)}")
 
 
 def _targets_of(model) -> list[tuple[str, nn.Module, str, nn.Linear]]:
@@ -120,9 +125,16 @@ def _targets_of(model) -> list[tuple[str, nn.Module, str, nn.Linear]]:
     out = []
     for path, mod in model.named_modules():
         for attr, child in mod.named_children():
-            if attr in TARGETS and isinstance(child, nn.Linear):
+            if attr in TARGETS and isinstance(child, (nn.Linear, QLinear)):
                 out.append((f"{path}.{attr}" if path else attr, mod, attr, child))
     return out
+
+
+def _device(lin) -> torch.device:
+    """The device of a (LoRA, quantized or plain) linear layer's base weight."""
+    if isinstance(lin, LoraLinear) and lin.qbase is not None:
+        return lin.qbase.device
+    return lin.device if isinstance(lin, QLinear) else lin.weight.device
 
 
 def _lora_modules(model) -> list[tuple[str, LoraLinear]]:
@@ -186,7 +198,7 @@ def add_adapter(model, name: str, cfg: LoraConfig, tensors: dict | None = None, 
     dtype = dtype or torch.float32
     built = []                                     # (parent, attr, linear, A, B), nothing changed yet
     for path, parent, attr, lin in layers:
-        dev = device if device is not None else lin.weight.device
+        dev = device if device is not None else _device(lin)
         ka, kb = peft_keys(path)
         if tensors is None:
             a = torch.empty(cfg.rank, lin.in_features)
@@ -272,6 +284,9 @@ def merge_adapter(model, name: str) -> None:
     name = adapter_name(name)
     with torch.no_grad():
         for _, m in _with(model, name):
+            if m.qbase is not None:
+                raise ValueError("an adapter cannot be folded into quantized weights in memory: "
+                                 "merge it with the merge job, which dequantizes the base")
             a, b = m.lora_A[name].float(), m.lora_B[name].float()
             w = m.weight.float() + (b.to(m.weight.device) @ a.to(m.weight.device)) * m.scale[name]
             m.weight.copy_(w.to(m.weight.dtype))

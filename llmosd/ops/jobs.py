@@ -77,8 +77,8 @@ class JobOps(FinetuneOps):
         if fmt not in ("hf", "gguf", "peft"):
             raise InvalidArgument(f"import format {fmt!r} is not supported by this llmosd",
                                   hint="import a Hugging Face directory, a .gguf file or a PEFT adapter")
-        if spec.get("dtype") not in (None, *protocol.DTYPES):
-            raise InvalidArgument(f"dtype {spec['dtype']!r} is not one of {', '.join(protocol.DTYPES)}")
+        if spec.get("dtype") not in (None, *protocol.IMPORT_DTYPES):
+            raise InvalidArgument(f"dtype {spec['dtype']!r} is not one of {', '.join(protocol.IMPORT_DTYPES)}")
         if fmt == "gguf" and len(files) != 1:
             raise InvalidArgument(f"a gguf import takes exactly one file, got {len(files)}")
         self._check_names("files", files)

@@ -200,7 +200,7 @@ class FineTuner(Trainer):
         """The base's weights, then what trains: all of it (full, the checkpoint's weights on
         resume), or a LoRA adapter and/or a head (fresh from the seed, or the checkpoint's)."""
         import torch
-        from safetensors.torch import load_file
+        from llmosd.models.loader import float_weights
 
         from llmosd.models import classifier, lora
         from llmosd.models.llama import Llama, LlamaConfig, check_config, rope_inv_freq
@@ -220,7 +220,7 @@ class FineTuner(Trainer):
         lm.inv_freq = rope_inv_freq(cfg)
         if cfg.tie_word_embeddings:
             lm.lm_head.weight = lm.model.embed_tokens.weight
-        lm.load_weights(load_file(parent["weights"]))
+        lm.load_weights(float_weights(parent["weights"]))
         head = None
         if s["method"] == "full":
             if ck is not None:

@@ -2,7 +2,8 @@
 
 Each LoRA target weight becomes ``W + scale * B @ A``, computed in float32 and stored in the
 base's dtype (``lora.merge_adapter``'s rule, applied to the stored tensors without building a
-model); every other tensor is the base's, unchanged.  A classifier keeps its head (same blob):
+model); every other tensor is the base's, unchanged (a quantized base is dequantized to float32
+first: the merged model is a float model).  A classifier keeps its head (same blob):
 the result is a classifier with its own weights and no base.  The lineage says ``merge`` with
 the adapter as parent.
 """
@@ -24,7 +25,7 @@ def merged_weights(base_sd: dict, adapter: dict, lcfg) -> dict:
         w = out[kw]
         delta = adapter[kb].to(torch.float32) @ adapter[ka].to(torch.float32)
         out[kw] = (w.to(torch.float32) + delta * lcfg.scale).to(w.dtype).contiguous()
-    return out
+    return {k: v.contiguous() for k, v in out.items()}   # no views of the mapped base file
 
 
 def merge_args(spec: dict) -> dict:
@@ -44,8 +45,9 @@ def run(spec: dict, store_root: str, ctl) -> dict:
     """Job function: spec {"_adapter": the adapter's manifest, "_adapter_name",
     "_adapter_digest", "_base": the base's name, digest and manifest entries}; returns the
     merged model's manifest."""
-    from safetensors.torch import load, save
+    from safetensors.torch import save
 
+    from llmosd.models.loader import float_weights
     from llmosd.models.lora import LoraConfig, read_adapter
     from llmosd.store.manifest import Blob, Lineage, Manifest, Serving
     from llmosd.store.store import Store
@@ -54,7 +56,8 @@ def run(spec: dict, store_root: str, ctl) -> dict:
     ctl.progress({"stage": "read", "message": f"reading {name} and its base {base.get('name')}"})
     ad = read_adapter(store, man, "merged")            # checked against the base config
     w = base["weights"]
-    sd = load(store.read_blob(w["digest"]))
+    store.verify_blob(w["digest"])
+    sd = float_weights(store.blob_path(w["digest"]))   # a quantized base is merged in float32
     if ad.lora is not None:
         ctl.progress({"stage": "merge", "message": f"folding rank {ad.lora.rank} LoRA into "
                                                    f"{len(ad.tensors) // 2} layers"})
@@ -71,7 +74,8 @@ def run(spec: dict, store_root: str, ctl) -> dict:
                    config=Blob(base["config"]["digest"], base["config"]["size"]),
                    tokenizer=Blob(tok["digest"], tok["size"]), tokenizer_type=tok["type"],
                    vocab_size=tok["vocab_size"], weights=blob,
-                   weights_dtype=w.get("dtype") or "float32", lineage=lineage,
+                   weights_dtype=",".join(sorted({str(t.dtype)[6:] for t in sd.values()})) or "float32",
+                   lineage=lineage,
                    add_bos=tok.get("add_bos"), serving=serving,
                    architecture=base.get("architecture", "llama")).to_dict()
     if man.get("head"):

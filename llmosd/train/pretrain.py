@@ -262,7 +262,7 @@ class Trainer:
     def _model(self, ck, parent) -> None:
         """The model: the checkpoint's weights, the parent's, or a new one from the seed."""
         import torch
-        from safetensors.torch import load_file
+        from llmosd.models.loader import float_weights
 
         from llmosd.models.llama import Llama, LlamaConfig, check_config
         s = self.s
@@ -282,7 +282,7 @@ class Trainer:
         if ck is not None:
             model.load_state_dict(ck["model"])
         elif parent is not None:
-            model.load_weights(load_file(parent["weights"]))
+            model.load_weights(float_weights(parent["weights"]))
         else:
             model.init_weights(s["seed"])
         self.raw = model.to(self.device).train()

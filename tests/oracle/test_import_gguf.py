@@ -15,7 +15,7 @@ from conftest import SHAKESPEARE, assert_refused_store_unchanged, train_bpe
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (pip install transformers)")
 gguf = pytest.importorskip("gguf")
 
-from llmosd.models.loader import load_model  # noqa: E402
+from llmosd.models.loader import float_weights, load_model  # noqa: E402
 from llmosd.store.store import Store  # noqa: E402
 
 TEXTS = ["ROMEO: What light through yonder window breaks?", "  two  spaces\nand lines\n\n",
@@ -145,8 +145,8 @@ def write_gguf(path, hf, qtype: str, vocab: str = "bpe", arch: str = "llama", dr
     w.close()
 
 
-def _import(daemon, path, name):
-    r = json.loads(daemon.cli("import", str(path), name, "--json").stdout)
+def _import(daemon, path, name, *flags):
+    r = json.loads(daemon.cli("import", str(path), name, "--json", *flags).stdout)
     store = Store(str(daemon.state / "store"))
     _, man, _ = store.get(name)
     return man, store
@@ -162,8 +162,12 @@ def test_dequantized_tensors_and_logits_match_transformers(shared_daemon, tmp_pa
     path = tmp_path / f"m-{qtype}.gguf"
     write_gguf(path, hf, qtype)
     name = f"gguf-{qtype.lower()}"
-    man, store = _import(shared_daemon, path, name)
-    ours = load_st(store.read_blob(man["weights"]["digest"]))
+    # issue 13: Q8_0/Q4_0/Q4_1 stay packed (bit for bit); K-quants are requantized unless a
+    # float dtype is asked for, which keeps the bit-exact comparison for them
+    man, store = _import(shared_daemon, path, name, *(["--dtype", "float32"] if qtype in K_SCALES else []))
+    packed = qtype in ("Q8_0", "Q4_0", "Q4_1")
+    assert man["weights"].get("quant") == (qtype.lower() if packed else None)
+    ours = float_weights(store.blob_path(man["weights"]["digest"]))
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
     ref = {k: v for k, v in ref_model.state_dict().items() if not k.endswith("inv_freq")}
     assert set(ours) == set(ref) - ({"lm_head.weight"} if tied else set())
@@ -253,11 +257,12 @@ def test_import_dtype_option_and_auto_choice(shared_daemon, tmp_path, monkeypatc
     path = tmp_path / "q8.gguf"
     write_gguf(path, hf, "Q8_0")
     reader = gguf_import.read(str(path))
-    assert gguf_import.store_dtype(reader, "auto") == torch.float32
+    assert gguf_import.store_dtype(reader, "float") == torch.float32
+    assert gguf_import.store_dtype(reader, "auto") is None            # issue 13: auto keeps Q8_0 packed
     monkeypatch.setattr(gguf_import, "AUTO_FLOAT32_LIMIT", 1)          # a "huge" model
-    assert gguf_import.store_dtype(reader, "auto") == torch.float16
+    assert gguf_import.store_dtype(reader, "float") == torch.float16
     r = json.loads(shared_daemon.cli("import", str(path), "q8-half", "--dtype", "float16", "--json").stdout)
-    man, store = _import(shared_daemon, path, "q8-full")
+    man, store = _import(shared_daemon, path, "q8-full", "--dtype", "float32")
     half = load_st(store.read_blob(json.loads(shared_daemon.cli("show", "q8-half", "--json").stdout)
                                    ["manifest"]["weights"]["digest"]))
     full = load_st(store.read_blob(man["weights"]["digest"]))
@@ -265,7 +270,7 @@ def test_import_dtype_option_and_auto_choice(shared_daemon, tmp_path, monkeypatc
     assert half["model.norm.weight"].dtype == torch.float32
     for k in full:
         torch.testing.assert_close(half[k].float(), full[k], atol=1e-3, rtol=1e-2)
-    bad = shared_daemon.cli("import", str(path), "q8-bad", "--dtype", "int8", check=False)
+    bad = shared_daemon.cli("import", str(path), "q8-bad", "--dtype", "int3", check=False)
     assert bad.returncode == 64
     shared_daemon.cli("rm", "q8-half", "q8-full")
 

