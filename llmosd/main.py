@@ -120,6 +120,8 @@ def serve(cfg, reload=None) -> int:
 
         threads = cfg.torch_threads()
         torch.set_num_threads(threads)
+        from llmosd.models import quant
+        quant.set_compile(cfg.compile)        # before any load: the kernels are chosen once
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,
