@@ -37,7 +37,7 @@ class Config:
     log_level: str = "info"
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     dtype: str = "auto"              # auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16
-    threads: int = 0                 # torch intra-op threads; 0 = auto (half the cores, at most 8)
+    threads: int = 0                 # torch intra-op threads; 0 = auto (the physical cores)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE
     send_hwm: int = 1000             # messages queued per client before backpressure
     stream_buffer: int = 64          # chunks a slow client may lag before its generation pauses
@@ -91,11 +91,37 @@ class Config:
         return c
 
     def torch_threads(self) -> int:
+        """``threads``, or when it is 0 the physical cores this process may run on (its CPU
+        affinity; SMT siblings count once, by package and core id from sysfs), never more than
+        its cgroup CPU quota allows, at least 1.  Pure reads of /proc and /sys; no psutil."""
         if self.threads > 0:
             return self.threads
-        # Measured: two-thread OpenMP work slows 4-10x when another process shares two cores,
-        # one thread barely changes; so leave half the machine to everything else.
-        return max(1, min(8, (os.cpu_count() or 2) // 2))
+        # One thread per physical core: what torch itself and llama.cpp pick by default (SMT
+        # siblings share a core's vector units, so a second thread per core only adds OpenMP
+        # sync).  Measured with bench/bench_engine.py (row T) on a 2-core VM: with the machine
+        # otherwise quiet, SmolLM2 decode with 2 threads ran 1.3x (llmosd) and 1.8x (llama.cpp)
+        # the speed of 1 thread; while other processes kept it busy (load ~4) 2 threads ran at
+        # 0.10-0.25x of 1 thread, llmosd and llama.cpp alike, as a thread team stalls whenever
+        # one of its cores is taken.  So this default suits a machine given to llmosd; on a
+        # shared one set threads = 1.
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+        cores = set()
+        for cpu in cpus:
+            topo = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+            try:
+                with open(topo + "physical_package_id") as p, open(topo + "core_id") as c:
+                    cores.add((p.read().strip(), c.read().strip()))
+            except OSError:
+                cores.add(("cpu", str(cpu)))       # no topology (some containers): count it alone
+        n = len(cores)
+        try:                                       # cgroup v2 "quota period" (or "max")
+            with open("/sys/fs/cgroup/cpu.max") as f:
+                quota, period = f.read().split()[:2]
+            if quota != "max":
+                n = min(n, -(-int(quota) // int(period)))
+        except (OSError, ValueError):
+            pass
+        return max(1, n)
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
