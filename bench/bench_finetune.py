@@ -116,16 +116,17 @@ def run_llmosd(store_root: str, base: dict, spec: dict, docs: list[str], tmp: Pa
 def hf_model(store_root: str, base: dict):
     """transformers' LlamaForCausalLM with the same weights, float32."""
     import torch
-    from safetensors.torch import load_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmosd.formats.hf_export import config_json
+    from llmosd.models.loader import float_weights     # a GGUF import is stored quantized
     from llmosd.store.store import Store
     store = Store(store_root)
     cfg = config_json(json.loads(store.read_blob(base["config"]["digest"])), "float32")
     cfg.pop("dropout", None)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).float()
-    missing, _ = model.load_state_dict(load_file(store.blob_path(base["weights"]["digest"])), strict=False)
+    sd = {k: v.float().clone() for k, v in float_weights(store.blob_path(base["weights"]["digest"])).items()}
+    missing, _ = model.load_state_dict(sd, strict=False)
     assert set(missing) <= {"lm_head.weight"}, missing
     model.tie_weights()
     return model.train(), torch

@@ -140,7 +140,7 @@ SAMPLE_CONFIG = """\
 # log_level = "info"
 # device = "auto"          # auto | cpu | cuda | cuda:N
 # dtype = "auto"           # auto (float32 on CPU, bfloat16 on CUDA) | float32 | float16 | bfloat16
-# threads = 0              # torch threads; 0 = half the cores (at most 8)
+# threads = 0              # torch threads; 0 = the physical cores (1 on a busy shared machine)
 # max_message_bytes = 16777216
 # send_hwm = 1000
 # stream_buffer = 64
