@@ -83,10 +83,13 @@ class Scheduler:
     """One instance's sequences over one ``BlockManager``.  One thread (the engine's)."""
 
     def __init__(self, blocks: BlockManager, *, max_batch: int = 16, max_prefill_tokens: int = 128,
-                 max_waiting: int = 256, eos_ids=()):
+                 max_waiting: int = 256, eos_ids=(), idle_prefill_tokens: int = 2048):
+        """``idle_prefill_tokens``: the budget of a step with no sequence decoding (nobody's
+        tokens to keep flowing, so a long prompt goes in big chunks: fewer, fuller matmuls)."""
         self.blocks = blocks
         self.max_batch = max(1, max_batch)
         self.max_prefill_tokens = max(1, max_prefill_tokens)
+        self.idle_prefill_tokens = max(self.max_prefill_tokens, idle_prefill_tokens)
         self.max_waiting = max(1, max_waiting)
         self.eos_ids = set(eos_ids)
         self.seqs: dict[Hashable, Seq] = {}
@@ -201,6 +204,8 @@ class Scheduler:
             self.blocks.commit(key, seq.tokens, seq.num_computed)
         # decodes count against the budget; prefills still progress, a token a step at least
         budget = max(1, self.max_prefill_tokens - self._decode(plan, blocked))
+        if not plan.decode:
+            budget = self.idle_prefill_tokens
         for key in sorted(self.running, key=lambda k: self.seqs[k].arrival):
             seq = self.seqs[key]
             if budget < 1:

@@ -33,7 +33,8 @@ class Engine:
         plan = s.schedule(blocked)
         rows = list(self.rows(plan))
         assert len({k for k, *_ in rows}) == len(rows)                  # one row per sequence
-        assert sum(n for _, _, n, _ in rows) <= max(s.max_prefill_tokens, len(plan.decode) + 1)
+        limit = s.idle_prefill_tokens if not plan.decode else max(s.max_prefill_tokens, len(plan.decode) + 1)
+        assert sum(n for _, _, n, _ in rows) <= limit
         assert len(s.running) <= s.max_batch
         for key, start, n, sample in rows:                              # reads see right KV
             seq, table = s.seqs[key], s.table(key)
@@ -123,6 +124,18 @@ def test_i13_2_long_prompt_is_chunked_and_decodes_run_every_step():
         assert all(c.length <= 16 - 2 for c in chunks)    # decodes count against the budget
     assert [c.start for c in chunks] == list(range(0, 300, 14))
     assert [c.sample for c in chunks] == [False] * (len(chunks) - 1) + [True]
+
+
+def test_i13_prefill_goes_in_big_chunks_when_nobody_decodes():
+    """Nobody's tokens to keep flowing: a lone long prompt is not cut into small chunks
+    (fewer, fuller matmuls: time to first token), up to idle_prefill_tokens."""
+    s = make(num_blocks=200, max_batch=4, max_prefill_tokens=16, idle_prefill_tokens=256)
+    e = Engine(s)
+    s.add(seq("long", "long", range(1, 301), max_tokens=2))
+    plan = e.step()
+    assert [(c.start, c.length) for c in plan.prefill] == [(0, 256)]
+    plan = e.step()
+    assert [(c.start, c.length) for c in plan.prefill] == [(256, 44)]
 
 
 def test_i13_2_preempts_the_newest_when_the_pool_runs_out_and_recomputes():

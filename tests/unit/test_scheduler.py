@@ -69,7 +69,7 @@ def test_prompt_must_fit():
 
 
 def test_chunk_fields():
-    s = sched(max_prefill_tokens=5)
+    s = sched(max_prefill_tokens=5, idle_prefill_tokens=5)
     s.add(seq("a", 12, 3, 50))
     assert s.schedule().prefill == [Chunk("a", 0, 5, False)]
     assert s.schedule().prefill == [Chunk("a", 5, 5, False)]
