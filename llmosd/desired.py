@@ -2,7 +2,11 @@
 daemon comes back as it was.  ``<state_dir>/desired.json``::
 
     {"version": 1, "instances": [{"model": "tiny:latest", "digest": "sha256:...",
-      "device": "cpu", "uid": 1000, "pinned": true, "keep_alive": 300.0, "priority": 0}, ...]}
+      "device": "cpu", "uid": 1000, "pinned": true, "keep_alive": 300.0, "priority": 0,
+      "dtype": "float32", "quant": "int8"}, ...]}
+
+(``dtype`` and ``quant``, issue 13: the weight options it was loaded with; older files lack
+them and load with the daemon's.)
 
 An instance is desired once its load is done (ready, busy, or swapped out to the host tier:
 still loaded); a load still under way is not (a model whose load kills the daemon must not
@@ -18,7 +22,7 @@ changed elsewhere are seen within ``TICK_S``).
 
 ``restore(manager, store, path)`` at start, after the store's index is loaded: each desired
 model is loaded again through the normal admission (budgets apply), with its pin, keep-alive,
-priority and owner; one gone from the store, an adapter, or one whose load fails is logged and
+priority, owner and weight options; one gone from the store, an adapter, or one whose load fails is logged and
 dropped.  No torch here: the manager comes in as a parameter.
 """
 from __future__ import annotations
@@ -38,15 +42,20 @@ log = logging.getLogger("llmosd.desired")
 FILE = "desired.json"
 VERSION = 1
 LOADED = ("ready", "busy", "swapped")      # states of an instance that is loaded (desired)
+LOAD_OPTS = ("dtype", "quant")             # the weight options a load is restored with
 
 Write = Callable[..., None]                # StoreWriter.submit(fn, done, *args)
 
 
 def entry(inst) -> dict:
     """The desired-state entry of a table instance."""
-    return {"model": inst.model, "digest": inst.digest, "device": inst.device, "uid": inst.uid,
-            "pinned": bool(inst.pinned), "keep_alive": float(inst.keep_alive),
-            "priority": int(inst.priority)}
+    out = {"model": inst.model, "digest": inst.digest, "device": inst.device, "uid": inst.uid,
+           "pinned": bool(inst.pinned), "keep_alive": float(inst.keep_alive),
+           "priority": int(inst.priority)}
+    for k, v in (getattr(inst, "load_opts", None) or {}).items():
+        if k in LOAD_OPTS and isinstance(v, str):
+            out[k] = v
+    return out
 
 
 def _key(e: dict) -> tuple[str, str]:
@@ -100,7 +109,8 @@ def checked(e) -> bool:
             and isinstance(e.get("pinned"), bool)
             and isinstance(e.get("keep_alive"), num) and not isinstance(e.get("keep_alive"), bool)
             and isinstance(e.get("priority"), int) and not isinstance(e.get("priority"), bool)
-            and (e.get("uid") is None or isinstance(e.get("uid"), int)))
+            and (e.get("uid") is None or isinstance(e.get("uid"), int))
+            and all(e.get(k) is None or isinstance(e.get(k), str) for k in LOAD_OPTS))
 
 
 def write_file(path: str, data: bytes) -> bytes:
@@ -207,5 +217,9 @@ def _restore_one(manager, store, desired: Desired, e: dict) -> None:
         desired.sync(manager.table)
     log.info("desired state: loading %s again (pinned %s, keep-alive %gs, priority %d)", canon,
              e["pinned"], e["keep_alive"], e["priority"])
-    manager.acquire(canon, man, digest, e.get("uid"), ready, priority=e["priority"],
-                    keep_alive=e["keep_alive"], pin=e["pinned"])
+    opts = {k: e[k] for k in LOAD_OPTS if e.get(k) is not None}
+    try:
+        manager.acquire(canon, man, digest, e.get("uid"), ready, priority=e["priority"],
+                        keep_alive=e["keep_alive"], pin=e["pinned"], **({"load_opts": opts} if opts else {}))
+    except LlmosdError as err:            # options this daemon refuses: dropped, as a failed load
+        ready(None, err)

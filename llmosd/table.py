@@ -24,6 +24,12 @@ Memory (issue 12): an instance's ``tier`` is "device" while it loads or serves a
 swapped (engine stopped, weights kept in host RAM); it has an ``estimate_bytes`` (before the
 load), a ``keep_alive`` (seconds after its last request; -1 forever, 0 none), a ``priority``
 and may be ``pinned``.  ``holders`` turns the table into ``mem.policy.Holder`` rows.
+
+The paged KV cache (issue 13): an instance holds its pool (``kv_bytes``, allocated whole when
+its engine starts, charged with its weights); its engine reports the pool's blocks and its
+queue (``kv_blocks_total``, ``kv_blocks_used``, ``kv_block_size``, ``waiting``, ``running``),
+shown in its row with ``weights`` (how the weights are held: "float32", "int8", "q4_1"...) and
+the ``load_opts`` it was loaded with (dtype, quant).
 """
 from __future__ import annotations
 
@@ -116,6 +122,27 @@ class Instance:
     load_ms: float | None = None   # how long its load took
     swap_in_ms: float | None = None   # how long its last swap-in took
     swaps: int = 0                 # times swapped out to the host tier
+    # the engine (issue 13)
+    kv_bytes: int = 0              # its KV pool (estimated before the load, then allocated)
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    kv_block_size: int = 0
+    waiting: int = 0               # requests queued in its engine (not yet running)
+    running: int = 0               # sequences running in its engine (prefilling or decoding)
+    weights: str | None = None     # how its weights are held (quant.describe), once loaded
+    load_opts: dict = field(default_factory=dict)   # dtype, quant it was loaded with
+
+    def engine_stats(self, st: dict) -> None:
+        """Take an engine's ``blocks`` report (unknown keys ignored)."""
+        for k in ("kv_blocks_total", "kv_blocks_used", "kv_block_size", "waiting", "running"):
+            if isinstance(st.get(k), int):
+                setattr(self, k, st[k])
+
+    def kv_row(self) -> dict:
+        """The engine's fields of its row (status and ps)."""
+        return {"kv_blocks_total": self.kv_blocks_total, "kv_blocks_used": self.kv_blocks_used,
+                "kv_block_size": self.kv_block_size, "kv_bytes": self.kv_bytes, "waiting": self.waiting,
+                "running": self.running, "weights": self.weights}
 
     @property
     def tier(self) -> str:
@@ -137,9 +164,10 @@ class Instance:
 
     def charge_bytes(self) -> int:
         """What it holds for the memory manager: the base (measured once loaded, else the
-        estimate) plus each adapter (measured once installed, else its estimate)."""
+        estimate) and its KV pool, plus each adapter (measured once installed, else its
+        estimate)."""
         base = self.base_bytes if self.base_bytes else self.estimate_bytes
-        return base + sum(a.resident_bytes if a.ready else a.estimate_bytes
+        return base + self.kv_bytes + sum(a.resident_bytes if a.ready else a.estimate_bytes
                           for a in self.adapters.values())
 
     @property
@@ -222,7 +250,7 @@ class Instance:
                     a.estimate_bytes for a in self.adapters.values()),
                 "pinned": self.pinned, "priority": self.priority, "keep_alive": self.keep_alive,
                 "expires_at": self.expires_at(), "load_ms": self.load_ms,
-                "swap_in_ms": self.swap_in_ms, "swaps": self.swaps}
+                "swap_in_ms": self.swap_in_ms, "swaps": self.swaps, **self.kv_row()}
 
 
 class ModelTable:

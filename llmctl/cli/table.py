@@ -92,7 +92,7 @@ def ps(ctx, as_json):
                              [job_cells(j) for j in body["jobs"]]))
 
 
-PS_HEADERS = ["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "EST", "TIER", "KEEP-ALIVE", "ACTIVE",
+PS_HEADERS = ["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "EST", "TIER", "KV", "KEEP-ALIVE", "ACTIVE",
               "TOKENS", "LAST USED", "UID"]
 ADAPTER_MARK = "`- "          # an adapter under its base instance, as pstree -A draws a child
 EVICTED_SHOWN = 5             # ps shows the latest evictions; --json has all the daemon keeps
@@ -101,18 +101,29 @@ EVICTED_SHOWN = 5             # ps shows the latest evictions; --json has all th
 def ps_rows(instances: list[dict], now: float | None = None) -> list[list]:
     """The table's rows: each instance, then its adapters indented under it (a process tree:
     their bytes count in the instance's RESIDENT, which includes them).  RESIDENT is measured,
-    EST the estimate made before the load; rows of an older daemon lack the memory fields."""
+    EST the estimate made before the load; KV the engine's paged KV pool (``kv_text``); rows
+    of an older daemon lack the memory fields."""
     rows = []
     for i in instances:
         rows.append([i["id"], i["model"], i["state"] + (f" ({i['reason']})" if i.get("reason") else ""),
                      i["device"], fmt.size(i["resident_bytes"]), fmt.size(i.get("estimate_bytes")),
-                     i.get("tier") or "-", keep_alive_text(i, now), i["active_requests"], i["tokens_served"],
+                     i.get("tier") or "-", kv_text(i), keep_alive_text(i, now), i["active_requests"], i["tokens_served"],
                      fmt.ago(i["last_used"], now), _uid(i.get("uid"))])
         for a in i.get("adapters") or []:
             rows.append(["", ADAPTER_MARK + a["model"], a["state"], "", fmt.size(a.get("resident_bytes")),
-                         fmt.size(a.get("estimate_bytes")), "", "", a.get("active_requests", 0),
+                         fmt.size(a.get("estimate_bytes")), "", "", "", a.get("active_requests", 0),
                          a.get("tokens_served", 0), fmt.ago(a.get("last_used"), now), _uid(a.get("uid"))])
     return rows
+
+
+def kv_text(i: dict) -> str:
+    """KV: the blocks of the instance's KV pool in use of all ("3/64"), and the requests
+    queued in its engine ("+5w"); "-" before its engine reports (or from an older daemon)."""
+    total = i.get("kv_blocks_total")
+    if not total:
+        return "-"
+    waiting = i.get("waiting") or 0
+    return f"{i.get('kv_blocks_used') or 0}/{total}" + (f" +{waiting}w" if waiting else "")
 
 
 def keep_alive_text(i: dict, now: float | None = None) -> str:

@@ -95,6 +95,7 @@ class Ops:
             "tokens_served": sum(i.tokens_served for i in table),
             "resident_bytes": sum(i.resident_bytes for i in table),
             "rss_bytes": _rss(), "jobs": self._job_rows(), "devices": self._devices(),
+            "engines": [engine_row(i) for i in table],
         }
         ctx.ok(body)
 
@@ -149,6 +150,12 @@ class Ops:
         self.jobctl_ops.shutdown()
         self.jobs.shutdown()
         self.manager.shutdown(ShuttingDown("llmosd is shutting down; the request was cancelled"))
+
+
+def engine_row(inst) -> dict:
+    """An instance's engine as ``status`` lists it (issue 13): its id, model, state, how its
+    weights are held, its KV pool's blocks and its queue."""
+    return {"id": inst.id, "model": inst.model, "state": inst.state.value, **inst.kv_row()}
 
 
 def rss_rows(cpu: dict, rss: int) -> dict:

@@ -109,6 +109,12 @@ def _memory_opts(body: dict) -> dict:
             "pin": bool(body.get("pin"))}
 
 
+def load_opts(body: dict) -> dict:
+    """A load's weight options (issue 13) as ``InstanceManager.acquire`` takes them: the
+    ``dtype`` and ``quant`` given (absent: the daemon's dtype and config ``quant``)."""
+    return {k: body[k] for k in ("dtype", "quant") if body.get(k) is not None}
+
+
 def _holding(opts: dict) -> list[str]:
     """The settings of ``opts`` that hold memory from everyone else (owner only)."""
     out = []
@@ -150,6 +156,8 @@ def displaced_fields(rows: list[dict]) -> dict:
 class ServeOps:
     def __init__(self, cfg, store: Store, manager: InstanceManager):
         self.cfg, self.store, self.manager = cfg, store, manager
+        if cfg is not None and hasattr(manager, "use_config"):
+            manager.use_config(cfg)    # engine settings (issue 13) read at each load: reloads apply
 
     def _resolve(self, name: str) -> tuple[str, dict, str, tuple | None]:
         """(name:tag, manifest, digest, base) of a model; ``base`` = (name, manifest, digest)
@@ -170,8 +178,11 @@ class ServeOps:
         opts, shown = _memory_opts(ctx.body), []
         for what in _holding(opts):
             check_owner(ctx, existing, f"set {what} on", self.cfg)
+        weights = load_opts(ctx.body)
         if existing is None:
             self._check_load_quota(ctx, man)
+        else:                          # loaded with other weight options: said before anything
+            self.manager.check_opts(existing, weights)
 
         def ready(inst, err):
             if err:
@@ -181,7 +192,7 @@ class ServeOps:
                 log.info("load %s by uid %s (instance %d)", canon, ctx.uid, inst.id)
             ctx.ok({**inst.row(), "load_ms": round((time.perf_counter() - t0) * 1000, 3),
                     "already_loaded": already, **displaced_fields(shown)})
-        self.manager.acquire(canon, man, digest, ctx.uid, ready, **opts, displaced=shown)
+        self.manager.acquire(canon, man, digest, ctx.uid, ready, **opts, displaced=shown, load_opts=weights)
 
     def _load_adapter(self, ctx: Ctx, canon: str, man: dict, digest: str, base: tuple) -> None:
         """Attach an adapter to its base's instance (loading the base if needed): the reply is

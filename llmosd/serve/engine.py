@@ -1,16 +1,28 @@
-"""The engine: one thread per loaded instance, stepping its sequences.
+"""The engine: one thread per loaded instance, stepping all its sequences together.
 
-Each step asks the scheduler for a plan, has the runner (``runner.py``, the torch half) run
-each sequence's forward pass and sample, detokenizes, checks stop strings, and hands chunks to
-``emit`` (the control loop's thread-safe inbox).  The engine never touches the socket and the
-control loop never runs the model.  One-shot ``Call``s (score, embed, classify) run between
-steps.
+Each step (issue 13) takes what arrived, asks the scheduler for a plan (``Scheduler.schedule``:
+the decodes of the running sequences and prefill chunks of the waiting ones, within one token
+budget and the paged KV pool's blocks), has the runner (``runner.py``, the torch half) run the
+whole plan as one batch (``Runner.run``: one forward for the decodes, one per prefill chunk),
+hands each sampled token to the scheduler (``postprocess``: the block table grows, the
+sequence may finish), detokenizes, checks stop strings, and hands chunks to ``emit`` (the
+control loop's thread-safe inbox).  Beside that batch a step advances at most one one-shot
+call (score, embed, classify) by one slice of at most ``max_prefill_tokens`` tokens
+(``Runner.start_call``), so a long call never stops generations and generations never starve
+a call.  A sequence the scheduler preempts (the pool ran out) loses its KV cache only: what it
+streamed stays, and it is recomputed later from its prompt and output (greedy output is the
+same).  The engine never touches the socket and the control loop never runs the model.
 
-Messages in (``submit``, ``cancel``, ``credit``, ``stop``) go through one inbox under a
+Messages in (``submit``, ``cancel``, ``credit``, ``stop``, adapters) go through one inbox under a
 condition variable, which wakes the thread; messages out go through ``emit``.  No state is
 shared with the control loop: a ``Request`` is a frozen value, and everything the engine
-builds for it lives in its private ``_Live`` record.  This is what lets an engine later live in
-its own process.
+builds for it lives in its private ``_Live`` record.  The pool's and queue's state goes out
+as ``blocks`` messages ({kv_blocks_total, kv_blocks_used, kv_block_size, waiting, running}),
+at most every ``REPORT_S`` while busy and always before the thread sleeps.
+
+Admission is the scheduler's: past ``max_waiting`` queued requests a new one fails with Busy;
+a prompt that could never fit the pool fails with InvalidArgument naming the positions and
+the fix (raise max_kv_bytes).  Cancel and finish give a sequence's blocks back at once.
 
 Backpressure by credits: each chunk emitted costs one credit; the control loop gives it back
 (``credit``) once the chunk is written to the client's socket.  A sequence with
@@ -18,63 +30,71 @@ Backpressure by credits: each chunk emitted costs one credit; the control loop g
 wakes the engine at once.  With every sequence blocked (or none) the thread sleeps on the
 condition until something arrives.
 
-A sequence's KV cache is never larger than the positions the instance manager reserved for it
-(``submit(req, kv_positions)``); once allocated, its true size goes back as a ``kv`` message so
-the reservation shrinks to it.  ``stop()`` is cooperative and prompt: the thread checks it
-between sequences of a step and, through ``should_stop``, between the windows and inputs of a
-call, so shutting down waits for at most one forward pass.  As the thread ends it drops the
-model and gives its memory back (``Runner.close``), then emits ``stopped``.  ``stop(swap=True)``
-swaps out instead (issue 12): the runner keeps the model, moved to host RAM
-(``Runner.offload``), ``stopped`` says ``{"swapped": True}``, and a later engine built on the
-same runner (``Engine(..., runner=)``, after ``Runner.onload``) serves it again.
+``stop()`` is cooperative and prompt: the thread checks it between steps and call slices, so
+shutting down waits for at most one batch.  As the thread ends it drops the model and gives its
+memory back (``Runner.close``), then emits ``stopped``.  ``stop(swap=True)`` swaps out instead
+(issue 12): the runner keeps the model, moved to host RAM (``Runner.offload``), ``stopped``
+says ``{"swapped": True}``, and a later engine built on the same runner (``Engine(...,
+runner=)``, after ``Runner.onload``) serves it again.
 
 Adapters: ``add_adapter(key, adapter, token)`` installs one between steps (in inbox order, so
 a request submitted after it finds it) and answers with an ``adapter`` message, keyed by the
-adapter key, carrying its device ``bytes`` or the ``error``, and the ``token`` it was given (the
-caller's way to tell this install's answer from an earlier one's); ``drop_adapter(key)`` takes
-it out.  Each sequence and call runs with its request's adapter active; a request whose adapter
-is gone (detached meanwhile) ends with Cancelled.
+adapter key, carrying its device ``bytes`` or the ``error``, and the ``token`` it was given;
+``drop_adapter(key)`` takes it out.  Each sequence and call runs with its request's adapter
+(the runner groups a batch by adapter); a request whose adapter is gone ends with Cancelled.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
-from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError
+from llmctl.errors import Busy, Cancelled, Internal, InvalidArgument, LlmosdError
+from llmosd.serve.blocks import BlockManager
 from llmosd.serve.chat import TemplateError, fit, render
 from llmosd.serve.detok import StopMatcher, StreamDecoder
 from llmosd.serve.request import Call, Request, invalid_argument
-from llmosd.serve.runner import Runner
+from llmosd.serve.runner import Runner, SeqWork
 from llmosd.serve.scheduler import Scheduler, Seq
 
 log = logging.getLogger("llmosd.engine")
 
-Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error"|"kv"|"stopped", body)
-#                                                 or (adapter key, "adapter", {"bytes"} | {"error"}, + "token")
+Emit = Callable[[Hashable, str, dict], None]   # (request key, "chunk"|"end"|"error", body),
+#   (None, "blocks"|"stopped", body), or (adapter key, "adapter", {"bytes"} | {"error"}, + "token")
 IDLE_WAIT = 1.0        # s: the longest sleep with nothing to do (every message also wakes it)
+REPORT_S = 0.2         # s: the most often a busy engine reports its blocks and queue
+
+
+def default_blocks(context: int, block_size: int, max_batch: int) -> int:
+    """A pool's blocks when none is given (tests, tools): ``max_batch`` full contexts."""
+    return max(1, max_batch) * -(-context // block_size)
+
+
+def client_of(key: Hashable) -> Hashable:
+    """The fairness unit of a request: its peer (keys are (peer identity, request id))."""
+    return key[0] if isinstance(key, tuple) and key else key
 
 
 @dataclass
 class _Live:
-    """The engine's own state of one running generation (engine thread only)."""
+    """The engine's own state of one generation (engine thread only)."""
     req: Request
     prompt_ids: list[int]
     dropped_messages: int          # chat: oldest turns left out to fit the context
-    cache: Any = None              # runner's KVCache, capacity = the scheduler Seq's
     generator: Any = None          # per-request sampling generator (seeded)
     decoder: StreamDecoder | None = None
     matcher: StopMatcher | None = None
     history: list = field(default_factory=list)       # prompt + output ids (repetition penalty)
-    last_token: int = -1
     pending_ids: list = field(default_factory=list)   # ids not yet in a chunk
     pending_lp: list = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
     emitted: int = 0               # chunks handed to emit
     credited: int = 0              # chunks the control loop has written to the socket
+    preempted: int = 0             # times its KV cache was taken back (recomputed)
 
 
 @dataclass(frozen=True)
@@ -88,45 +108,69 @@ class _AdapterOp:
 
 class Engine(threading.Thread):
     def __init__(self, instance_id: int, model, tokenizer, device, emit: Emit, *,
-                 max_batch: int = 16, stream_buffer: int = 64, own_head=None, runner: Runner | None = None):
-        """``own_head``: a merged classifier's head (a ``lora.Adapter`` without LoRA), used
-        by its requests that name no adapter; installed here, on the loader's thread, before
-        the engine's own starts.  ``runner``: a swapped-in instance's runner (its model,
-        adapters and heads already on the device); ``model`` is then ignored."""
+                 max_batch: int = 16, stream_buffer: int = 64, max_prefill_tokens: int = 128,
+                 max_waiting: int = 256, num_blocks: int = 0, block_size: int = 16,
+                 compile: str = "off", own_head=None, runner: Runner | None = None):
+        """``num_blocks`` x ``block_size`` positions: the instance's KV pool, allocated here
+        (0: ``default_blocks``); OutOfMemory if it does not fit.  ``compile``: the config's
+        key (CUDA graphs of decode steps unless "off").  ``own_head``: a merged
+        classifier's head (a ``lora.Adapter`` without LoRA), used by its requests that name no
+        adapter; installed here, on the loader's thread, before the engine's own starts.
+        ``runner``: a swapped-in instance's runner (its model, adapters, heads and pool already
+        on the device); ``model``, ``num_blocks`` and ``block_size`` are then ignored."""
         super().__init__(name=f"engine-{instance_id}", daemon=True)
-        self.runner = runner if runner is not None else Runner(model, tokenizer, device)
+        if runner is None:
+            context = model.config.max_position_embeddings
+            runner = Runner(model, tokenizer, device,
+                            num_blocks=num_blocks or default_blocks(context, block_size, max_batch),
+                            block_size=block_size, compile=compile)
+        self.runner = runner
         self.own_head_bytes = self.runner.install(None, own_head) if own_head is not None else 0
         self.tok, self.emit = tokenizer, emit
         self.context = self.runner.context
-        self.kv_position_bytes = self.runner.kv_position_bytes
-        self.sched = Scheduler(max_batch, self.runner.eos_ids)
+        self.eos_ids = set(self.runner.eos_ids)
+        self.blocks = BlockManager(self.runner.num_blocks, self.runner.block_size)
+        self.pool_positions = self.blocks.num_blocks * self.blocks.block_size
+        self.max_prefill_tokens = max(1, max_prefill_tokens)
+        self.sched = Scheduler(self.blocks, max_batch=max(1, max_batch), max_prefill_tokens=self.max_prefill_tokens,
+                               max_waiting=max(1, max_waiting), eos_ids=self.eos_ids)
         self.stream_buffer = stream_buffer
+        self.max_waiting = max(1, max_waiting)
         self.live: dict[Hashable, _Live] = {}
+        self.calls: deque = deque()                   # (Call, runner's call task), round robin
         self._cv = threading.Condition()
-        self._inbox: list[tuple] = []                 # (Request, kv_positions), (Call | _AdapterOp, 0)
+        self._inbox: list = []                        # Request | Call | _AdapterOp, in order
         self._cancels: list[tuple] = []
         self._credits: dict[Hashable, int] = {}
         self._stopping = False
         self._swap = False                 # stop(swap=True): keep the model, on the host
         self._halt = threading.Event()     # stop(), readable without the lock inside long work
+        self._reported: dict | None = None
+        self._reported_at = 0.0
+
+    @property
+    def pool_bytes(self) -> int:
+        """Bytes of the instance's KV pool (the runner's)."""
+        return int(getattr(self.runner, "pool_bytes", 0) or 0)
 
     # -- called from other threads -----------------------------------------------------------
-    def submit(self, req: Request | Call, kv_positions: int = 0) -> None:
-        """Run ``req``; a generation's KV cache holds at most ``kv_positions`` (0: no limit)."""
-        self._send(lambda: self._inbox.append((req, kv_positions)))
+    def submit(self, req: Request | Call) -> None:
+        """Run ``req`` (a generation or a one-shot call)."""
+        self._send(lambda: self._inbox.append(req))
 
     def add_adapter(self, key: Hashable, adapter, token=None) -> None:
         """Install ``adapter`` (a ``lora.Adapter``) as ``key``; answered by an ``adapter``
         message: {"bytes": device bytes it holds} or {"error": wire error}, with "token":
         ``token``."""
-        self._send(lambda: self._inbox.append((_AdapterOp(key, adapter, token), 0)))
+        self._send(lambda: self._inbox.append(_AdapterOp(key, adapter, token)))
 
     def drop_adapter(self, key: Hashable) -> None:
         """Uninstall the adapter ``key`` (its requests must have ended or been cancelled)."""
-        self._send(lambda: self._inbox.append((_AdapterOp(key), 0)))
+        self._send(lambda: self._inbox.append(_AdapterOp(key)))
 
     def cancel(self, key: Hashable, reason: str = "cancelled", error: LlmosdError | None = None) -> None:
-        """Stop a sequence: it ends with finish_reason ``reason``, or fails with ``error``."""
+        """Stop a sequence or call: it ends with finish_reason ``reason``, or fails with
+        ``error`` (a call always fails: with ``error``, else Cancelled)."""
         self._send(lambda: self._cancels.append((key, reason, error)))
 
     def credit(self, key: Hashable, n: int = 1) -> None:
@@ -134,9 +178,9 @@ class Engine(threading.Thread):
         self._send(lambda: self._credits.__setitem__(key, self._credits.get(key, 0) + n))
 
     def stop(self, swap: bool = False) -> None:
-        """Ask the thread to end: it finishes the forward pass it is in, abandons the rest of
-        a step or call, fails every open request with Cancelled and emits ``stopped``.  With
-        ``swap`` the model is kept, moved to host RAM, for a later engine on ``self.runner``."""
+        """Ask the thread to end: it finishes the batch it is in, fails every open request
+        with Cancelled and emits ``stopped``.  With ``swap`` the model is kept, moved to host
+        RAM, for a later engine on ``self.runner``."""
         self._swap = swap
         self._halt.set()
         self._send(lambda: setattr(self, "_stopping", True))
@@ -151,23 +195,29 @@ class Engine(threading.Thread):
         try:
             with self.runner.session():
                 while self._admit():
-                    plan = self.sched.schedule(self._blocked)
-                    if not plan:
-                        with self._cv:        # idle, or every sequence waits for credits
-                            if not (self._inbox or self._cancels or self._credits or self._stopping):
-                                self._cv.wait(IDLE_WAIT)
+                    worked = self._step()
+                    if not self._halt.is_set():
+                        worked = self._call_slice() or worked
+                    if worked:
+                        self._report()
                         continue
-                    for key, prefill in [(k, True) for k in plan.prefill] + [(k, False) for k in plan.decode]:
-                        if self._halt.is_set():
-                            break
-                        self._run(key, prefill)
+                    self._report(force=True)
+                    with self._cv:        # idle, or every sequence waits for credits
+                        if not (self._inbox or self._cancels or self._credits or self._stopping):
+                            self._cv.wait(IDLE_WAIT)
         except Exception:  # a bug here must not leave clients hanging
             log.exception("engine thread crashed")
             for key in list(self.live):
                 self._fail(key, Internal("the engine crashed; see the daemon log"))
+            for call, _ in self.calls:
+                self.emit(call.key, "error", Internal("the engine crashed; see the daemon log").to_wire())
+            self.calls.clear()
         finally:
             for key in list(self.live):
                 self._drop(key)
+            for call, _ in self.calls:
+                self.emit(call.key, "error", Cancelled("the instance stopped").to_wire())
+            self.calls.clear()
             swapped = False
             try:
                 if self._swap:
@@ -190,28 +240,37 @@ class Engine(threading.Thread):
             credits, self._credits = self._credits, {}
             stopping = self._stopping
         if stopping:
-            for req, _ in inbox:
+            for req in inbox:
                 if not isinstance(req, _AdapterOp):
                     self.emit(req.key, "error", Cancelled("the instance stopped").to_wire())
             inbox = []
-        for req, kv_positions in inbox:
+        for req in inbox:
             if isinstance(req, _AdapterOp):
                 self._adapter(req)
             elif isinstance(req, Call):
-                self._call(req)
+                self._start_call(req)
             else:
-                self._start(req, kv_positions)
+                self._start(req)
         for key, n in credits.items():
             if key in self.live:
                 self.live[key].credited += n
         for key, reason, error in cancels:
-            seq = self.sched.finish(key, reason)
-            if seq is not None:
-                if error is not None:
-                    self._fail(key, error)
-                else:
-                    self._end(key, reason, seq.generated)
+            self._cancel(key, reason, error)
         return not stopping
+
+    def _cancel(self, key, reason: str, error: LlmosdError | None) -> None:
+        seq = self.sched.finish(key, reason)           # its blocks go back to the pool now
+        if seq is not None or key in self.live:
+            if error is not None:
+                self._fail(key, error)
+            else:
+                self._end(key, reason, seq.generated if seq is not None else 0)
+            return
+        for item in list(self.calls):
+            if item[0].key == key:
+                self.calls.remove(item)
+                item[1].close()
+                self.emit(key, "error", (error or Cancelled(f"request cancelled ({reason})")).to_wire())
 
     def _adapter(self, op: _AdapterOp) -> None:
         if op.adapter is None:
@@ -224,8 +283,9 @@ class Engine(threading.Thread):
         else:
             self.emit(op.key, "adapter", {"bytes": n, "token": op.token})
 
-    def _start(self, req: Request, kv_positions: int) -> None:
-        """Tokenize ``req``, check it fits, allocate its cache and add it to the scheduler."""
+    def _start(self, req: Request) -> None:
+        """Tokenize ``req``, check it can ever run here, and queue it in the scheduler
+        (Busy past max_waiting)."""
         if req.adapter is not None and req.adapter not in self.runner.adapters:
             self._fail(req.key, Cancelled("the request's adapter was unloaded before it started"))
             return
@@ -236,29 +296,37 @@ class Engine(threading.Thread):
                                                  "if the model has no chat template"))
             return
         n = len(ids)
-        if n == 0 or n > self.context:
-            self._fail(req.key, InvalidArgument(
-                "the prompt is empty" if n == 0 else
-                f"the prompt is {n} tokens, more than the model's context of {self.context}",
-                hint="" if n == 0 else "shorten the prompt"))
+        err = self._unfit(n)
+        if err is not None:
+            self._fail(req.key, err)
             return
-        cap = min(self.context, n + req.max_tokens)
-        if kv_positions:                   # never more than admission reserved
-            if n > kv_positions:
-                self._fail(req.key, InvalidArgument(
-                    f"the prompt is {n} tokens, more than the {kv_positions} positions "
-                    "reserved for it from its length", hint="shorten the prompt"))
-                return
-            cap = min(cap, kv_positions)
+        cap = min(self.context, n + req.max_tokens, self.pool_positions)
         try:
-            cache = self.runner.new_cache(cap)
-        except LlmosdError as e:
+            self.sched.add(Seq(req.key, client_of(req.key), list(ids), n, req.max_tokens, cap))
+        except Busy as e:
             self._fail(req.key, e)
             return
-        self.sched.add(Seq(req.key, n, req.max_tokens, cap))
-        self.emit(req.key, "kv", {"bytes": cache.nbytes(), "positions": cap})
-        self.live[req.key] = _Live(req, ids, dropped, cache, self.runner.new_generator(req.sampling.seed),
+        except ValueError as e:
+            self._fail(req.key, invalid_argument(e, hint="shorten the prompt, or raise max_kv_bytes "
+                                                 "(LLMOSD_MAX_KV_BYTES) for the daemon"))
+            return
+        self.live[req.key] = _Live(req, ids, dropped, self.runner.new_generator(req.sampling.seed),
                                    StreamDecoder(self.tok, ids), StopMatcher(list(req.stops)), list(ids))
+
+    def _unfit(self, n: int) -> InvalidArgument | None:
+        """Why a prompt of ``n`` tokens can never run on this instance, if it cannot."""
+        if n == 0:
+            return InvalidArgument("the prompt is empty")
+        if n > self.context:
+            return InvalidArgument(f"the prompt is {n} tokens, more than the model's context of {self.context}",
+                                   hint="shorten the prompt")
+        if n > self.pool_positions:
+            return InvalidArgument(
+                f"the prompt is {n} positions; this instance's KV-cache pool holds {self.pool_positions} "
+                f"({self.blocks.num_blocks} blocks of {self.blocks.block_size})",
+                hint="shorten the prompt, or raise max_kv_bytes (LLMOSD_MAX_KV_BYTES) for the daemon "
+                     "and load the model again")
+        return None
 
     def _encode(self, req: Request) -> tuple[list[int], int]:
         """The prompt's token ids, and how many chat messages were dropped to fit."""
@@ -273,41 +341,98 @@ class Engine(threading.Thread):
             encoded[len(msgs)] = self.tok.encode(text, add_bos=False)   # the template writes any BOS
             return len(encoded[len(msgs)])
         # a long conversation loses its oldest turns, leaving room to answer
-        msgs, dropped = fit(list(req.messages), length, self.context - min(req.max_tokens, self.context // 4))
+        room = min(self.context, self.pool_positions - 1)
+        msgs, dropped = fit(list(req.messages), length, room - min(req.max_tokens, room // 4))
         return encoded[len(msgs)], dropped
 
-    def _call(self, call: Call) -> None:
+    # -- calls ---------------------------------------------------------------------------------
+    def _start_call(self, call: Call) -> None:
+        if len(self.calls) >= self.max_waiting:
+            self.emit(call.key, "error", Busy(
+                f"{len(self.calls)} score/embed/classify requests wait on this instance already",
+                hint="retry when some have finished").to_wire())
+            return
         try:
-            result = self.runner.call(call, self._halt.is_set)
+            task = self.runner.start_call(call, self.max_prefill_tokens)
         except LlmosdError as e:
             self.emit(call.key, "error", e.to_wire())
-        else:
-            self.emit(call.key, "end", result)
-
-    def _blocked(self, key) -> bool:
-        s = self.live[key]
-        return s.emitted - s.credited >= self.stream_buffer
-
-    def _run(self, key, prefill: bool) -> None:
-        s = self.live[key]
-        if prefill:
-            ids, pos = s.prompt_ids, 0
-        else:
-            ids, pos = [s.last_token], len(s.prompt_ids) + self.sched.seqs[key].generated - 1
-        try:
-            out = self.runner.step(s.cache, ids, pos, s.req.sampling, s.generator, s.history,
-                                   s.req.logprobs, s.req.adapter)
-        except LlmosdError as e:
-            self.sched.finish(key, "error")
-            self._fail(key, e)
             return
+        self.calls.append((call, task))
+
+    def _call_slice(self) -> bool:
+        """Advance the first call by one slice (then it goes to the back); False if none."""
+        if not self.calls:
+            return False
+        call, task = self.calls.popleft()
+        try:
+            task.step()
+        except LlmosdError as e:
+            self.emit(call.key, "error", e.to_wire())
+            return True
+        if task.done:
+            self.emit(call.key, "end", task.result)
+        else:
+            self.calls.append((call, task))
+        return True
+
+    # -- generations ---------------------------------------------------------------------------
+    def _blocked(self, key) -> bool:
+        s = self.live.get(key)
+        return s is not None and s.emitted - s.credited >= self.stream_buffer
+
+    def _step(self) -> bool:
+        """One batch: the scheduler's plan run by the runner, its tokens taken.  False when
+        there was nothing to run."""
+        plan = self.sched.schedule(self._blocked)
+        for key in plan.preempted:
+            if key in self.live:
+                self.live[key].preempted += 1
+        for key in plan.finished:              # could not grow even alone (the pool's end)
+            s = self.live.get(key)
+            if s is not None:
+                self._end(key, "context", len(s.history) - len(s.prompt_ids))
+        keys, work = [], []
+        for ch in plan.prefill:
+            seq = self.sched.seqs[ch.key]
+            keys.append(ch.key)
+            work.append(self._work(ch.key, seq.tokens[ch.start:ch.start + ch.length], ch.start, ch.sample))
+        for key in plan.decode:
+            seq = self.sched.seqs[key]
+            keys.append(key)
+            work.append(self._work(key, seq.tokens[-1:], len(seq.tokens) - 1, True))
+        if not work:
+            return False
+        try:
+            out = self.runner.run(work)
+        except LlmosdError as e:
+            for key in dict.fromkeys(keys):
+                self.sched.finish(key, "error")
+                self._fail(key, e)
+            return True
+        for key, got in zip(keys, out):
+            if isinstance(got, LlmosdError):      # its adapter was detached meanwhile
+                self.sched.finish(key, "error")
+                self._fail(key, got)
+            elif got is not None and key in self.live:
+                self._token(key, got)
+        return True
+
+    def _work(self, key, ids: list[int], start: int, sample: bool) -> SeqWork:
+        s = self.live[key]
+        return SeqWork(key=key, ids=list(ids), start=start, block_table=self.sched.table(key), sample=sample,
+                       sampling=s.req.sampling, generator=s.generator, history=s.history,
+                       logprobs=s.req.logprobs, adapter=s.req.adapter)
+
+    def _token(self, key, out) -> None:
+        """One sampled token of ``key``: detokenized, stop strings checked, the scheduler told
+        (blocks grow, it may finish), chunks and the end emitted."""
+        s = self.live[key]
         token = out.token
         now = time.perf_counter()
         s.first_token_at = s.first_token_at or now
         s.last_token_at = now
-        s.last_token = token
         s.history.append(token)
-        eos = token in self.sched.eos_ids
+        eos = token in self.eos_ids
         text = "" if eos else s.decoder.push(token)
         if not eos:
             s.pending_ids.append(token)
@@ -316,12 +441,13 @@ class Engine(threading.Thread):
                                      "top": [{"id": i, "token": self.tok.decode([i]), "logprob": v}
                                              for i, v in out.top]})
         text, stopped = s.matcher.feed(text)
-        seq = self.sched.update(key, token, stop_hit=stopped)
+        seq = self.sched.postprocess(key, token, stop_hit=stopped)
         if seq.finish_reason is not None and not stopped:
             text += s.matcher.feed(s.decoder.flush())[0] + s.matcher.flush()
         if text or (seq.finish_reason is not None and s.pending_ids):
             self._chunk(s, text)
         if seq.finish_reason is not None:
+            self.sched.finish(key, seq.finish_reason)      # (already: a no-op)
             self._end(key, seq.finish_reason, seq.generated)
 
     def _chunk(self, s: _Live, text: str) -> None:
@@ -345,19 +471,36 @@ class Engine(threading.Thread):
             "total_ms": round((time.perf_counter() - t0) * 1000, 3),
             "tokens_per_s": round((generated - 1) / (tl - t1), 3) if t1 and tl > t1 and generated > 1 else None,
         }
+        if s.preempted:
+            stats["preempted"] = s.preempted
         if s.req.messages is not None:
             stats["dropped_messages"] = s.dropped_messages
-        s.cache = None
         self.emit(key, "end", stats)
 
     def _fail(self, key, err: LlmosdError) -> None:
-        s = self.live.pop(key, None)
-        if s is not None:
-            s.cache = None
+        self.live.pop(key, None)
         self.emit(key, "error", err.to_wire())
 
     def _drop(self, key) -> None:
-        s = self.live.pop(key, None)
-        if s is not None:
-            s.cache = None
+        self.sched.finish(key, "stopped")
+        if self.live.pop(key, None) is not None:
             self.emit(key, "error", Cancelled("the instance stopped").to_wire())
+
+    # -- reports -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """The pool's and queue's state as the table's rows show it."""
+        st = self.sched.stats()
+        return {"kv_blocks_total": self.blocks.num_blocks, "kv_blocks_used": self.blocks.used_count,
+                "kv_block_size": self.blocks.block_size, "waiting": int(st.get("waiting", 0)) + len(self.calls),
+                "running": int(st.get("running", 0))}
+
+    def _report(self, force: bool = False) -> None:
+        """Emit ``blocks`` when the stats changed: at most every REPORT_S while busy
+        (``force``: now, before the thread sleeps, so the last state is always told)."""
+        now = time.monotonic()
+        if not force and now - self._reported_at < REPORT_S:
+            return
+        st = self.stats()
+        if st != self._reported:
+            self._reported, self._reported_at = st, now
+            self.emit(None, "blocks", st)

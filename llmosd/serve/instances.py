@@ -11,11 +11,17 @@ Adapters and classifiers run on their base's instance; attaching, installing and
 them is its ``Adapters``' (``serve.adapters``, which it owns): ``acquire_adapter``, ``detach``
 and ``check_detachable`` are that object's, and an instance that unloads drops its adapters.
 
-It also admits generations against the KV-cache byte limit (``scheduler.KVBudget``, whose
-docstring gives the design) and within what the device's memory budget has free (the KV cache
-is charged in the ledger like the models; Busy past either): reserved at ``submit``, shrunk on the engine's ``kv`` report,
-released on the request's ``end``/``error`` or when its instance stops.  And it returns the
-engine's stream credits: each chunk written to a client's socket is one ``Engine.credit``.
+Admission of generations (issue 13) is the engines': each instance has a paged KV pool sized
+when it loads (``placement.pool_blocks`` from ``max_kv_bytes``, ``kv_block_size`` and the
+model) and charged with its weights, so there is no per-request reservation here; an engine
+answers Busy past ``max_waiting`` queued requests, and a prompt the pool could never hold
+with InvalidArgument.  Engines report their blocks and queues (``blocks`` messages) into the
+instances' rows.  And it returns the engine's stream credits: each chunk written to a
+client's socket is one ``Engine.credit``.
+
+Load options (issue 13): ``acquire(..., load_opts={"dtype", "quant"})`` loads with them
+(``load_model(..., dtype, quant=)``; the instance's ``load_opts`` keeps them); asking for an
+instance already loaded with other options is InvalidArgument (unload it first).
 
 Memory (issue 12) is its ``Placement``'s (``serve.placement``, which it owns): before a load,
 a swap-in or an adapter's attach, the estimate is planned there and the plan carried out, and
@@ -24,6 +30,8 @@ Loaded, an instance is charged what it measured; swapped ones come back on a req
 """
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import threading
 import time
@@ -31,28 +39,56 @@ from typing import Callable
 
 import torch
 
-from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory
+from llmctl.errors import Busy, Cancelled, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
 from llmosd.desired import Desired
-from llmosd.mem.devices import device_memory
+from llmosd.mem.devices import device_memory, resolve_dtype
 from llmosd.mem.manager import MemoryManager
+from llmosd.mem.policy import size_text
 from llmosd.models import lora
-from llmosd.models.loader import load_model, resident_bytes
+from llmosd.models.loader import DTYPES, load_model, resident_bytes
 from llmosd.serve.adapters import Adapters, Ready
 from llmosd.serve.engine import Engine
-from llmosd.serve.placement import Placement, configure, delegated, drop_runner
-from llmosd.serve.request import Request, Task
-from llmosd.serve.scheduler import KVBudget, kv_positions, prompt_token_bound, size_text
+from llmosd.serve.placement import (Placement, config_pool, configure, delegated, drop_runner, pool_blocks,
+                                    position_bytes)
+from llmosd.serve.request import Task
 from llmosd.store.manifest import base_of
 from llmosd.store.store import Store
 from llmosd.table import Instance, ModelTable, State
 
 log = logging.getLogger("llmosd.instances")
 
+QUANTS = ("auto", "none", "int8", "int4")      # a load's quant (the config's key's choices)
+
 
 def default_kv_limit(device: torch.device) -> int:
-    """``max_kv_bytes = 0`` (auto): a quarter of the memory the caches live in, physical RAM
-    on the CPU, the device's own memory on CUDA."""
-    return device_memory(device) // 4
+    """What ``max_kv_bytes = 0`` (auto) stands for: 0, each instance's pool sized from its
+    model and device (``placement.pool_blocks``).  (``main``'s reload sets ``kv.limit``.)"""
+    return 0
+
+
+class KVLimit:
+    """``max_kv_bytes`` for the pools of instances loaded from now on (a reload sets
+    ``limit``; 0 = auto)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+
+def weights_text(model) -> str | None:
+    """How ``model``'s weights are held ("float32", "int8", "q4_1"...); None if unknown."""
+    try:
+        from llmosd.models.quant import describe
+        return describe(model)
+    except Exception:        # (never fatal to a load: it names, nothing else)
+        log.debug("describing the weights failed", exc_info=True)
+        return None
+
+
+def load_kwargs(quant: str | None) -> dict:
+    """``load_model``'s keyword arguments for ``quant`` (none if this loader takes none)."""
+    if quant is None or "quant" not in inspect.signature(load_model).parameters:
+        return {}
+    return {"quant": quant}
 
 
 def memory_device(device: torch.device) -> str:
@@ -70,9 +106,14 @@ class InstanceManager:
 
     def __init__(self, post: Callable, store: Store, device: torch.device, dtype: torch.dtype,
                  *, max_batch: int, stream_buffer: int, max_kv_bytes: int = 0,
-                 memory: MemoryManager | None = None, keep_alive: float = 300.0):
+                 memory: MemoryManager | None = None, keep_alive: float = 300.0,
+                 max_prefill_tokens: int = 128, max_waiting: int = 256, kv_block_size: int = 16,
+                 quant: str = "auto", compile: str = "auto"):
         """``memory``: the daemon's memory manager (None: an unlimited one, for tests);
-        ``keep_alive``: the default keep-alive of an instance (seconds; -1 forever)."""
+        ``keep_alive``: the default keep-alive of an instance (seconds; -1 forever).  The
+        engine settings (``max_batch``, ``stream_buffer``, ``max_prefill_tokens``,
+        ``max_waiting``, ``kv_block_size``, ``kv.limit`` = ``max_kv_bytes``, ``compile``,
+        ``quant`` the default of loads that name none) are attributes: engines started later use new values."""
         self.post, self.store, self.device, self.dtype = post, store, device, dtype
         self.table = ModelTable()
         self.mem_device = memory_device(device)
@@ -87,8 +128,10 @@ class InstanceManager:
         self.holders, self.instance_holders = self.place.holders, self.place.instance_holders
         self.make_room, self.start_timer, self._tick = self.place.make_room, self.place.start_timer, self.place.tick
         self.max_batch, self.stream_buffer = max_batch, stream_buffer
-        self.kv = KVBudget(max_kv_bytes if max_kv_bytes > 0 else default_kv_limit(device))
-        log.info("KV-cache limit %s%s", size_text(self.kv.limit), "" if max_kv_bytes > 0 else " (auto)")
+        self.max_prefill_tokens, self.max_waiting = max_prefill_tokens, max_waiting
+        self.kv_block_size, self.quant, self.compile = kv_block_size, quant, compile
+        self.kv = KVLimit(max(0, max_kv_bytes))
+        self.device_bytes = device_memory(device)
         self._tasks: dict = {}                      # request key -> Task: only these methods touch it
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
         self._ready_waiters: dict[int, list[Ready]] = {}
@@ -96,17 +139,24 @@ class InstanceManager:
         self.acquire_adapter, self.detach = self.adapters.acquire, self.adapters.detach
         self.check_detachable, self.check_resident = self.adapters.check_detachable, self.adapters.check_resident
 
+    max_kv_bytes = property(lambda self: self.kv.limit, lambda self, v: setattr(self.kv, "limit", max(0, v)))
+
     # -- loading ----------------------------------------------------------------------------
     def acquire(self, model: str, manifest: dict, digest: str, uid: int | None,
                 on_ready: Ready, *, priority: int | None = None, keep_alive: float | None = None,
-                pin: bool = False, displaced: list | None = None) -> Instance | None:
+                pin: bool = False, displaced: list | None = None,
+                load_opts: dict | None = None) -> Instance | None:
         """Call ``on_ready(inst, None)`` once an instance of this model version serves
         (loading or swapping one in if needed, after admission), or ``on_ready(None, err)``
         (OutOfMemory when admission refuses).  ``priority``, ``keep_alive`` and ``pin``, when
         given, apply to the instance (the latest wins).  What its room displaced is added to
-        ``displaced`` (``Placement.make_room``'s rows).  Returns the instance (None: refused)."""
+        ``displaced`` (``Placement.make_room``'s rows).  ``load_opts``: {"dtype", "quant"}
+        (absent, None or "auto": the daemon's); an instance loaded with other ones is
+        InvalidArgument (raised).  Returns the instance (None: refused)."""
         inst = self.table.usable(model, digest)
+        opts = self.resolve_opts(load_opts)
         if inst is not None:
+            self.check_opts(inst, load_opts)
             configure(inst, priority, keep_alive, pin)
             self.desired.sync(self.table)
             if inst.serving:
@@ -117,25 +167,81 @@ class InstanceManager:
             else:
                 self._ready_waiters.setdefault(inst.id, []).append(on_ready)
             return inst
-        ekey = ("instance", str(self.dtype).replace("torch.", ""))
-        need, raw = self.place.estimate(manifest, ekey)
+        dtype = resolve_dtype(opts["dtype"], self.device)
+        ekey = ("instance", str(dtype).replace("torch.", "") + ("" if opts["quant"] in ("auto", "none")
+                                                               else "-" + opts["quant"]))
+        weights, raw = self.place.estimate(manifest, ekey, dtype.itemsize, opts["quant"])
+        _, pool = self._pool_estimate(manifest, dtype.itemsize)
+        need = weights + pool
         plan = self.place.plan(need, priority or 0, f"loading {model}")
         if not plan.ok:
             log.info("refused to load %s: %s", model, plan.message)
             on_ready(None, plan.error())
             return None
         inst = self.table.add(model, digest, self.mem_device, uid)
-        inst.estimate_bytes, inst.keep_alive = need, self.place.keep_alive
+        inst.estimate_bytes, inst.kv_bytes, inst.keep_alive = weights, pool, self.place.keep_alive
+        inst.load_opts = opts
         configure(inst, priority, keep_alive, pin)
         self.place.expect(inst.id, ekey, raw)
         self._ready_waiters[inst.id] = [on_ready]
         self.place.charge(inst, need)
-        log.info("loading %s as instance %d on %s (estimate %d bytes)", model, inst.id, self.device, need)
+        log.info("loading %s as instance %d on %s (estimate %d bytes: weights %d, KV pool %d)",
+                 model, inst.id, self.device, need, weights, pool)
         shown = self.place.make_room(plan.actions, lambda: self._start_load(inst, manifest),
                                      room_for=model, fail=lambda err: self._no_room(inst, err))
         if displaced is not None:
             displaced.extend(shown)
         return inst
+
+    def resolve_opts(self, load_opts: dict | None) -> dict:
+        """{"dtype", "quant"} a load uses: the given ones, else the daemon's (its dtype, the
+        config's quant)."""
+        o = load_opts or {}
+        dtype = o.get("dtype") or "auto"
+        if dtype not in ("auto", *DTYPES) or o.get("quant") not in (None, *QUANTS):
+            raise InvalidArgument(f"a load's dtype must be auto or one of {', '.join(DTYPES)} and its "
+                                  f"quant one of {', '.join(QUANTS)}, got {dtype} and {o.get('quant')}")
+        return {"dtype": str(self.dtype).replace("torch.", "") if dtype == "auto" else dtype,
+                "quant": o.get("quant") or self._setting("quant") or "auto"}
+
+    def check_opts(self, inst: Instance, load_opts: dict | None) -> None:
+        """InvalidArgument if ``load_opts`` names options ``inst`` was not loaded with (the
+        unnamed and "auto" ones match whatever it was loaded with)."""
+        for k, v in (load_opts or {}).items():
+            if v in (None, "auto") or inst.load_opts.get(k) in (None, v):
+                continue
+            held = inst.weights or inst.load_opts.get("dtype") or "?"
+            raise InvalidArgument(
+                f"{inst.model} is already loaded as {held} (instance {inst.id}, {k} "
+                f"{inst.load_opts.get(k)}), not {k} {v}; unload it first",
+                hint=f"llmctl unload {inst.id}, then load it with the options you want")
+
+    def _pool_estimate(self, manifest: dict, dtype_bytes: int) -> tuple[int, int]:
+        """(blocks, bytes) of the KV pool a load of ``manifest`` will allocate (0, 0 when its
+        config cannot be read here: tests without a store)."""
+        try:
+            config = json.loads(self.store.read_blob(manifest["config"]["digest"]))
+        except Exception:
+            return 0, 0
+        return config_pool(config, dtype_bytes, **self._pool_sizes())
+
+    def use_config(self, cfg) -> None:
+        """Take the engine settings from ``cfg`` (the daemon's Config, which a reload
+        updates) at each load from now on, instead of the constructor's values."""
+        self._cfg = cfg
+
+    def _setting(self, key: str):
+        cfg = getattr(self, "_cfg", None)
+        if cfg is not None and getattr(cfg, key, None) is not None:
+            return getattr(cfg, key)
+        return getattr(self, key)
+
+    def _pool_sizes(self) -> dict:
+        return {"max_kv_bytes": max(0, int(self._setting("max_kv_bytes"))), "device_bytes": self.device_bytes,
+                "max_batch": self._setting("max_batch"), "block_size": self._setting("kv_block_size")}
+
+    def _engine_settings(self) -> dict:
+        return {k: self._setting(k) for k in ("max_batch", "stream_buffer", "max_prefill_tokens", "max_waiting")}
 
     def _no_room(self, inst: Instance, err: LlmosdError) -> None:
         """The room for ``inst``'s load was not made: the row goes (as a refused load adds
@@ -155,17 +261,26 @@ class InstanceManager:
     def _load(self, inst: Instance, manifest: dict) -> None:
         t0, oom = time.perf_counter(), None
         try:
-            model, tok = load_model(self.store, manifest, self.device, self.dtype)
+            opts = inst.load_opts or self.resolve_opts(None)
+            dtype = resolve_dtype(opts["dtype"], self.device)
+            model, tok = load_model(self.store, manifest, self.device, dtype, **load_kwargs(opts.get("quant")))
             resident = resident_bytes(model)          # its own tensors, whatever else runs
+            weights = weights_text(model)
             own = None                                # a merged classifier: its head
             if manifest.get("head") and base_of(manifest) is None:
                 own = lora.read_adapter(self.store, manifest, inst.digest)
+            c = model.config
+            pb = position_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype.itemsize)
+            sizes = self._pool_sizes()
+            blocks = pool_blocks(context=c.max_position_embeddings, pos_bytes=pb, **sizes)
             engine = Engine(inst.id, model, tok, self.device,
                             lambda key, kind, body: self.post(self._on_engine, inst, engine, key, kind, body),
-                            max_batch=self.max_batch, stream_buffer=self.stream_buffer, own_head=own)
+                            num_blocks=blocks, block_size=sizes["block_size"], compile=self._setting("compile"), own_head=own,
+                            **self._engine_settings())
             resident += engine.own_head_bytes
+            pool = engine.pool_bytes or blocks * sizes["block_size"] * pb
             del model                                 # the engine's runner holds the only reference
-            self.post(self._loaded, inst, engine, resident, time.perf_counter() - t0, None)
+            self.post(self._loaded, inst, engine, (resident, pool, weights), time.perf_counter() - t0, None)
         except torch.OutOfMemoryError:
             oom = OutOfMemory(f"not enough memory on {self.device} to load {inst.model} (estimated "
                               f"{size_text(inst.estimate_bytes)}); the estimate will be higher next time")
@@ -182,8 +297,10 @@ class InstanceManager:
             torch.cuda.empty_cache()
         self.post(self._loaded, inst, None, 0, 0.0, oom)
 
-    def _loaded(self, inst: Instance, engine: Engine | None, resident: int, secs: float,
+    def _loaded(self, inst: Instance, engine: Engine | None, measured, secs: float,
                 err: LlmosdError | None) -> None:
+        """``measured``: (resident weight bytes, KV pool bytes, weights text) of a load that
+        worked."""
         waiters = self._ready_waiters.pop(inst.id, [])
         if inst.state is State.UNLOADING:          # unloaded (forced) while it was loading
             self.place.forget(inst.id)
@@ -200,7 +317,9 @@ class InstanceManager:
             self.place.uncharge(inst)
             log.warning("instance %d (%s) failed to load: %s", inst.id, inst.model, err)
         else:
+            resident, inst.kv_bytes, inst.weights = measured
             inst.engine, inst.resident_bytes = engine, resident
+            inst.engine_stats(engine.stats())
             inst.load_ms, inst.last_used = round(secs * 1000, 3), time.time()
             inst.transition(State.READY)
             self.place.learn(inst.id, resident)
@@ -209,8 +328,9 @@ class InstanceManager:
                 if old.state is State.FAILED:
                     self.table.remove(old.id)
             engine.start()
-            log.info("instance %d (%s) ready in %.2fs, %d bytes resident (estimated %d)", inst.id,
-                     inst.model, secs, resident, inst.estimate_bytes)
+            log.info("instance %d (%s) ready in %.2fs, %d bytes resident (estimated %d), weights %s, "
+                     "KV pool %d bytes (%d blocks of %d)", inst.id, inst.model, secs, resident,
+                     inst.estimate_bytes, inst.weights, inst.kv_bytes, inst.kv_blocks_total, inst.kv_block_size)
             self.desired.sync(self.table)
         for cb in waiters:
             cb(None if err else inst, err)
@@ -219,7 +339,7 @@ class InstanceManager:
         """A new engine on a swapped-in instance's kept ``runner`` (on the loader thread)."""
         engine = Engine(inst.id, None, runner.tok, self.device,
                         lambda key, kind, body: self.post(self._on_engine, inst, engine, key, kind, body),
-                        max_batch=self.max_batch, stream_buffer=self.stream_buffer, runner=runner)
+                        runner=runner, **self._engine_settings())
         return engine
 
     # -- requests --------------------------------------------------------------------------
@@ -282,30 +402,11 @@ class InstanceManager:
                 if task.inst is inst and task.running and task.req.adapter == adapter]
 
     def submit(self, inst: Instance, task: Task) -> None:
-        """Hand the task to the instance's engine, once a generation's KV cache is admitted;
-        a refusal (Busy, or too big ever to fit) ends the task's stream with that error."""
-        req, positions = task.req, 0
-        if isinstance(req, Request):
-            try:
-                positions = self._admit(inst, req)
-            except LlmosdError as e:
-                if self._tasks.get(req.key) is task:
-                    self._tasks.pop(req.key)
-                task.stream.error(e)
-                return
-        inst.begin_request(req.adapter)
+        """Hand the task to the instance's engine (which queues it, or answers Busy past
+        max_waiting: issue 13 admits by the engine's pool and queue, nothing is reserved)."""
+        inst.begin_request(task.req.adapter)
         task.inst, task.running = inst, True
-        inst.engine.submit(req, positions)
-
-    def _admit(self, inst: Instance, req: Request) -> int:
-        """Reserve an upper bound of ``req``'s KV cache; returns the positions reserved."""
-        eng = inst.engine
-        bound = prompt_token_bound(req.prompt, req.messages)
-        positions = kv_positions(eng.context, bound, req.max_tokens)
-        self.kv.admit(req.key, inst.id, positions * eng.kv_position_bytes, eng.kv_position_bytes, bound,
-                      budget_free=(self.mem_device, self.place.kv_free()))
-        self.place.charge_kv(self.kv.used)
-        return positions
+        inst.engine.submit(task.req)
 
     def cancel(self, key, reason: str) -> None:
         """End the task ``key`` (unknown keys: nothing to do): a running one ends with
@@ -324,16 +425,12 @@ class InstanceManager:
         if kind == "stopped":                   # swapped out, or gone (then ``_stopped``)
             self.place.engine_stopped(inst, engine, bool(body.get("swapped")))
             return
-        if kind == "kv":
-            self.kv.shrink(key, body["bytes"])
-            self.place.charge_kv(self.kv.used)
+        if kind == "blocks":
+            inst.engine_stats(body)
             return
         if kind == "adapter":
             self.adapters.installed(inst, key, body)
             return
-        if kind in ("end", "error"):       # whoever still holds the task: the bytes are free
-            self.kv.release(key)
-            self.place.charge_kv(self.kv.used)
         task = self._tasks.get(key)
         if task is None:
             return
@@ -394,8 +491,6 @@ class InstanceManager:
                        "waiting for it", hint="wait for them to finish, or use --force to cancel them")
 
     def _stopped(self, inst: Instance) -> None:
-        self.kv.release_owner(inst.id)
-        self.place.charge_kv(self.kv.used)
         for key, task in list(self._tasks.items()):   # anything the engine never answered
             if task.inst is inst and task.running:
                 self._tasks.pop(key)
@@ -423,7 +518,7 @@ class InstanceManager:
             self._tasks.pop(key)
             self._unqueue(task)
             task.stream.error(err)
-            if task.running and isinstance(task.req, Request):
+            if task.running:                 # generations and calls alike
                 task.inst.engine.cancel(key, "shutdown")
         self.place.stop_timer()
         self.unload_all()

@@ -17,9 +17,9 @@ out.  Its contract:
   plain ("room for t3:latest", "keep-alive expired"), with ``why`` evicted|expired apart;
 - swapping instances count on the host tier from the moment they are chosen (``plan``), so two
   plans in a row never fill the host's room twice;
-- ``charge``, ``recharge``, ``uncharge``, ``charge_kv``: the ledger holds each instance (on its
-  tier) and, apart (``("kv", 0)``), the KV cache reserved by running requests (admitted within
-  what the budget has free, ``kv_free``; named "KV cache of running requests" in refusals);
+- ``charge``, ``recharge``, ``uncharge``: the ledger holds each instance (on its tier): its
+  weights and (issue 13) its paged KV pool, sized once when its engine starts (``pool_blocks``)
+  and allocated whole, so a running request never needs memory the budget did not admit;
 - swaps: ``swap_out`` has an instance's engine stop keeping its ``Runner`` (weights moved to host
   RAM); ``swap_in`` brings it back, once admitted, with a new engine on that runner (out of
   memory doing it: it stays swapped, runner and host charge kept, and its waiters fail);
@@ -47,16 +47,40 @@ log = logging.getLogger("llmosd.instances")
 
 TICK_S = 0.5          # how often keep-alives are checked
 WAIT_LIMIT_S = 60.0   # a load waiting longer for its evictions (a job that does not pause) goes on
-KV_KEY = ("kv", 0)    # the ledger's key of the KV cache reserved by running requests
-KV_LABEL = "KV cache of running requests"
+KV_AUTO_MAX = 1 << 30  # max_kv_bytes 0 (auto): an instance's pool is at most 1 GiB
 _POLICY_PREFIXES = ("swapped to host: ", "evicted: ", "preempted: ")
 
 
-class _KVHolder(Holder):
-    """The KV cache's ledger entry as a holder, named for people in a refusal's "held by"."""
+def position_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """Bytes one position of a sequence takes in the KV cache: a key and a value per layer."""
+    return layers * 2 * kv_heads * head_dim * dtype_bytes
 
-    def label(self) -> str:
-        return KV_LABEL
+
+def pool_blocks(max_kv_bytes: int, device_bytes: int, context: int, pos_bytes: int,
+                max_batch: int, block_size: int) -> int:
+    """Blocks of ``block_size`` positions in an instance's KV pool.  ``max_kv_bytes`` > 0: that
+    many bytes (at least one block; a prompt longer than the pool is refused, naming it).
+    0 (auto): a quarter of the device's memory, at most ``KV_AUTO_MAX`` and at most what
+    ``max_batch`` full contexts can use, but always one full context."""
+    block = max(1, block_size * pos_bytes)
+    if max_kv_bytes > 0:
+        return max(1, max_kv_bytes // block)
+    limit = min(device_bytes // 4, KV_AUTO_MAX, max(1, max_batch) * context * pos_bytes)
+    return max(limit // block, -(-context // max(1, block_size)))
+
+
+def config_pool(config: dict, dtype_bytes: int, **sizes) -> tuple[int, int]:
+    """(blocks, bytes) of the pool ``pool_blocks(**sizes)`` gives a model of ``config`` (a
+    stored config dict); (0, 0) when the config lacks what it takes."""
+    try:
+        heads = int(config["num_attention_heads"])
+        hd = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        pb = position_bytes(int(config["num_hidden_layers"]), int(config.get("num_key_value_heads") or heads),
+                            hd, dtype_bytes)
+        n = pool_blocks(context=int(config["max_position_embeddings"]), pos_bytes=pb, **sizes)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0, 0
+    return n, n * sizes["block_size"] * pb
 
 
 def plain_reason(reason: str) -> str:
@@ -126,9 +150,10 @@ class Placement:
         self.changed: Callable[[], None] = lambda: None   # the owner records its desired state
 
     # -- estimates --------------------------------------------------------------------------
-    def estimate(self, manifest: dict, ekey) -> tuple[int, int]:
-        """(corrected, raw) estimate of ``manifest``'s bytes under estimator key ``ekey``."""
-        raw = estimate_instance(manifest, self.dtype_bytes)
+    def estimate(self, manifest: dict, ekey, dtype_bytes: int | None = None, quant: str = "auto") -> tuple[int, int]:
+        """(corrected, raw) estimate of ``manifest``'s bytes under estimator key ``ekey``,
+        loaded in ``dtype_bytes`` (default: the daemon's dtype) with ``quant``."""
+        raw = estimate_instance(manifest, dtype_bytes or self.dtype_bytes, quant=quant)
         return self.memory.estimator.correct(ekey, raw), raw
 
     def expect(self, key, ekey, raw: int) -> None:
@@ -160,13 +185,9 @@ class Placement:
 
     def instance_holders(self, busy: frozenset = frozenset()) -> list[Holder]:
         """The table's instances as holders (those swapping out and those in ``busy`` are
-        never chosen), and the KV cache of running requests (never chosen).  For the job
-        runner's admissions too."""
-        out = self.table.holders(frozenset(busy) | frozenset(self._leaving))
-        kv = self.memory.charged(KV_KEY)
-        if kv is not None:
-            out.append(_KVHolder("kv", 0, KV_LABEL, kv[0], kv[1], kv[2], idle=False))
-        return out
+        never chosen; each holds its KV pool with its weights).  For the job runner's
+        admissions too."""
+        return self.table.holders(frozenset(busy) | frozenset(self._leaving))
 
     def holders(self, busy: frozenset = frozenset()) -> list[Holder]:
         """Everything holding memory: the instances and the job runner's jobs."""
@@ -195,10 +216,6 @@ class Placement:
             if c is not None and swapping and c[1] == "device":
                 out += c[2]
         return out
-
-    def kv_free(self) -> int:
-        """Bytes the device's budget has free for more KV cache (whatever else holds it)."""
-        return self.memory.budget(self.device) - self.memory.used(self.device)
 
     def make_room(self, actions: tuple[Action, ...], go: Callable[[], None], *,
                   room_for: str | None = None,
@@ -294,13 +311,6 @@ class Placement:
 
     def uncharge(self, inst: Instance) -> None:
         self.memory.uncharge(_key(inst))
-
-    def charge_kv(self, used: int) -> None:
-        """The KV cache reserved by running requests is ``used`` bytes now."""
-        if used:
-            self.memory.charge(KV_KEY, self.device, used)
-        else:
-            self.memory.uncharge(KV_KEY)
 
     # -- evictions and swaps ----------------------------------------------------------------
     def evict(self, inst: Instance, reason: str, why: str = "evicted") -> dict:

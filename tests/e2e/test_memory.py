@@ -24,10 +24,15 @@ PROMPT = "First Citizen:"
 MODELS = ["m1:latest", "m2:latest", "m3:latest"]
 
 
+POOL_BLOCKS = 8      # each instance's KV pool (issue 13: charged with it): max_kv_bytes of 8 blocks
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """(state directory to copy, resident bytes of one of the three models)."""
+    """(state directory to copy, bytes one of the three models holds: its weights and its KV
+    pool of POOL_BLOCKS blocks, as the runner allocates it, max_kv_bytes)."""
     from llmosd.models.loader import load_model, resident_bytes
+    from llmosd.serve.runner import Runner
     from llmosd.store.store import Store
     state = tmp_path_factory.mktemp("memtemplate") / "state"
     build_store(state)
@@ -35,13 +40,14 @@ def template(tmp_path_factory):
     _, man, _ = store.get("tiny")
     for name in MODELS:
         store.write_manifest(name.split(":")[0], man)
-    model, _ = load_model(store, man, torch.device("cpu"))
-    return state, resident_bytes(model)
+    model, tok = load_model(store, man, torch.device("cpu"))
+    runner = Runner(model, tok, torch.device("cpu"), num_blocks=POOL_BLOCKS, block_size=16)
+    return state, resident_bytes(model) + runner.pool_bytes, POOL_BLOCKS * runner.block_bytes
 
 
 def start(tmp_path, template, *flags) -> Daemon:
-    state, _ = template
-    d = Daemon(tmp_path / "d")
+    state, _, kv = template
+    d = Daemon(tmp_path / "d", env={"LLMOSD_MAX_KV_BYTES": str(kv), "LLMOSD_KV_BLOCK_SIZE": "16"})
     shutil.copytree(state, d.state)
     return d.start(*flags)
 

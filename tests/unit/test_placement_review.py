@@ -6,7 +6,9 @@ swap-in kept on the host (5), owners' settings (6), stale evictions (7), what a 
 The fakes of ``test_instances_memory``: fake engines, small budgets, loads without a store."""
 from __future__ import annotations
 
+import json
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,22 +72,53 @@ def ops_for(m):
     return ServeOps(None, Store(), m)
 
 
-def test_i12_review_1_the_kv_cache_is_admitted_within_the_budget():
-    m, mem, posted = manager(budget=1500)
+CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+          "max_position_embeddings": 256}          # 512 bytes a position in float32
+
+
+class ConfigStore:
+    """A store that has the config blob (and nothing else: the loads fail)."""
+
+    def read_blob(self, digest):
+        return json.dumps(CONFIG).encode()
+
+
+def test_i13_2_the_kv_pool_is_charged_with_its_instance_and_requests_reserve_nothing():
+    """Issue 13 replaces 12 review 1's per-request KV reservation: an instance's paged pool is
+    part of its charge from the load's admission on (auto: max_batch full contexts here, far
+    under RAM/4 and 1 GiB; explicit: max_kv_bytes), a budget without room for it refuses the
+    load, and a request reserves nothing (``("kv", 0)`` is gone from the ledger)."""
+    from llmosd.serve.placement import pool_blocks
+    man = {**MAN, "config": {"digest": "sha256:c"}}
+    m, mem, posted = manager(budget=1_000_000)
+    m.store, m.kv.limit = ConfigStore(), 0                    # max_kv_bytes auto
+    inst = m.acquire("b:latest", man, "sha256:b", 1000, lambda i, e: None)
+    pool = 2 * 256 * 512                                      # max_batch 2 x context x 512 B
+    assert inst.kv_bytes == pool and mem.charged(("instance", inst.id))[2] == 1256 + pool
+    assert inst.row()["kv_bytes"] == pool and inst.row()["estimate_bytes"] == 1256
+    m.kv.limit = 3 * 16 * 512 + 100                           # explicit: whole blocks of it
+    inst = m.acquire("c:latest", man, "sha256:c", 1000, lambda i, e: None)
+    assert inst.kv_bytes == 3 * 16 * 512
+    small, _, _ = manager(budget=1256 + pool - 1)             # the weights fit, the pool not
+    small.store, small.kv.limit, got = ConfigStore(), 0, []
+    assert small.acquire("b:latest", man, "sha256:b", 1000, lambda i, e: got.append(e)) is None
+    assert isinstance(got[0], errors.InvalidArgument) and f"{1256 + pool} B" in str(got[0])
+    # auto: at least one full context, at most 1 GiB / RAM/4 / max_batch contexts
+    assert pool_blocks(0, 1 << 40, 8192, 46_080, 16, 16) == (1 << 30) // (16 * 46_080)
+    assert pool_blocks(0, 1 << 20, 8192, 46_080, 16, 16) == 8192 // 16          # tiny RAM: one context
+    assert pool_blocks(0, 1 << 40, 100, 512, 2, 16) == 200 * 512 // (16 * 512)
+    assert pool_blocks(10, 1 << 40, 100, 512, 2, 16) == 1                        # explicit, tiny
+    # a request goes straight to the engine; its blocks show in the row once reported
     a = serving(m, mem, "a:latest")
-    big = task("big", max_tokens=60)                      # (18 + 60) positions x 10 B > 500 free
-    m._tasks["big"] = big
-    m.submit(a, big)
-    assert isinstance(big.stream.err, errors.Busy) and "budget of cpu" in str(big.stream.err)
-    assert mem.used("cpu") == 1000 and "big" not in m._tasks
-    small = task("small")
-    m._tasks["small"] = small
-    m.submit(a, small)
-    assert small.stream.err is None and mem.used("cpu") == 1000 + 220 <= 1500
-    got = []
-    assert m.acquire("b:latest", MAN, "sha256:b", 1000, lambda i, e: got.append(e)) is None
-    msg = str(got[0])
-    assert "KV cache of running requests 220 B" in msg and "kv 0" not in msg
+    t = task("r", max_tokens=1_000_000)
+    m._tasks["r"] = t
+    m.submit(a, t)
+    assert t.stream.err is None and a.engine.submitted == [t.req] and mem.charged(("kv", 0)) is None
+    m._on_engine(a, a.engine, None, "blocks", {"kv_blocks_total": 8, "kv_blocks_used": 3, "kv_block_size": 16,
+                                               "waiting": 2, "running": 1})
+    row = a.row()
+    assert (row["kv_blocks_total"], row["kv_blocks_used"], row["kv_block_size"], row["waiting"],
+            row["running"]) == (8, 3, 16, 2, 1)
 
 
 def test_i12_review_2_a_forced_unload_during_a_swap_out_fails_whoever_waits():
@@ -206,7 +239,9 @@ def test_i12_review_8_a_load_says_what_it_displaced(monkeypatch):
 
         def start(self):
             pass
-    monkeypatch.setattr(instances, "load_model", lambda *a: (object(), None))
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=4,
+                                                   max_position_embeddings=32))
+    monkeypatch.setattr(instances, "load_model", lambda *a: (model, None))
     monkeypatch.setattr(instances, "resident_bytes", lambda model: 1200)
     monkeypatch.setattr(instances, "Engine", Eng2)
     ctx = Ctx({"model": "t3"})
@@ -292,3 +327,52 @@ def test_i12_review_11_the_cpu_row_shows_what_the_budget_does_not_account(monkey
     monkeypatch.setattr(runner, "_LIBC", Libc())
     runner.release_heap()
     assert trims == [0]
+
+
+def test_i13_3_load_options_reach_the_loader_and_a_mismatch_is_refused(monkeypatch):
+    """A load's dtype/quant go to ``load_model`` (the config's quant when none is given) and
+    are kept on the instance (and in the desired state); a load asking for other options
+    than those of the instance already loaded is refused, naming how it is loaded."""
+    import llmosd.serve.instances as instances
+    from llmosd import desired
+    seen = []
+    model = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=4,
+                                                   max_position_embeddings=32))
+
+    def load_model(store, man, device, dtype, quant="auto"):
+        seen.append((dtype, quant))
+        return model, None
+
+    class Eng2(Eng):
+        own_head_bytes = 0
+
+        def __init__(self, *a, **k):
+            super().__init__()
+
+        def start(self):
+            pass
+    monkeypatch.setattr(instances, "load_model", load_model)
+    monkeypatch.setattr(instances, "resident_bytes", lambda model: 1000)
+    monkeypatch.setattr(instances, "weights_text", lambda model: "int8")
+    monkeypatch.setattr(instances, "Engine", Eng2)
+    m, mem, posted = manager(budget=1 << 30)
+    m.use_config(SimpleNamespace(quant="int4", max_batch=2, stream_buffer=4, max_prefill_tokens=8,
+                                 max_waiting=4, kv_block_size=16, compile="off", max_kv_bytes=0))
+    ops = ops_for(m)
+    ctx = Ctx({"model": "t1", "quant": "int8", "dtype": "bfloat16"})
+    ops.op_load(ctx)
+    ctx2 = Ctx({"model": "t2"})
+    ops.op_load(ctx2)
+    settle(posted)
+    assert ctx.err is None and ctx2.err is None
+    import torch
+    assert seen == [(torch.bfloat16, "int8"), (torch.float32, "int4")]
+    assert ctx.reply["weights"] == "int8" and ctx.reply["kv_blocks_total"] == 4
+    t1 = m.table.get(ctx.reply["id"])
+    assert desired.entry(t1)["quant"] == "int8" and desired.entry(t1)["dtype"] == "bfloat16"
+    assert desired.checked(desired.entry(t1))
+    ops.op_load(Ctx({"model": "t1", "quant": "auto"}))          # auto: whatever it is loaded as
+    with pytest.raises(errors.InvalidArgument, match="already loaded as int8.*unload it first"):
+        ops.op_load(Ctx({"model": "t1", "quant": "int4"}))
+    with pytest.raises(errors.InvalidArgument, match="already loaded"):
+        m.acquire("t1:latest", MAN, "sha256:t1:latest", 1000, lambda i, e: None, load_opts={"dtype": "float32"})
