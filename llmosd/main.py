@@ -261,9 +261,8 @@ class Reloader:
             u.max_open = value
         elif key == "max_uploads_per_client":
             u.max_per_owner = value
-        elif key == "max_kv_bytes":
-            from llmosd.serve.instances import default_kv_limit
-            m.kv.limit = value if value > 0 else default_kv_limit(m.device)
+        elif key == "max_kv_bytes":             # the pools of instances loaded from now on
+            m.kv.limit = max(0, value)          # 0: auto (placement.pool_blocks)
         elif key == "max_jobs":
             j.max_jobs = value
             j.schedule()

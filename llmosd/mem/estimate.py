@@ -49,7 +49,7 @@ def estimate_instance(manifest: dict, dtype_bytes: int, config: dict | None = No
     if _kind(manifest) != "model" and not isinstance(weights, dict):
         return params * F32
     rotary = (_head_dim(config) // 2) * F32 if config else 256
-    if quant == "auto" and weights.get("quant") and weights.get("size"):
+    if quant == "auto" and isinstance(weights, dict) and weights.get("quant") and weights.get("size"):
         return int(weights["size"]) + rotary
     if quant in QUANT_BYTES:
         return int(params * QUANT_BYTES[quant]) + rotary

@@ -456,14 +456,15 @@ class Store:
             raise ModelNotFound(e.message, hint=hint) from None
 
     def copy(self, source: str, target: str, *, replace: bool = False, owner: int | None = None) -> str:
-        """Make ``target`` name the same manifest as ``source`` (owned by ``owner`` if given:
-        a tag is its maker's); returns the canonical target.
+        """Make ``target`` name the same manifest as ``source`` (owned by ``owner`` if given and
+        the source has another recorded owner: a tag is its maker's); returns the canonical target.
 
         A target that already names the same content is left as it is; one that names other
         content is AlreadyExists unless ``replace`` (then its blobs no other model uses go)."""
         with self._lock:
             _, man, _ = self._get(source)
-            man = man if owner is None else {**man, "owner": owner}
+            if owner is not None and isinstance(man.get("owner"), int) and man["owner"] != owner:
+                man = {**man, "owner": owner}      # someone else's model: the new name is theirs
             canon = canonical(target)
             try:
                 _, _, old = self._get(canon)
