@@ -5,7 +5,8 @@ The daemon makes the files (message ``export``): the small ones (config.json,
 generation_config.json, tokenizer_config.json, tokenizer.json) come inline, the blobs
 (model.safetensors, the stored weights with their Hugging Face tensor names, and
 tokenizer.model) by digest, read with ``download`` since the daemon's store may not be readable
-by the caller.  Whatever files the daemon lists are written, so an adapter's PEFT files come
+by the caller.  Weights stored quantized come dequantized to float32: a file the daemon made
+for this client, removed on its side once read to the end.  Whatever files the daemon lists are written, so an adapter's PEFT files come
 the same way.  Each file is written to a temporary name, synced and renamed, so an
 interrupted export leaves no half-written file.
 """

@@ -13,6 +13,7 @@ from llmctl.errors import (AlreadyExists, Busy, Internal, InvalidArgument, Llmos
                            StoreCorrupt)
 from llmosd import access
 from llmosd.jobs.queue import keeps_refs
+from llmosd.ops.export import held_weights, release
 from llmosd.server import Ctx
 from llmosd.store.bases import dependents
 from llmosd.store.manifest import base_of, kind_of
@@ -215,10 +216,19 @@ class StoreOps:
             ctx.ok(body)
 
     def op_download(self, ctx: Ctx) -> None:
-        """A piece of a blob a manifest refers to (export reads models this way)."""
+        """A piece of a blob a manifest refers to (export reads models this way), or of the
+        float32 weights an export of a quantized model made for this client (``ops.export``:
+        removed once read to the end)."""
         b = ctx.body
         if b["offset"] < 0 or not 0 < b["size"] <= protocol.UPLOAD_CHUNK:
             raise InvalidArgument(f"download: offset must be >= 0 and size in 1..{protocol.UPLOAD_CHUNK}")
+        fw = held_weights(ctx.peer, b["digest"])
+        if fw is not None:
+            data = fw.read(b["offset"], b["size"])
+            if b["offset"] + len(data) >= fw.size:
+                release(ctx.peer, fw)
+            ctx.ok({"data": data, "total": fw.size})
+            return
         if not self.store.referenced(b["digest"]):
             raise ModelNotFound(f"no model in the store refers to blob {b['digest']}")
         data, total = self.store.read_range(b["digest"], b["offset"], b["size"])

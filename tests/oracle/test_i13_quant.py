@@ -112,3 +112,24 @@ def test_i13_4_quantized_paths_perplexity_within_1_percent_and_greedy_agreement(
 def test_i13_2_gguf_import_size_within_10_percent(stored):
     size, ref = os.path.getsize(stored[1]), os.path.getsize(GGUF)
     assert abs(size / ref - 1) <= 0.10, (size, ref)
+
+
+def test_i13_4_int4_from_a_float32_import_perplexity_within_1_percent(stored, reference):
+    """``load --quant int4`` of a float32 import (``import --dtype float32``: the GGUF file
+    dequantized as stored) meets the same bounds as the forms above."""
+    from llmosd.formats import gguf as G
+    from llmosd.formats.importer import check_stored
+    from llmosd.models.loader import build
+    from llmosd.models.quant import describe
+    cfg, _, ids = stored
+    sd, _ = G.tensors(G.read(GGUF), cfg, lambda m: None, "float32")
+    assert not any(k.endswith(".qweight") for k in sd)                   # a float import
+    model = build(cfg, check_stored(cfg, sd, "gguf"), torch.device("cpu"), torch.float32, "int4").eval()
+    del sd
+    ppl32, seqs = reference
+    ppl, agree = _ppl(model, ids), _agreement(model, seqs)
+    print(json.dumps({"form": "int4 (from float32)", "weights": describe(model), "ppl": round(ppl, 4),
+                      "rel": round(ppl / ppl32 - 1, 5), "greedy_agreement": round(agree, 4)}))
+    assert "int4" in describe(model)
+    assert abs(ppl / ppl32 - 1) <= 0.01, (ppl, ppl32)
+    assert agree >= AGREEMENT_FLOOR, agree

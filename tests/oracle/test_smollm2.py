@@ -139,27 +139,38 @@ def test_embed_json_and_npy(smol, tmp_path):
 def test_export_loads_in_transformers_and_reimports_identically(smol, ref, tmp_path):
     model, _ = ref
     d = tmp_path / "hf"
-    # issue 13: the import keeps Q4_1 packed, which a HF directory cannot hold: refused with the
-    # way out (a float import), which exports to transformers' own logits
-    q = smol.cli("export", "smollm2", str(d), check=False)
-    assert q.returncode == 65 and "quantized" in q.stderr and "--dtype float32" in q.stderr
-    smol.cli("import", GGUF, "smollm2-f32", "--dtype", "float32", timeout=300)
-    r = json.loads(smol.cli("export", "smollm2-f32", str(d), "--json").stdout)
+    # issue 13: the import keeps Q4_1 packed, which a HF directory cannot hold: export dequantizes
+    # it to float32, exactly: transformers' own logits, and importing the export gives the very
+    # weights of a float32 import of the GGUF file
+    r = json.loads(smol.cli("export", "smollm2", str(d), "--json").stdout)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(r["files"])
+    assert not os.listdir(smol.state / "exports") or _emptied(smol.state / "exports")
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(d)).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(d))
     x = torch.tensor([tok("Hello there, how are you?")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(exported(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
+    del exported
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
     r2 = json.loads(smol.cli("import", str(d), "smollm2-rt", "--json").stdout)
-    a, b = (json.loads(smol.cli("show", m, "--json").stdout)["manifest"] for m in ("smollm2-f32", "smollm2-rt"))
+    smol.cli("import", GGUF, "smollm2-f32", "--dtype", "float32", timeout=300)
+    a, b, q = (json.loads(smol.cli("show", m, "--json").stdout)["manifest"]
+               for m in ("smollm2-f32", "smollm2-rt", "smollm2"))
+    smol.cli("rm", r2["model"], "smollm2-f32")
     assert a["weights"]["digest"] == b["weights"]["digest"]
-    assert a["chat_template"] == b["chat_template"]
-    smol.cli("rm", r2["model"])
-    r = smol.cli("export", "smollm2-f32", str(d), check=False)
-    smol.cli("rm", "smollm2-f32")
+    assert b["chat_template"] == q["chat_template"]
+    r = smol.cli("export", "smollm2", str(d), check=False)
     assert r.returncode == 73 and "not empty" in r.stderr
+
+
+def _emptied(path, timeout: float = 5.0) -> bool:
+    """Whether directory ``path`` empties within ``timeout`` s (export's file is unlinked on a
+    short thread once downloaded)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while os.listdir(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not os.listdir(path)
 
 
 def test_byte_level_tokenizer_round_trips_and_streams_whole_characters(our_tok, ref):
