@@ -26,7 +26,7 @@ load), a ``keep_alive`` (seconds after its last request; -1 forever, 0 none), a 
 and may be ``pinned``.  ``holders`` turns the table into ``mem.policy.Holder`` rows.
 
 The paged KV cache (issue 13): an instance holds its pool (``kv_bytes``, allocated whole when
-its engine starts, charged with its weights); its engine reports the pool's blocks and its
+its engine starts, charged with its weights while on the device, not while swapped); its engine reports the pool's blocks and its
 queue (``kv_blocks_total``, ``kv_blocks_used``, ``kv_block_size``, ``waiting``, ``running``),
 shown in its row with ``weights`` (how the weights are held: "float32", "int8", "q4_1"...) and
 the ``load_opts`` it was loaded with (dtype, quant).
@@ -162,13 +162,15 @@ class Instance:
             return None
         return self.last_used + self.keep_alive
 
-    def charge_bytes(self) -> int:
-        """What it holds for the memory manager: the base (measured once loaded, else the
-        estimate) and its KV pool, plus each adapter (measured once installed, else its
-        estimate)."""
+    def charge_bytes(self, tier: str | None = None) -> int:
+        """What it holds for the memory manager on ``tier`` (default: its own): the base
+        (measured once loaded, else the estimate) and each adapter (measured once installed,
+        else its estimate), plus its KV pool on the device only (swapped out, the pool is
+        dropped; a swap-in allocates it again)."""
         base = self.base_bytes if self.base_bytes else self.estimate_bytes
-        return base + self.kv_bytes + sum(a.resident_bytes if a.ready else a.estimate_bytes
-                          for a in self.adapters.values())
+        pool = self.kv_bytes if (tier or self.tier) == "device" else 0
+        return base + pool + sum(a.resident_bytes if a.ready else a.estimate_bytes
+                                 for a in self.adapters.values())
 
     @property
     def resident_bytes(self) -> int:

@@ -12,6 +12,10 @@ blocks match registered ones shares them (ref counts) instead of computing them 
 freed block keeps its registration while it sits in the free pool, so a prefix (a system
 prompt) is still reused after the chat that computed it has ended; the pool hands out the
 least recently freed block first, which is when such a registration is dropped.
+
+Equal tokens do not always mean equal KV: a LoRA adapter changes the keys and values.  So a
+sequence has a *salt* (``adapter_salt``: a digest of its adapter's key, empty for the base
+model) that seeds its hash chain, and blocks are shared only between sequences of one salt.
 """
 from __future__ import annotations
 
@@ -26,6 +30,14 @@ def chain_hash(tokens, prev: bytes = b"") -> bytes:
     h = hashlib.blake2b(prev, digest_size=16)
     h.update(array("q", tokens).tobytes())
     return h.digest()
+
+
+def adapter_salt(adapter) -> bytes:
+    """The hash-chain seed of a sequence run with ``adapter`` (a stable key, e.g. a manifest
+    digest); ``b""`` for the base model (None)."""
+    if adapter is None:
+        return b""
+    return hashlib.blake2b(repr(adapter).encode(), digest_size=16, person=b"llmosd-adapter").digest()
 
 
 class BlockManager:
@@ -44,6 +56,7 @@ class BlockManager:
         self._tables: dict[Hashable, list[int]] = {}
         self._hashed: dict[Hashable, int] = {}          # leading blocks of a table registered
         self._positions: dict[Hashable, int] = {}       # positions a table was last sized for
+        self._salts: dict[Hashable, bytes] = {}         # the seed of each table's hash chain
 
     # -- counts -----------------------------------------------------------------------------
     @property
@@ -76,10 +89,11 @@ class BlockManager:
         return list(self._tables.get(key, ()))
 
     # -- allocation ---------------------------------------------------------------------------
-    def _prefix_hits(self, tokens: list[int]) -> list[int]:
-        """Registered blocks matching the leading full blocks of ``tokens``, never the block of
-        the last token (the prefill must compute at least that one to sample from it)."""
-        bs, hits, h = self.block_size, [], b""
+    def _prefix_hits(self, tokens: list[int], salt: bytes = b"") -> list[int]:
+        """Registered blocks matching the leading full blocks of ``tokens`` under ``salt``,
+        never the block of the last token (the prefill must compute at least that one to
+        sample from it)."""
+        bs, hits, h = self.block_size, [], salt
         for i in range((len(tokens) - 1) // bs):
             part = tuple(tokens[i * bs:(i + 1) * bs])
             h = chain_hash(part, h)
@@ -89,9 +103,9 @@ class BlockManager:
             hits.append(b)
         return hits
 
-    def can_allocate(self, tokens: list[int]) -> bool:
+    def can_allocate(self, tokens: list[int], salt: bytes = b"") -> bool:
         """Whether ``allocate`` of ``tokens`` would succeed now (shared in-use blocks cost none)."""
-        hits = self._prefix_hits(tokens)
+        hits = self._prefix_hits(tokens, salt)
         new = self.blocks_needed(len(tokens)) - sum(1 for b in hits if self.ref[b] > 0)
         return new <= len(self._free)
 
@@ -104,25 +118,27 @@ class BlockManager:
         self.ref[b] = 1
         return b
 
-    def allocate(self, key, tokens: list[int]) -> int:
+    def allocate(self, key, tokens: list[int], salt: bytes = b"") -> int:
         """Give ``key`` (holding nothing) a table for all of ``tokens``; returns how many leading
         tokens already have their KV in shared blocks (a multiple of block_size, < len(tokens)).
-        Raises ValueError when the pool cannot hold it now (check ``can_allocate``)."""
+        ``salt`` (``adapter_salt``): only blocks registered under the same salt are shared, and
+        this table's blocks register under it.  Raises ValueError when the pool cannot hold it
+        now (check ``can_allocate``)."""
         if key in self._tables:
             raise ValueError(f"sequence {key!r} already holds blocks")
         if not tokens:
             raise ValueError("a sequence needs at least one token")
-        if not self.can_allocate(tokens):
+        if not self.can_allocate(tokens, salt):
             raise ValueError(f"{self.blocks_needed(len(tokens))} blocks do not fit the "
                              f"{len(self._free)} free")
-        hits = self._prefix_hits(tokens)
+        hits = self._prefix_hits(tokens, salt)
         for b in hits:
             if self.ref[b] == 0:
                 del self._free[b]
             self.ref[b] += 1
         table = hits + [self._take() for _ in range(self.blocks_needed(len(tokens)) - len(hits))]
         self._tables[key], self._hashed[key] = table, len(hits)
-        self._positions[key] = len(tokens)
+        self._positions[key], self._salts[key] = len(tokens), salt
         return len(hits) * self.block_size
 
     def can_append(self, key) -> bool:
@@ -155,7 +171,7 @@ class BlockManager:
         full = min(max(0, computed), len(tokens)) // bs
         if full <= done:
             return
-        h = self.hash[table[done - 1]] if done else b""
+        h = self.hash[table[done - 1]] if done else self._salts[key]
         for i in range(done, min(full, len(table))):
             b = table[i]
             part = tuple(tokens[i * bs:(i + 1) * bs])
@@ -174,6 +190,7 @@ class BlockManager:
         table = self._tables.pop(key, None)
         self._hashed.pop(key, None)
         self._positions.pop(key, None)
+        self._salts.pop(key, None)
         for b in reversed(table or ()):
             if self.ref[b] <= 0:
                 raise AssertionError(f"block {b} freed twice")

@@ -6,10 +6,10 @@ budget and the paged KV pool's blocks), has the runner (``runner.py``, the torch
 whole plan as one batch (``Runner.run``: one forward for the decodes, one per prefill chunk),
 hands each sampled token to the scheduler (``postprocess``: the block table grows, the
 sequence may finish), detokenizes, checks stop strings, and hands chunks to ``emit`` (the
-control loop's thread-safe inbox).  Beside that batch a step advances at most one one-shot
-call (score, embed, classify) by one slice of at most ``max_prefill_tokens`` tokens
-(``Runner.start_call``), so a long call never stops generations and generations never starve
-a call.  A sequence the scheduler preempts (the pool ran out) loses its KV cache only: what it
+control loop's thread-safe inbox).  Beside that batch a step advances the one-shot call
+(score, embed, classify) in progress by one slice of at most ``max_prefill_tokens`` tokens
+(``calls.CallQueue``: one call at a time, FIFO, the others wait holding nothing), so a long
+call never stops generations and generations never starve a call.  A sequence the scheduler preempts (the pool ran out) loses its KV cache only: what it
 streamed stays, and it is recomputed later from its prompt and output (greedy output is the
 same).  The engine never touches the socket and the control loop never runs the model.
 
@@ -48,12 +48,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 from llmctl.errors import Busy, Cancelled, Internal, InvalidArgument, LlmosdError
-from llmosd.serve.blocks import BlockManager
+from llmosd.serve.blocks import BlockManager, adapter_salt
+from llmosd.serve.calls import CallQueue
 from llmosd.serve.chat import TemplateError, fit, render
 from llmosd.serve.detok import StopMatcher, StreamDecoder
 from llmosd.serve.request import Call, Request, invalid_argument
@@ -137,7 +137,8 @@ class Engine(threading.Thread):
         self.stream_buffer = stream_buffer
         self.max_waiting = max(1, max_waiting)
         self.live: dict[Hashable, _Live] = {}
-        self.calls: deque = deque()                   # (Call, runner's call task), round robin
+        self.calls = CallQueue(lambda call, n: self.runner.start_call(call, n), lambda *a: self.emit(*a),
+                               max_waiting=self.max_waiting, slice_tokens=self.max_prefill_tokens)
         self._cv = threading.Condition()
         self._inbox: list = []                        # Request | Call | _AdapterOp, in order
         self._cancels: list[tuple] = []
@@ -197,7 +198,7 @@ class Engine(threading.Thread):
                 while self._admit():
                     worked = self._step()
                     if not self._halt.is_set():
-                        worked = self._call_slice() or worked
+                        worked = self.calls.step() or worked
                     if worked:
                         self._report()
                         continue
@@ -209,15 +210,11 @@ class Engine(threading.Thread):
             log.exception("engine thread crashed")
             for key in list(self.live):
                 self._fail(key, Internal("the engine crashed; see the daemon log"))
-            for call, _ in self.calls:
-                self.emit(call.key, "error", Internal("the engine crashed; see the daemon log").to_wire())
-            self.calls.clear()
+            self.calls.fail_all(Internal("the engine crashed; see the daemon log"))
         finally:
             for key in list(self.live):
                 self._drop(key)
-            for call, _ in self.calls:
-                self.emit(call.key, "error", Cancelled("the instance stopped").to_wire())
-            self.calls.clear()
+            self.calls.fail_all(Cancelled("the instance stopped"))
             swapped = False
             try:
                 if self._swap:
@@ -248,7 +245,7 @@ class Engine(threading.Thread):
             if isinstance(req, _AdapterOp):
                 self._adapter(req)
             elif isinstance(req, Call):
-                self._start_call(req)
+                self.calls.submit(req)
             else:
                 self._start(req)
         for key, n in credits.items():
@@ -266,11 +263,7 @@ class Engine(threading.Thread):
             else:
                 self._end(key, reason, seq.generated if seq is not None else 0)
             return
-        for item in list(self.calls):
-            if item[0].key == key:
-                self.calls.remove(item)
-                item[1].close()
-                self.emit(key, "error", (error or Cancelled(f"request cancelled ({reason})")).to_wire())
+        self.calls.cancel(key, error or Cancelled(f"request cancelled ({reason})"))
 
     def _adapter(self, op: _AdapterOp) -> None:
         if op.adapter is None:
@@ -302,7 +295,8 @@ class Engine(threading.Thread):
             return
         cap = min(self.context, n + req.max_tokens, self.pool_positions)
         try:
-            self.sched.add(Seq(req.key, client_of(req.key), list(ids), n, req.max_tokens, cap))
+            self.sched.add(Seq(req.key, client_of(req.key), list(ids), n, req.max_tokens, cap,
+                               salt=adapter_salt(req.adapter)))
         except Busy as e:
             self._fail(req.key, e)
             return
@@ -344,36 +338,6 @@ class Engine(threading.Thread):
         room = min(self.context, self.pool_positions - 1)
         msgs, dropped = fit(list(req.messages), length, room - min(req.max_tokens, room // 4))
         return encoded[len(msgs)], dropped
-
-    # -- calls ---------------------------------------------------------------------------------
-    def _start_call(self, call: Call) -> None:
-        if len(self.calls) >= self.max_waiting:
-            self.emit(call.key, "error", Busy(
-                f"{len(self.calls)} score/embed/classify requests wait on this instance already",
-                hint="retry when some have finished").to_wire())
-            return
-        try:
-            task = self.runner.start_call(call, self.max_prefill_tokens)
-        except LlmosdError as e:
-            self.emit(call.key, "error", e.to_wire())
-            return
-        self.calls.append((call, task))
-
-    def _call_slice(self) -> bool:
-        """Advance the first call by one slice (then it goes to the back); False if none."""
-        if not self.calls:
-            return False
-        call, task = self.calls.popleft()
-        try:
-            task.step()
-        except LlmosdError as e:
-            self.emit(call.key, "error", e.to_wire())
-            return True
-        if task.done:
-            self.emit(call.key, "end", task.result)
-        else:
-            self.calls.append((call, task))
-        return True
 
     # -- generations ---------------------------------------------------------------------------
     def _blocked(self, key) -> bool:

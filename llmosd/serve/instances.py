@@ -30,7 +30,6 @@ Loaded, an instance is charged what it measured; swapped ones come back on a req
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import threading
@@ -39,15 +38,16 @@ from typing import Callable
 
 import torch
 
-from llmctl.errors import Busy, Cancelled, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
+from llmctl.errors import Busy, Cancelled, LlmosdError, LoadFailed, OutOfMemory
 from llmosd.desired import Desired
 from llmosd.mem.devices import device_memory, resolve_dtype
 from llmosd.mem.manager import MemoryManager
 from llmosd.mem.policy import size_text
 from llmosd.models import lora
-from llmosd.models.loader import DTYPES, load_model, resident_bytes
+from llmosd.models.loader import load_model, resident_bytes
 from llmosd.serve.adapters import Adapters, Ready
 from llmosd.serve.engine import Engine
+from llmosd.serve.loadopts import check_opts, load_kwargs, memory_device, resolve_opts, weights_text
 from llmosd.serve.placement import (Placement, config_pool, configure, delegated, drop_runner, pool_blocks,
                                     position_bytes)
 from llmosd.serve.request import Task
@@ -57,14 +57,6 @@ from llmosd.table import Instance, ModelTable, State
 
 log = logging.getLogger("llmosd.instances")
 
-QUANTS = ("auto", "none", "int8", "int4")      # a load's quant (the config's key's choices)
-
-
-def default_kv_limit(device: torch.device) -> int:
-    """What ``max_kv_bytes = 0`` (auto) stands for: 0, each instance's pool sized from its
-    model and device (``placement.pool_blocks``).  (``main``'s reload sets ``kv.limit``.)"""
-    return 0
-
 
 class KVLimit:
     """``max_kv_bytes`` for the pools of instances loaded from now on (a reload sets
@@ -72,31 +64,6 @@ class KVLimit:
 
     def __init__(self, limit: int):
         self.limit = limit
-
-
-def weights_text(model) -> str | None:
-    """How ``model``'s weights are held ("float32", "int8", "q4_1"...); None if unknown."""
-    try:
-        from llmosd.models.quant import describe
-        return describe(model)
-    except Exception:        # (never fatal to a load: it names, nothing else)
-        log.debug("describing the weights failed", exc_info=True)
-        return None
-
-
-def load_kwargs(quant: str | None) -> dict:
-    """``load_model``'s keyword arguments for ``quant`` (none if this loader takes none)."""
-    if quant is None or "quant" not in inspect.signature(load_model).parameters:
-        return {}
-    return {"quant": quant}
-
-
-def memory_device(device: torch.device) -> str:
-    """The memory manager's name of ``device`` (its budgets' keys, the instances' rows):
-    "cuda" without an index is "cuda:0", as a job's (``jobs.queue.mem_device``)."""
-    if device.type == "cuda" and device.index is None:
-        return "cuda:0"
-    return str(device)
 
 
 class InstanceManager:
@@ -194,27 +161,10 @@ class InstanceManager:
         return inst
 
     def resolve_opts(self, load_opts: dict | None) -> dict:
-        """{"dtype", "quant"} a load uses: the given ones, else the daemon's (its dtype, the
-        config's quant)."""
-        o = load_opts or {}
-        dtype = o.get("dtype") or "auto"
-        if dtype not in ("auto", *DTYPES) or o.get("quant") not in (None, *QUANTS):
-            raise InvalidArgument(f"a load's dtype must be auto or one of {', '.join(DTYPES)} and its "
-                                  f"quant one of {', '.join(QUANTS)}, got {dtype} and {o.get('quant')}")
-        return {"dtype": str(self.dtype).replace("torch.", "") if dtype == "auto" else dtype,
-                "quant": o.get("quant") or self._setting("quant") or "auto"}
+        """{"dtype", "quant"} a load uses (``loadopts.resolve_opts``; default: the daemon's)."""
+        return resolve_opts(load_opts, self.dtype, self._setting("quant"))
 
-    def check_opts(self, inst: Instance, load_opts: dict | None) -> None:
-        """InvalidArgument if ``load_opts`` names options ``inst`` was not loaded with (the
-        unnamed and "auto" ones match whatever it was loaded with)."""
-        for k, v in (load_opts or {}).items():
-            if v in (None, "auto") or inst.load_opts.get(k) in (None, v):
-                continue
-            held = inst.weights or inst.load_opts.get("dtype") or "?"
-            raise InvalidArgument(
-                f"{inst.model} is already loaded as {held} (instance {inst.id}, {k} "
-                f"{inst.load_opts.get(k)}), not {k} {v}; unload it first",
-                hint=f"llmctl unload {inst.id}, then load it with the options you want")
+    check_opts = staticmethod(check_opts)      # (ops.serve asks the manager)
 
     def _pool_estimate(self, manifest: dict, dtype_bytes: int) -> tuple[int, int]:
         """(blocks, bytes) of the KV pool a load of ``manifest`` will allocate (0, 0 when its
@@ -263,7 +213,7 @@ class InstanceManager:
         try:
             opts = inst.load_opts or self.resolve_opts(None)
             dtype = resolve_dtype(opts["dtype"], self.device)
-            model, tok = load_model(self.store, manifest, self.device, dtype, **load_kwargs(opts.get("quant")))
+            model, tok = load_model(self.store, manifest, self.device, dtype, **load_kwargs(opts.get("quant"), load_model))
             resident = resident_bytes(model)          # its own tensors, whatever else runs
             weights = weights_text(model)
             own = None                                # a merged classifier: its head
@@ -295,12 +245,13 @@ class InstanceManager:
         # traceback (holding the half-built model) is gone
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.post(self._loaded, inst, None, 0, 0.0, oom)
+        self.post(self._loaded, inst, None, 0, 0.0, oom, True)
 
     def _loaded(self, inst: Instance, engine: Engine | None, measured, secs: float,
-                err: LlmosdError | None) -> None:
+                err: LlmosdError | None, weights_oom: bool = False) -> None:
         """``measured``: (resident weight bytes, KV pool bytes, weights text) of a load that
-        worked."""
+        worked.  ``weights_oom``: the weights ran out of memory (the estimator learns; the KV
+        pool's own OutOfMemory teaches the weights' estimate nothing)."""
         waiters = self._ready_waiters.pop(inst.id, [])
         if inst.state is State.UNLOADING:          # unloaded (forced) while it was loading
             self.place.forget(inst.id)
@@ -312,8 +263,7 @@ class InstanceManager:
             self._notify_unloaded(inst.id)
         elif err is not None:
             inst.transition(State.FAILED, str(err))
-            oom = isinstance(err, OutOfMemory)     # rolled back; learn from it
-            self.place.learn(inst.id, None, inst.estimate_bytes if oom else None)
+            self.place.learn(inst.id, None, inst.estimate_bytes if weights_oom else None)
             self.place.uncharge(inst)
             log.warning("instance %d (%s) failed to load: %s", inst.id, inst.model, err)
         else:

@@ -48,6 +48,7 @@ log = logging.getLogger("llmosd.instances")
 TICK_S = 0.5          # how often keep-alives are checked
 WAIT_LIMIT_S = 60.0   # a load waiting longer for its evictions (a job that does not pause) goes on
 KV_AUTO_MAX = 1 << 30  # max_kv_bytes 0 (auto): an instance's pool is at most 1 GiB
+KV_AUTO_MIN_BLOCKS = 4  # ... and at least this many blocks (not a full context: 128k would be huge)
 _POLICY_PREFIXES = ("swapped to host: ", "evicted: ", "preempted: ")
 
 
@@ -59,14 +60,15 @@ def position_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) 
 def pool_blocks(max_kv_bytes: int, device_bytes: int, context: int, pos_bytes: int,
                 max_batch: int, block_size: int) -> int:
     """Blocks of ``block_size`` positions in an instance's KV pool.  ``max_kv_bytes`` > 0: that
-    many bytes (at least one block; a prompt longer than the pool is refused, naming it).
-    0 (auto): a quarter of the device's memory, at most ``KV_AUTO_MAX`` and at most what
-    ``max_batch`` full contexts can use, but always one full context."""
+    many bytes, as given (at least one block).  0 (auto): a quarter of the device's memory
+    (RAM, or the GPU's), at most ``KV_AUTO_MAX`` and at most what ``max_batch`` full
+    contexts can use, but at least ``KV_AUTO_MIN_BLOCKS``; not necessarily a full context (a
+    prompt longer than the pool is refused, naming the fix: raise max_kv_bytes)."""
     block = max(1, block_size * pos_bytes)
     if max_kv_bytes > 0:
         return max(1, max_kv_bytes // block)
     limit = min(device_bytes // 4, KV_AUTO_MAX, max(1, max_batch) * context * pos_bytes)
-    return max(limit // block, -(-context // max(1, block_size)))
+    return max(limit // block, KV_AUTO_MIN_BLOCKS)
 
 
 def config_pool(config: dict, dtype_bytes: int, **sizes) -> tuple[int, int]:
@@ -210,11 +212,11 @@ class Placement:
         for iid in self._leaving:
             c = self.memory.charged(("instance", iid))
             try:
-                swapping = self.table.get(iid).state is State.SWAPPED
+                inst = self.table.get(iid)
             except LlmosdError:
-                swapping = False
-            if c is not None and swapping and c[1] == "device":
-                out += c[2]
+                continue
+            if c is not None and inst.state is State.SWAPPED and c[1] == "device":
+                out += inst.charge_bytes("host")      # its KV pool does not go to the host
         return out
 
     def make_room(self, actions: tuple[Action, ...], go: Callable[[], None], *,
@@ -307,7 +309,7 @@ class Placement:
     def recharge(self, inst: Instance) -> None:
         """Tell the ledger what ``inst`` holds now (and where)."""
         tier = "device" if inst.id in self._leaving else inst.tier
-        self.memory.charge(_key(inst), inst.device, inst.charge_bytes(), tier)
+        self.memory.charge(_key(inst), inst.device, inst.charge_bytes(tier), tier)
 
     def uncharge(self, inst: Instance) -> None:
         self.memory.uncharge(_key(inst))
@@ -373,9 +375,9 @@ class Placement:
             self._start_swap_in(inst, displaced)
 
     def _start_swap_in(self, inst: Instance, displaced: list | None = None) -> None:
-        need = inst.charge_bytes()
+        need = inst.charge_bytes("device")       # its KV pool comes back with it
         plan = self.plan(need, inst.priority, f"swapping in {inst.model} (instance {inst.id})",
-                         frozenset({inst.id}), host_freed=need)
+                         frozenset({inst.id}), host_freed=inst.charge_bytes("host"))
         if not plan.ok:
             log.info("refused to swap in instance %d (%s): %s", inst.id, inst.model, plan.message)
             for cb in self._take_waiters(inst.id):
@@ -429,8 +431,8 @@ class Placement:
         and the estimator learns."""
         if inst.state is State.LOADING and isinstance(err, OutOfMemory) and runner is not None:
             ekey, raw = self._origins.get(inst.id, (None, 0))
-            if ekey is not None:
-                self.memory.estimator.learn_oom(ekey, raw, inst.charge_bytes())
+            if ekey is not None:             # the weights' estimate: its pool and adapters aside
+                self.memory.estimator.learn_oom(ekey, raw, inst.base_bytes or inst.estimate_bytes)
             self._runners[inst.id] = runner
             self._back_to_host(inst, err)
             return

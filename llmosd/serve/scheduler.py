@@ -9,8 +9,10 @@ token; ``finish()`` cancels.  ``num_computed`` of a sequence advances when it is
 the engine runs every plan it gets before it asks for the next one.
 
 - Admission: a waiting sequence gets blocks for its whole prompt (leading blocks shared with a
-  cached identical prefix count as computed) only when the pool holds them; running
-  (prefilling + decoding) sequences never exceed ``max_batch``.
+  cached identical prefix count as computed; only between sequences of one adapter: a
+  ``Seq``'s ``salt``) only when the pool holds them, and only while fewer than ``max_batch``
+  running (prefilling + decoding) sequences are not blocked; a step decodes at most
+  ``max_batch``.
 - Fairness: preempted sequences come back first; then the waiting client with the fewest
   running sequences goes next (ties: the one served least recently), FIFO within a client, so
   one client's thousand queued lines get one slot per round and an interactive client's
@@ -22,11 +24,10 @@ the engine runs every plan it gets before it asks for the next one.
   ``capacity`` is cut to the pool at ``add``, so a sequence alone always fits and ends with
   "context" at the pool's size rather than deadlocking.
 - Backpressure: a sequence whose client lags (``blocked(key)``) is skipped for the step and
-  keeps its blocks.
+  keeps its blocks, but holds no batch slot (a client that stops reading must not stall the
+  others); when the pool is short, blocked sequences are preempted first (newest first), and
+  come back (recomputed) once their client reads again.
 - The wait queue is bounded: past ``max_waiting`` ``add`` raises ``Busy``.
-
-The KV-byte admission below (``KVBudget`` and helpers) predates the paged cache; the instance
-manager still imports it until admission moves to the pool.
 """
 from __future__ import annotations
 
@@ -35,9 +36,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
 
-from llmctl.errors import Busy, InvalidArgument
-# Decimal units, as llmctl's tables write them; serve/instances.py imports size_text from here.
-from llmosd.mem.policy import size_text, sizes_text  # noqa: F401
+from llmctl.errors import Busy
 from llmosd.serve.blocks import BlockManager
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -56,6 +55,7 @@ class Seq:
     status: str = WAITING
     finish_reason: str | None = None
     arrival: int = 0               # set by add: a monotonic counter (newest preempted first)
+    salt: bytes = b""              # blocks.adapter_salt of its adapter: KV shared only within one
 
 
 @dataclass
@@ -212,12 +212,24 @@ class Scheduler:
                 break
             if len(seq.tokens) - seq.num_computed > 1 and not blocked(key):
                 budget -= self._chunk(plan, seq, budget)
-        while budget >= 1 and len(self.running) < self.max_batch:
+        active = sum(1 for key in self.running if not blocked(key))
+        while budget >= 1 and active < self.max_batch:
             key = self._next_waiting(blocked)
-            if key is None or not self.blocks.can_allocate(self.seqs[key].tokens):
+            if key is None or not self._room(plan, self.seqs[key], blocked):
                 break
             budget -= self._chunk(plan, self._admit(key), budget)
+            active += 1
         return plan
+
+    def _room(self, plan: Plan, seq: Seq, blocked) -> bool:
+        """Whether the pool can take waiting ``seq`` now, preempting blocked running sequences
+        (newest first) while it cannot: they wait on their clients anyway."""
+        while not self.blocks.can_allocate(seq.tokens, seq.salt):
+            held = [k for k in self.running if blocked(k)]
+            if not held:
+                return False
+            self._preempt(plan, max(held, key=lambda k: self.seqs[k].arrival))
+        return True
 
     def _decode(self, plan: Plan, blocked) -> int:
         """Schedule the decodes (at most max_batch, round robin beyond); returns how many."""
@@ -226,7 +238,7 @@ class Scheduler:
                 break
             seq = self.seqs.get(key)
             if (key not in self.running or len(seq.tokens) - seq.num_computed != 1
-                    or blocked(key) or not self._grow(plan, seq)):
+                    or blocked(key) or not self._grow(plan, seq, blocked)):
                 continue
             plan.decode.append(key)
             seq.num_computed += 1
@@ -235,12 +247,13 @@ class Scheduler:
                 self.running[key] = self.running.pop(key)
         return len(plan.decode)
 
-    def _grow(self, plan: Plan, seq: Seq) -> bool:
-        """Make ``seq``'s table cover all its tokens, preempting the newest running sequences
-        while the pool is empty; False when ``seq`` itself was preempted or ended."""
+    def _grow(self, plan: Plan, seq: Seq, blocked) -> bool:
+        """Make ``seq``'s table cover all its tokens, preempting while the pool is empty: the
+        newest blocked running sequence, else the newest running one; False when ``seq``
+        itself was preempted or ended."""
         need = len(seq.tokens)
         while self.blocks.positions(seq.key) < need and not self.blocks.free_count:
-            victim = max(self.running, key=lambda k: self.seqs[k].arrival)
+            victim = max(self.running, key=lambda k: (bool(blocked(k)), self.seqs[k].arrival))
             if victim == seq.key and len(self.running) == 1:
                 self.finish(seq.key, "context")      # unreachable: capacity is cut to the pool
                 plan.finished.append(seq.key)
@@ -286,7 +299,7 @@ class Scheduler:
             q.popleft()
             if not q:
                 del self._queues[seq.client]
-        seq.num_computed = self.blocks.allocate(key, seq.tokens)
+        seq.num_computed = self.blocks.allocate(key, seq.tokens, seq.salt)
         seq.status = RUNNING
         self.running[key] = None
         self._running_of[seq.client] += 1
@@ -300,96 +313,3 @@ class Scheduler:
         plan.prefill.append(Chunk(seq.key, seq.num_computed, n, end == len(seq.tokens)))
         seq.num_computed = end
         return n
-
-
-# -- admission by KV-cache bytes ---------------------------------------------------------------
-
-PROMPT_MARGIN = 16           # tokens beyond one per UTF-8 byte: BOS, SentencePiece's "▁" prefix
-CHAT_MESSAGE_MARGIN = 16     # per chat message: role markers and separators the template writes
-CHAT_TEMPLATE_MARGIN = 512   # per chat: a template's preamble (default system prompt, date, ...)
-
-
-def kv_position_bytes(layers: int, kv_heads: int, head_dim: int, dtype_size: int) -> int:
-    """Bytes one position of a sequence takes in the KV cache: a key and a value per layer."""
-    return layers * 2 * kv_heads * head_dim * dtype_size
-
-
-def prompt_token_bound(prompt: str, messages: list | None = None) -> int:
-    """An upper bound of a prompt's tokens, without the tokenizer: byte-level BPE and
-    byte-fallback SentencePiece tokens each cover at least one UTF-8 byte of the text, so the
-    count is at most the bytes plus the few tokens the tokenizer or chat template adds.
-    (A Unicode normalizer can expand text beyond this; the engine then cuts the output at the
-    reserved length.)"""
-    if messages is None:
-        return len(prompt.encode("utf-8", "surrogatepass")) + PROMPT_MARGIN
-    text = sum(len(str(m.get("role", "")).encode("utf-8", "surrogatepass"))
-               + len(str(m.get("content", "")).encode("utf-8", "surrogatepass")) for m in messages)
-    return text + CHAT_MESSAGE_MARGIN * len(messages) + CHAT_TEMPLATE_MARGIN + PROMPT_MARGIN
-
-
-def kv_positions(context: int, prompt_bound: int, max_tokens: int) -> int:
-    """Positions to reserve: the prompt and every token it may generate, at most the context."""
-    return max(1, min(context, prompt_bound + max_tokens))
-
-
-class KVBudget:
-    """KV-cache bytes reserved by admitted requests against ``limit``.  One thread only."""
-
-    def __init__(self, limit: int):
-        if limit < 1:
-            raise ValueError(f"the KV-cache limit must be positive, got {limit}")
-        self.limit = limit
-        self.held: dict[Hashable, tuple[Hashable, int]] = {}    # key -> (owner, bytes)
-
-    @property
-    def used(self) -> int:
-        return sum(b for _, b in self.held.values())
-
-    @property
-    def free(self) -> int:
-        return self.limit - self.used
-
-    def admit(self, key: Hashable, owner: Hashable, need: int, position_bytes: int = 0,
-              prompt_bound: int = 0, budget_free: tuple[str, int] | None = None) -> None:
-        """Reserve ``need`` bytes for ``key`` (its instance ``owner``), or raise: Busy when the
-        free bytes do not hold it now, InvalidArgument when the whole limit never could.
-        ``budget_free``: (device, bytes) its memory budget has free (issue 12: the KV cache
-        is charged against it like the models): Busy past that too."""
-        if need > self.limit:
-            fit = self.limit // position_bytes - prompt_bound if position_bytes else 0
-            most = f"; with this prompt, max_tokens up to {fit:,} fits" if fit > 0 else ""
-            need_t, limit_t = sizes_text(need, self.limit)
-            raise InvalidArgument(
-                f"this request needs {need_t} of KV cache, more than the daemon's whole "
-                f"limit of {limit_t}{most}",
-                hint="lower max_tokens (or shorten the prompt), or raise max_kv_bytes "
-                     "(LLMOSD_MAX_KV_BYTES) for the daemon")
-        free = self.free
-        if need > free:
-            need_t, free_t, limit_t = sizes_text(need, max(free, 0), self.limit)
-            raise Busy(f"not enough KV-cache memory for this request now: it needs {need_t}, "
-                       f"{free_t} of the {limit_t} limit is free "
-                       f"({len(self.held)} request(s) hold the rest)",
-                       hint="lower max_tokens, or retry when running requests have finished")
-        if budget_free is not None and need > budget_free[1]:
-            device, left = budget_free
-            need_t, left_t = sizes_text(need, max(left, 0))
-            raise Busy(f"not enough memory for this request's KV cache now: it needs {need_t}, "
-                       f"the memory budget of {device} has {left_t} free (loaded "
-                       "models, jobs and running requests hold the rest)",
-                       hint="lower max_tokens, retry when running requests have finished, or "
-                            "unload a model (llmctl ps, llmctl unload)")
-        self.held[key] = (owner, need)
-
-    def shrink(self, key: Hashable, nbytes: int) -> None:
-        """The request turned out to need only ``nbytes``: keep that much (never more)."""
-        if key in self.held:
-            owner, had = self.held[key]
-            self.held[key] = (owner, min(had, nbytes))
-
-    def release(self, key: Hashable) -> None:
-        self.held.pop(key, None)
-
-    def release_owner(self, owner: Hashable) -> None:
-        for key in [k for k, (o, _) in self.held.items() if o == owner]:
-            del self.held[key]

@@ -30,23 +30,27 @@ class Engine:
 
     def step(self, blocked=lambda k: False, eos_rate=0.0):
         s, bs = self.s, self.s.blocks.block_size
+        before = set(s.running)
         plan = s.schedule(blocked)
         rows = list(self.rows(plan))
         assert len({k for k, *_ in rows}) == len(rows)                  # one row per sequence
+        assert not any(blocked(k) for k, *_ in rows)                    # blocked ones wait
         limit = s.idle_prefill_tokens if not plan.decode else max(s.max_prefill_tokens, len(plan.decode) + 1)
         assert sum(n for _, _, n, _ in rows) <= limit
-        assert len(s.running) <= s.max_batch
+        assert len(plan.decode) <= s.max_batch
+        if set(s.running) - before:          # admitted: blocked sequences hold no batch slot
+            assert sum(1 for k in s.running if not blocked(k)) <= s.max_batch
         for key, start, n, sample in rows:                              # reads see right KV
             seq, table = s.seqs[key], s.table(key)
             assert s.blocks.positions(key) >= start + n == seq.num_computed
             assert sample == (start + n == len(seq.tokens))
             for p in range(start):
-                assert self.kv.get(table[p // bs] * bs + p % bs) == tuple(seq.tokens[:p + 1])
+                assert self.kv.get(table[p // bs] * bs + p % bs) == (seq.salt, *seq.tokens[:p + 1])
         for key, start, n, sample in rows:                              # writes: own blocks only
             seq, table = s.seqs[key], s.table(key)
             for p in range(start, start + n):
                 assert s.blocks.ref[table[p // bs]] == 1, "write into a shared block"
-                self.kv[table[p // bs] * bs + p % bs] = tuple(seq.tokens[:p + 1])
+                self.kv[table[p // bs] * bs + p % bs] = (seq.salt, *seq.tokens[:p + 1])   # KV: adapter too
         for key, _, _, sample in rows:
             if sample:
                 tok = EOS if self.rng.random() < eos_rate else self.rng.randrange(1, 50)
@@ -68,8 +72,8 @@ def make(num_blocks=64, block_size=4, **kw):
     return Scheduler(BlockManager(num_blocks, block_size), **kw)
 
 
-def seq(key, client, tokens, max_tokens=4, capacity=1000):
-    return Seq(key, client, list(tokens), len(tokens), max_tokens, capacity)
+def seq(key, client, tokens, max_tokens=4, capacity=1000, salt=b""):
+    return Seq(key, client, list(tokens), len(tokens), max_tokens, capacity, salt=salt)
 
 
 def test_i13_2_blocks_all_return_to_the_pool():
@@ -218,7 +222,7 @@ def test_i13_2_prefix_sharing_skips_the_cached_system_prompt():
 step = st.tuples(st.just("step"), st.frozensets(st.integers(0, 15), max_size=2))
 ops = st.lists(st.one_of(
     st.tuples(st.just("add"), st.integers(0, 2), st.integers(0, 3), st.integers(1, 8),
-              st.integers(1, 30), st.integers(4, 80)),
+              st.integers(1, 30), st.integers(4, 80), st.sampled_from([b"", b"", b"adapter"])),
     step, step, step,
     st.tuples(st.just("cancel"), st.integers(0, 30)),
 ), max_size=80)
@@ -237,10 +241,10 @@ def test_i13_2_property_no_block_leaked_or_double_freed(num_blocks, block_size, 
     n = 0
     for op in ops:
         if op[0] == "add":
-            _, client, prefix, tail, max_tokens, capacity = op
+            _, client, prefix, tail, max_tokens, capacity, salt = op
             toks = (prefixes[prefix] + list(range(20, 20 + tail)))
             try:
-                s.add(seq(n, client, toks, max_tokens, capacity))
+                s.add(seq(n, client, toks, max_tokens, capacity, salt))
             except ValueError:
                 assert len(toks) > min(capacity, num_blocks * block_size)
             except Busy:
@@ -254,7 +258,6 @@ def test_i13_2_property_no_block_leaked_or_double_freed(num_blocks, block_size, 
         assert set(s.blocks._tables) == set(s.running)
         # preempted sequences wait beyond max_waiting: only new ones are refused
         assert s.stats()["waiting"] - len(s._resume) <= max_waiting
-        assert len(s.running) <= max_batch
         for key, q in s.seqs.items():
             assert len(q.tokens) <= q.capacity <= num_blocks * block_size
             if key in s.running:

@@ -103,9 +103,9 @@ def test_i13_2_the_kv_pool_is_charged_with_its_instance_and_requests_reserve_not
     small.store, small.kv.limit, got = ConfigStore(), 0, []
     assert small.acquire("b:latest", man, "sha256:b", 1000, lambda i, e: got.append(e)) is None
     assert isinstance(got[0], errors.InvalidArgument) and f"{1256 + pool} B" in str(got[0])
-    # auto: at least one full context, at most 1 GiB / RAM/4 / max_batch contexts
+    # auto: at most 1 GiB / RAM/4 / max_batch contexts, at least a few blocks (not a context)
     assert pool_blocks(0, 1 << 40, 8192, 46_080, 16, 16) == (1 << 30) // (16 * 46_080)
-    assert pool_blocks(0, 1 << 20, 8192, 46_080, 16, 16) == 8192 // 16          # tiny RAM: one context
+    assert pool_blocks(0, 1 << 20, 8192, 46_080, 16, 16) == 4                    # tiny RAM: 4 blocks
     assert pool_blocks(0, 1 << 40, 100, 512, 2, 16) == 200 * 512 // (16 * 512)
     assert pool_blocks(10, 1 << 40, 100, 512, 2, 16) == 1                        # explicit, tiny
     # a request goes straight to the engine; its blocks show in the row once reported
