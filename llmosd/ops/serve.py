@@ -180,7 +180,7 @@ class ServeOps:
             check_owner(ctx, existing, f"set {what} on", self.cfg)
         weights = load_opts(ctx.body)
         if existing is None:
-            self._check_load_quota(ctx, man)
+            self._check_load_quota(ctx, man, weights)
         else:                          # loaded with other weight options: said before anything
             self.manager.check_opts(existing, weights)
 
@@ -351,6 +351,11 @@ class ServeOps:
         name, _, ver = base or (canon, man, digest)
         on = self.manager.table.usable(name, ver)        # the instance it will run on, if any
         err = self._may_run(ctx, on)
+        if err is None and on is None:      # it will load one: the uid's load quotas apply too
+            try:
+                self._check_load_quota(ctx, base[1] if base else man)
+            except PermissionDenied as e:
+                err = e
         if err is not None:                 # the stream (or reply) ends with the refusal
             task.stream.error(err)
             return
@@ -386,16 +391,18 @@ class ServeOps:
         used = sum(len(p.open_ids) for p in peers.values() if p.uid == ctx.uid)
         return access.over_quota(ctx.uid, "max_queued_requests", max(0, used - 1), 1, self.cfg)
 
-    def _check_load_quota(self, ctx: Ctx, man: dict) -> None:
+    def _check_load_quota(self, ctx: Ctx, man: dict, load_opts: dict | None = None) -> None:
         """``max_instances`` and ``max_device_bytes`` of ``ctx``'s uid before a load makes a
-        new instance (its size as the store counts it: the weights it will hold)."""
+        new instance.  Device bytes are the memory manager's: what the uid's instances are
+        charged on the device (weights, adapters, KV pools) plus the new load's estimate."""
         if ctx.uid is None:
             return
         mine = [i for i in self.manager.table if i.uid == ctx.uid and i.state is not State.FAILED]
         err = access.over_quota(ctx.uid, "max_instances", len(mine), 1, self.cfg)
         if err is None and access.quota(ctx.uid, "max_device_bytes", self.cfg) is not None:
-            used = sum(int(getattr(i, "resident_bytes", 0) or 0) for i in mine)
-            err = access.over_quota(ctx.uid, "max_device_bytes", used, int(self.store.size(man) or 0), self.cfg)
+            used = sum(i.charge_bytes("device") for i in mine if i.tier == "device")
+            err = access.over_quota(ctx.uid, "max_device_bytes", used,
+                                    self.manager.load_bytes(man, load_opts), self.cfg)
         if err is not None:
             raise err
 

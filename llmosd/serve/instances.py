@@ -134,11 +134,7 @@ class InstanceManager:
             else:
                 self._ready_waiters.setdefault(inst.id, []).append(on_ready)
             return inst
-        dtype = resolve_dtype(opts["dtype"], self.device)
-        ekey = ("instance", str(dtype).replace("torch.", "") + ("" if opts["quant"] in ("auto", "none")
-                                                               else "-" + opts["quant"]))
-        weights, raw = self.place.estimate(manifest, ekey, dtype.itemsize, opts["quant"])
-        _, pool = self._pool_estimate(manifest, dtype.itemsize)
+        ekey, weights, raw, pool = self._estimate(manifest, opts)
         need = weights + pool
         plan = self.place.plan(need, priority or 0, f"loading {model}")
         if not plan.ok:
@@ -165,6 +161,21 @@ class InstanceManager:
         return resolve_opts(load_opts, self.dtype, self._setting("quant"))
 
     check_opts = staticmethod(check_opts)      # (ops.serve asks the manager)
+
+    def _estimate(self, manifest: dict, opts: dict) -> tuple:
+        """(estimator key, corrected weights bytes, raw weights bytes, KV pool bytes) of a
+        load of ``manifest`` with resolved ``opts``."""
+        dtype = resolve_dtype(opts["dtype"], self.device)
+        ekey = ("instance", str(dtype).replace("torch.", "") + ("" if opts["quant"] in ("auto", "none")
+                                                               else "-" + opts["quant"]))
+        weights, raw = self.place.estimate(manifest, ekey, dtype.itemsize, opts["quant"])
+        return ekey, weights, raw, self._pool_estimate(manifest, dtype.itemsize)[1]
+
+    def load_bytes(self, manifest: dict, load_opts: dict | None = None) -> int:
+        """What a new instance of ``manifest`` will hold on the device (estimated weights plus
+        its KV pool), as the memory manager will charge it: what a device-bytes quota counts."""
+        _, weights, _, pool = self._estimate(manifest, self.resolve_opts(load_opts))
+        return weights + pool
 
     def _pool_estimate(self, manifest: dict, dtype_bytes: int) -> tuple[int, int]:
         """(blocks, bytes) of the KV pool a load of ``manifest`` will allocate (0, 0 when its

@@ -69,7 +69,7 @@ def shared(people):
         os.chmod(base / "run", 0o755)
         conf = base / "llmosd.toml"
         conf.write_text(f'socket_mode = "666"\nadmin_group = "{group}"\n'
-                        f'[quotas.users.{users["bob"][0]}]\nmax_jobs = 1\n')
+                        f'[quotas.users.{users["bob"][0]}]\nmax_jobs = 1\nmax_device_bytes = "1KiB"\n')
         text = base / "text.txt"
         text.write_text(SHAKESPEARE.read_text()[:20_000])
         os.chmod(text, 0o644)
@@ -127,6 +127,11 @@ def test_i14_2_users_cannot_touch_each_others_things(shared):
     # bob's tag of alice's model is bob's: he may remove it, and it leaves hers alone
     ok(as_user(d, bob, "tag", "amodel", "bcopy"))
     assert any(line.startswith("bcopy") and bob[0] in line for line in ok(d.cli("ls")).splitlines())
+    # bob's device-bytes quota (1 KiB) counts what the memory manager would charge: a load of
+    # his own, explicit or implied by a request, is refused with the numbers
+    for cmd in (("load", "bcopy"), ("generate", "bcopy", "to be", "--max-tokens", "2")):
+        r = as_user(d, bob, *cmd)
+        assert r.returncode == 77 and "device bytes" in r.stderr and "> quota 1.0 KB" in r.stderr, r.stderr
     ok(as_user(d, bob, "rm", "bcopy"))
     assert any(line.startswith("amodel") for line in ok(d.cli("ls")).splitlines())
 
