@@ -7,8 +7,8 @@ rights of the user who runs it.
 - ``fields``: checking JSON request fields; the HTTP status of every ``LlmosdError`` (pure);
 - ``openai`` / ``ollama``: the pure translations, HTTP body -> daemon call and daemon replies
   -> HTTP body (table-tested in tests/unit/test_i15_translate.py);
-- ``bridge``: the blocking ``Client`` run on threads for the event loop: a pool, and streams
-  read one chunk at a time (no read-ahead: a slow HTTP reader holds back the daemon's credits);
+- ``bridge``: pooled ``Client``s (blocking calls on threads), and streams read on the event loop
+  only when the HTTP side asks (no read-ahead: a slow HTTP reader holds back the daemon's credits);
 - ``app``: the ASGI application (Starlette): routes, API keys, body limits, SSE/NDJSON.
 
 Only ``app`` and ``bridge`` need the ``http`` extra (``pip install llmosd[http]``).

@@ -5,8 +5,9 @@ Each endpoint reads its JSON body (at most ``max_body`` bytes: 413 past it), tra
 back.  Every error is an ``LlmosdError`` with its HTTP status (``fields.status_of``) in the
 shape of the API that was called.  A stream first reads the daemon's first chunk, so that an
 unknown model or a busy daemon is an HTTP status rather than a broken stream; after that, an
-error is the stream's last event.  A client that goes away (mid-stream, or while a non-streamed
-answer is generated) cancels the generation on the daemon at once.
+error is the stream's last event.  A client that goes away (while its request waits or loads,
+mid-stream, or while a non-streamed answer is generated) cancels the generation on the daemon
+at once.  Big bodies (embeddings) are encoded on a worker thread, so other streams never stall.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from starlette.routing import Route
 from .. import __version__, protocol
 from ..errors import Internal, LlmosdError, TooLarge
 from . import ollama, openai
-from .bridge import Pool, Stream
+from .bridge import Gone, Pool, Stream, until_gone, watch
 from .fields import BadField, NotFound, Unauthorized, clean, status_of
 
 log = logging.getLogger("llmctl.http")
@@ -53,7 +54,7 @@ class Pump(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_watch, receive, tg.cancel_scope)
+                tg.start_soon(watch, receive, tg.cancel_scope)
                 try:
                     await send({"type": "http.response.start", "status": self.status_code,
                                 "headers": self.raw_headers})
@@ -68,36 +69,24 @@ class Pump(StreamingResponse):
             await self.stream.close()
 
 
-async def _watch(receive, scope: anyio.CancelScope) -> None:
-    """Cancel ``scope`` once the HTTP client has disconnected."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
 async def _drain(receive, stream: Stream, add) -> bool:
     """Read ``stream`` to its end into ``add`` while watching for the client going away; True
     when it went away (the generation is then cancelled).  Closes the stream."""
-    failed: list[BaseException] = []
-    done = False
+    async def read():
+        chunks = stream.first
+        while chunks is not None:
+            for chunk in chunks:
+                add(chunk)
+            chunks = await stream.batch()
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch, receive, tg.cancel_scope)
-            try:
-                chunk = stream.first
-                while chunk is not None:
-                    add(chunk)
-                    chunk = await stream.next()
-                done = True
-            except LlmosdError as e:
-                failed.append(e)
-            finally:
-                tg.cancel_scope.cancel()
+        return await until_gone(receive, read)
     finally:
         await stream.close()
-    if failed:
-        raise failed[0]
-    return not done
+
+
+async def _off_loop(build, *args) -> Response:
+    """``build(*args)`` (a Response with a big body to encode) on a worker thread."""
+    return await anyio.to_thread.run_sync(build, *args)
 
 
 def _start(call):
@@ -155,6 +144,8 @@ class Gateway:
             try:
                 self._authorize(request)
                 return await handler(request)
+            except Gone:
+                return Response(status_code=499)      # nobody is listening any more
             except LlmosdError as e:
                 return self.error(api, e)
             except Exception:      # noqa: BLE001 - a gateway bug: logged, answered 500, served on
@@ -220,7 +211,7 @@ class Gateway:
         return await self._openai_generation(request, openai.completion_call(await self.body(request)), False)
 
     async def _openai_generation(self, request: Request, call: openai.Call, chat: bool) -> Response:
-        stream = await self.pool.stream(_start(call))
+        stream = await self.pool.stream(_start(call), request.receive)
         cid, created = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), int(time.time())
         if call.stream:
             return Pump(stream, _openai_events(stream, openai.Streamer(call, cid, created, chat)), SSE)
@@ -233,7 +224,7 @@ class Gateway:
     async def v1_embeddings(self, request: Request) -> Response:
         call = openai.embed_call(await self.body(request))
         vectors, tokens = await self.pool.run(_embed, call.model, call.inputs, None)
-        return JSONResponse(openai.embeddings_response(call, vectors, tokens))
+        return await _off_loop(lambda: JSONResponse(openai.embeddings_response(call, vectors, tokens)))
 
     async def v1_models(self, request: Request) -> Response:
         return JSONResponse(openai.models_response(await self.pool.run(lambda c: c.ls())))
@@ -260,7 +251,7 @@ class Gateway:
             await self.pool.run(act)
             body = ollama.loaded(call, ollama.iso(None))
             return Response(_json(body) + b"\n", media_type=NDJSON) if call.stream else JSONResponse(body)
-        stream = await self.pool.stream(_start(call))
+        stream = await self.pool.stream(_start(call), request.receive)
         if call.stream:
             return Pump(stream, _ollama_events(stream, call), NDJSON)
         pieces: list[str] = []
@@ -289,7 +280,8 @@ class Gateway:
         model, inputs, keep = ollama.embed_inputs(await self.body(request), legacy)
         t0 = time.monotonic()
         vectors, tokens = await self.pool.run(_embed, model, inputs, keep)
-        return JSONResponse(ollama.embed_response(model, vectors, tokens, (time.monotonic() - t0) * 1e3, legacy))
+        ms = (time.monotonic() - t0) * 1e3
+        return await _off_loop(lambda: JSONResponse(ollama.embed_response(model, vectors, tokens, ms, legacy)))
 
     async def api_embeddings(self, request: Request) -> Response:
         return await self.api_embed(request, legacy=True)
@@ -306,29 +298,33 @@ def _api_of(request: Request) -> str:
 
 
 async def _openai_events(stream: Stream, streamer: openai.Streamer) -> AsyncIterator[bytes]:
-    for event in streamer.start():
-        yield openai.sse(event)
-    chunk = stream.first
+    """The SSE body: one send per batch of chunks that were waiting together."""
+    start = b"".join(openai.sse(event) for event in streamer.start())
+    chunks = stream.first
     try:
-        while chunk is not None:
-            event = streamer.chunk(chunk)
-            if event is not None:
-                yield openai.sse(event)
-            chunk = await stream.next()
+        while chunks is not None:
+            data = b"".join(openai.sse(e) for e in map(streamer.chunk, chunks) if e is not None)
+            if start:
+                data, start = start + data, b""
+            if data:
+                yield data
+            chunks = await stream.batch()
     except LlmosdError as e:      # after the headers: the stream's last event says it
-        yield openai.sse(openai.error_body(status_of(e), e.message, code=e.name, hint=e.hint))
+        yield start + openai.sse(openai.error_body(status_of(e), e.message, code=e.name, hint=e.hint))
         return
-    for event in streamer.end(stream.stats):
-        yield openai.sse(event)
+    yield start + b"".join(openai.sse(event) for event in streamer.end(stream.stats))
 
 
 async def _ollama_events(stream: Stream, call: ollama.Call) -> AsyncIterator[bytes]:
-    chunk = stream.first
+    """The NDJSON body: one send per batch of chunks that were waiting together."""
+    chunks = stream.first
     try:
-        while chunk is not None:
-            if chunk.get("text"):
-                yield _json(ollama.piece(call, chunk["text"], ollama.iso(None))) + b"\n"
-            chunk = await stream.next()
+        while chunks is not None:
+            now = ollama.iso(None)
+            data = b"".join(_json(ollama.piece(call, c["text"], now)) + b"\n" for c in chunks if c.get("text"))
+            if data:
+                yield data
+            chunks = await stream.batch()
     except LlmosdError as e:
         yield _json(ollama.error_body(e.message, e.hint)) + b"\n"
         return
