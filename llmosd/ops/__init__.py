@@ -71,6 +71,9 @@ class Ops:
 
     def peer_gone(self, peer) -> None:
         self.store_ops.peer_gone(peer)
+        n = self.manager.cancel_client(peer.ident)    # its score/embed/classify calls too
+        if n:
+            log.info("%r went away; cancelled %d request(s)", peer, n)
 
     # -- session --------------------------------------------------------------------------
     def op_hello(self, ctx: Ctx) -> None:

@@ -382,6 +382,14 @@ class InstanceManager:
             self._unqueue(task)
             task.stream.error(Cancelled(f"request cancelled ({reason}) before it started"))
 
+    def cancel_client(self, ident: bytes, reason: str = "client disconnected") -> int:
+        """End every task of the client ``ident`` (task keys are (client, request id)): the
+        unary ones too (score, embed, classify), which no stream cancels.  Returns how many."""
+        mine = [k for k in self._tasks if isinstance(k, tuple) and k and k[0] == ident]
+        for key in mine:
+            self.cancel(key, reason)
+        return len(mine)
+
     def _on_engine(self, inst: Instance, engine: Engine, key, kind: str, body: dict) -> None:
         if kind == "stopped":                   # swapped out, or gone (then ``_stopped``)
             self.place.engine_stopped(inst, engine, bool(body.get("swapped")))

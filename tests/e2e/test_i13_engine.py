@@ -195,3 +195,33 @@ def test_i13_2_long_score_answers_and_generations_go_on(d):
     assert done["gen"] < done["score"], "the generation waited for the score"
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert max(gaps) < (done["score"] - t0) / 4
+
+
+def test_i13_review_score_of_a_client_that_went_away_is_cancelled(d):
+    """A unary call (score) whose client is killed is cancelled at once, like a stream: the
+    instance is idle again within seconds instead of scoring for nobody."""
+    p = subprocess.Popen([sys.executable, "-m", "llmctl.cli", "score", "mid", "-"], env=d.env,
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p.stdin.write(TEXT[:60_000].encode())
+        p.stdin.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:            # the score runs
+            row = next((r for r in json.loads(d.cli("ps", "--json").stdout)["instances"]
+                        if r["model"] == "mid:latest"), None)
+            if row and row["active_requests"] >= 1:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the score never started")
+    finally:
+        p.kill()
+        p.wait()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10:
+        row = next(r for r in json.loads(d.cli("ps", "--json").stdout)["instances"] if r["model"] == "mid:latest")
+        if row["active_requests"] == 0:
+            break
+        time.sleep(0.1)
+    assert row["active_requests"] == 0, row
+    assert "cancelled 1 request(s)" in d.log.read_text()
