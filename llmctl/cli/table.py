@@ -92,7 +92,7 @@ def ps(ctx, as_json):
                              [job_cells(j) for j in body["jobs"]]))
 
 
-PS_HEADERS = ["ID", "MODEL", "STATE", "DEVICE", "RESIDENT", "EST", "TIER", "KV", "KEEP-ALIVE", "ACTIVE",
+PS_HEADERS = ["ID", "MODEL", "STATE", "DEVICE", "WEIGHTS", "RESIDENT", "EST", "TIER", "KV", "KEEP-ALIVE", "ACTIVE",
               "TOKENS", "LAST USED", "UID"]
 ADAPTER_MARK = "`- "          # an adapter under its base instance, as pstree -A draws a child
 EVICTED_SHOWN = 5             # ps shows the latest evictions; --json has all the daemon keeps
@@ -100,17 +100,19 @@ EVICTED_SHOWN = 5             # ps shows the latest evictions; --json has all th
 
 def ps_rows(instances: list[dict], now: float | None = None) -> list[list]:
     """The table's rows: each instance, then its adapters indented under it (a process tree:
-    their bytes count in the instance's RESIDENT, which includes them).  RESIDENT is measured,
+    their bytes count in the instance's RESIDENT, which includes them).  WEIGHTS is how the
+    weights are held (e.g. q4_1+q8_0, int8, float32); RESIDENT is measured,
     EST the estimate made before the load; KV the engine's paged KV pool (``kv_text``); rows
     of an older daemon lack the memory fields."""
     rows = []
     for i in instances:
         rows.append([i["id"], i["model"], i["state"] + (f" ({i['reason']})" if i.get("reason") else ""),
-                     i["device"], fmt.size(i["resident_bytes"]), fmt.size(i.get("estimate_bytes")),
+                     i["device"], i.get("weights") or "-", fmt.size(i["resident_bytes"]),
+                     fmt.size(i.get("estimate_bytes")),
                      i.get("tier") or "-", kv_text(i), keep_alive_text(i, now), i["active_requests"], i["tokens_served"],
                      fmt.ago(i["last_used"], now), _uid(i.get("uid"))])
         for a in i.get("adapters") or []:
-            rows.append(["", ADAPTER_MARK + a["model"], a["state"], "", fmt.size(a.get("resident_bytes")),
+            rows.append(["", ADAPTER_MARK + a["model"], a["state"], "", "", fmt.size(a.get("resident_bytes")),
                          fmt.size(a.get("estimate_bytes")), "", "", "", a.get("active_requests", 0),
                          a.get("tokens_served", 0), fmt.ago(a.get("last_used"), now), _uid(a.get("uid"))])
     return rows
@@ -180,14 +182,19 @@ def job_cells(j: dict) -> list:
 @click.option("--priority", type=click.IntRange(-1000, 1000), metavar="N",
               help="-1000..1000: when room is needed, lower priorities are evicted first [0].")
 @click.option("--pin", is_flag=True, help="Never evict it, never let it expire (until 'llmctl unpin').")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Compute dtype of this instance [the daemon's dtype].")
+@click.option("--quant", type=click.Choice(["auto", "none", "int8", "int4"]),
+              help="Weights: as stored (auto), dequantized to the dtype (none), or quantized at "
+                   "load (int8, int4: group 32) [the daemon's quant, auto].")
 @click.pass_context
-def load(ctx, model, as_json, keep_alive, priority, pin):
+def load(ctx, model, as_json, keep_alive, priority, pin, dtype, quant):
     """Load MODEL into the model table (no-op if it is already loaded; the memory settings
     given then apply to it).  A load that does not fit evicts idle, unpinned models of no
     higher priority, least recently used first, or is refused saying what holds the memory."""
     c = common.client(ctx)
-    mem = {k: v for k, v in (("keep_alive", keep_alive), ("priority", priority), ("pin", pin or None))
-           if v is not None}
+    mem = {k: v for k, v in (("keep_alive", keep_alive), ("priority", priority), ("pin", pin or None),
+                             ("dtype", dtype), ("quant", quant)) if v is not None}
     line = fmt.StatusLine(enabled=not as_json)
     line.update(f"loading {model}...")
     try:
@@ -207,8 +214,9 @@ def load(ctx, model, as_json, keep_alive, priority, pin):
     if r.get("already_loaded"):
         click.echo(f"{r['model']} already loaded (instance {r['id']}, {r['state']} on {r['device']}{keep})")
         return
+    weights = f"{r['weights']} weights, " if r.get("weights") else ""
     click.echo(f"instance {r['id']}: {r['model']} {r['state']} on {r['device']} "
-               f"({fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s{keep})")
+               f"({weights}{fmt.size(r['resident_bytes'])}, {r['load_ms'] / 1000:.2f}s{keep})")
 
 
 def adapter_line(r: dict) -> str:

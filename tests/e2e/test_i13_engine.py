@@ -225,3 +225,20 @@ def test_i13_review_score_of_a_client_that_went_away_is_cancelled(d):
         time.sleep(0.1)
     assert row["active_requests"] == 0, row
     assert "cancelled 1 request(s)" in d.log.read_text()
+
+
+def test_i13_load_quant_from_the_cli_and_ps_shows_the_weights(d):
+    """`llmctl load --quant int8` quantizes a float model at load; ps says how the weights are
+    held; asking for other weights of a loaded model says to unload it first."""
+    d.cli("tag", "tiny", "tq")
+    try:
+        out = d.cli("load", "tq", "--quant", "int8").stdout
+        assert "int8 weights" in out, out
+        table = d.cli("ps").stdout.splitlines()
+        assert "WEIGHTS" in table[0]
+        assert any(line.split()[1] == "tq:latest" and "int8" in line.split() for line in table[1:]), table
+        r = d.cli("load", "tq", "--quant", "none", check=False)
+        assert r.returncode == 65 and "unload it first" in r.stderr, r.stderr
+    finally:
+        d.cli("unload", "tq", check=False)
+        d.cli("rm", "tq", check=False)
