@@ -246,7 +246,18 @@ def details(row: dict) -> dict:
     arch = row.get("architecture") or ""
     return {"parent_model": row.get("parent") or row.get("base") or "", "format": "llmosd",
             "family": arch, "families": [arch] if arch else [],
-            "parameter_size": parameter_size(row.get("parameters")), "quantization_level": ""}
+            "parameter_size": parameter_size(row.get("parameters")),
+            "quantization_level": quantization_level(row.get("weights"))}
+
+
+def quantization_level(weights: str | None) -> str:
+    """Ollama's name of how the weights are held: the main form of llmosd's ("q4_1+q8_0" ->
+    "Q4_1", "int8" -> "Q8_0", "int4" -> "Q4_1": group-32 forms; "float32" -> "F32")."""
+    if not weights:
+        return ""
+    main = weights.split("+")[0].split(",")[-1].strip().lower()
+    names = {"int8": "Q8_0", "int4": "Q4_1", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+    return names.get(main, main.upper())
 
 
 def _digest(d: str | None) -> str:
@@ -275,9 +286,15 @@ def ps(instances: list[dict], models: list[dict]) -> dict:
         size = i.get("resident_bytes") or i.get("estimate_bytes") or 0
         on_gpu = str(i.get("device", "")).startswith("cuda") and i.get("tier", "device") == "device"
         out.append({"name": i["model"], "model": i["model"], "size": size, "digest": _digest(i.get("digest")),
-                    "details": details(row), "expires_at": iso(i.get("expires_at") or 4102444800),
+                    "details": details({**row, "weights": i.get("weights") or row.get("weights")}),
+                    "expires_at": iso(i.get("expires_at") or 4102444800),
                     "size_vram": size if on_gpu else 0})
     return {"models": out}
+
+
+def _stored_form(man: dict) -> str | None:
+    w = man.get("weights")
+    return (w.get("quant") or w.get("dtype")) if isinstance(w, dict) else None
 
 
 def show(reply: dict, row: dict | None = None) -> dict:
@@ -292,7 +309,8 @@ def show(reply: dict, row: dict | None = None) -> dict:
     params = "\n".join(f"{k} {v}" for k, v in sorted((man.get("defaults") or {}).items()))
     caps = ["completion", "embedding"]
     return {"license": "", "modelfile": "", "parameters": params, "template": man.get("chat_template") or "",
-            "details": details({**(row or {}), "architecture": arch, "parameters": man.get("parameters")}),
+            "details": details({**(row or {}), "architecture": arch, "parameters": man.get("parameters"),
+                                "weights": (row or {}).get("weights") or _stored_form(man)}),
             "model_info": info, "capabilities": caps,
             "modified_at": iso((row or {}).get("modified") or 0)}
 

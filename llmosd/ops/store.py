@@ -23,6 +23,15 @@ from llmosd.store.uploads import Sources, Uploads
 log = logging.getLogger("llmosd.ops")
 
 
+def weights_form(man: dict) -> str | None:
+    """How a stored model's weights are held: its quantization (e.g. "q4_1+q8_0", "int8"),
+    else its float dtype; None for a model without weights of its own (an adapter)."""
+    w = man.get("weights")
+    if not isinstance(w, dict):
+        return None
+    return w.get("quant") or w.get("dtype")
+
+
 class StoreOps:
     """``op_<type>`` for the store's message types.  ``manager`` and ``jobs`` are asked only
     whether a model is loaded or being written.  ``cfg`` (the daemon's config: admin_group)
@@ -55,6 +64,7 @@ class StoreOps:
                            "method": lin.get("method"), "parent": lin.get("parent"),
                            "kind": kind_of(man), "base": (base_of(man) or {}).get("model"),
                            "instances": self.manager.table.ids_of(ref),
+                           "weights": weights_form(man),
                            "owner": self._owner(man), "owner_name": _name(self._owner(man))})
         ctx.ok({"models": models})
 

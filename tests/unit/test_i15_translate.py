@@ -392,3 +392,11 @@ def test_i15_5_app_errors_before_the_stream_are_statuses():
     assert sent[0]["status"] == 200 and json.loads(sent[1]["body"])["choices"][0]["message"]["content"] == "xx"
     sent, _ = _run_app(FakeGen(2), {"model": "m", "prompt": "x"}, path="/api/nothing", stall_after=99)
     assert sent[0]["status"] == 404 and "error" in json.loads(sent[1]["body"])
+
+
+@pytest.mark.parametrize("weights,level", [("q4_1+q8_0", "Q4_1"), ("q8_0", "Q8_0"), ("int8", "Q8_0"),
+                                           ("int4", "Q4_1"), ("float32", "F32"), ("bfloat16", "BF16"),
+                                           (None, "")])
+def test_i15_ollama_quantization_level_names_the_weights(weights, level):
+    from llmctl.http import ollama
+    assert ollama.details({"weights": weights})["quantization_level"] == level
