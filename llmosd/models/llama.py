@@ -257,6 +257,18 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def lazy_zeros(shape, device, dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape) whose CPU memory is committed only as it is first written: numpy's
+    zeros is calloc, whose large blocks are fresh (zero) pages from the OS, so an instance's
+    KV pool costs RSS as its blocks fill, not at load.  Zeros (never garbage), so masked
+    padding never reads NaN.  Other devices: torch.zeros."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    import numpy as np
+    n = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(n, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class PagedKV:
     """The paged key/value pool of an instance: for k and v, layers x (num_blocks, block_size,
     K, D) in one tensor each.  A sequence's position p lives in slot
@@ -265,8 +277,8 @@ class PagedKV:
     def __init__(self, cfg: LlamaConfig, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = lazy_zeros(shape, device, dtype)
+        self.v = lazy_zeros(shape, device, dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,6 +131,32 @@ def _mm_reduce(x: torch.Tensor, qweight, scales, mins) -> torch.Tensor:
     return (xg[..., :GROUP // 2] * lo).sum((-1, -2)) + (xg[..., GROUP // 2:] * hi).sum((-1, -2))
 
 
+def _dequant(qweight, scales, mins) -> torch.Tensor:
+    """``dequantize`` to float32 as one function for torch.compile: a single fused loop over
+    the packed bytes instead of eager's five passes over a float copy."""
+    return dequantize(qweight, scales, mins, torch.float32)
+
+
+TILE = 1 << 20                    # weight elements dequantized at a time for a GEMM (4 MiB f32)
+
+
+def _mm_tiled(x: torch.Tensor, qweight, scales, mins, deq) -> torch.Tensor:
+    """x (M, K) @ W.T for many rows: W dequantized (``deq``) a tile of output rows at a time,
+    each tile multiplied by MKL's GEMM while it is in cache.  Tiles are small enough for the
+    allocator to reuse (a whole 49152 x 576 head in float32 would be fresh pages, page-faulted
+    in, each call) and the float weight never exists whole."""
+    N, G = scales.shape
+    rows = max(1, TILE // (G * GROUP))
+    if rows >= N:
+        return F.linear(x, deq(qweight, scales, mins).to(x.dtype))
+    out = x.new_empty(x.shape[0], N)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        w = deq(qweight[n0:n1], scales[n0:n1], None if mins is None else mins[n0:n1])
+        torch.matmul(x, w.to(x.dtype).t(), out=out[:, n0:n1])
+    return out
+
+
 class _Kernels:
     """The kernel functions of this process, compiled once when torch.compile works."""
 
@@ -138,6 +164,7 @@ class _Kernels:
         self.lock = threading.Lock()
         self.mode: str | None = None          # "compiled" | "eager"
         self.reduce8, self.reduce4 = _mm_reduce, _mm_reduce
+        self.dequant = _dequant
         self.wanted = os.environ.get("LLMOSD_COMPILE", "auto")
 
     def ensure(self) -> str:
@@ -153,21 +180,27 @@ class _Kernels:
             # shape; one function per bit width: no guard flips between them).  Warmed up in
             # inference mode, as the engine runs (a change of grad mode recompiles).
             r8, r4 = torch.compile(_mm_reduce8, dynamic=True), torch.compile(_mm_reduce4, dynamic=True)
+            dq = torch.compile(_dequant, dynamic=True)
             for bits, fn in ((8, r8), (4, r4)):
                 w = {k: _own(v) for k, v in quantize(torch.randn(96, 20 * GROUP), bits).items()}
                 with torch.inference_mode():
                     x = torch.randn(1, 20 * GROUP)
                     y = fn(x, w["qweight"], w["scales"], w.get("mins"))
-                    want = F.linear(x, dequantize(w["qweight"], w["scales"], w.get("mins")))
-                    if not torch.allclose(y, want, atol=1e-3, rtol=1e-3):
+                    want = dequantize(w["qweight"], w["scales"], w.get("mins"))
+                    if not torch.allclose(y, F.linear(x, want), atol=1e-3, rtol=1e-3):
                         raise RuntimeError("the compiled kernel disagrees with the reference")
+                    # tiles are row slices (views of the same storage): warm that form up too
+                    for part in (w, {k: v[:48] for k, v in w.items()}):
+                        got = dq(part["qweight"], part["scales"], part.get("mins"))
+                        if not torch.equal(got, want[:got.shape[0]]):
+                            raise RuntimeError("the compiled dequantization disagrees with the reference")
         except Exception as e:       # no C++ compiler, an inductor bug: eager is correct, slower
             if self.wanted == "on":
                 log.warning("torch.compile of the quantized kernels failed: %s; using eager", e)
             else:
                 log.info("torch.compile of the quantized kernels failed (%s); using eager", e)
             return "eager"
-        self.reduce8, self.reduce4 = r8, r4
+        self.reduce8, self.reduce4, self.dequant = r8, r4, dq
         return "compiled"
 
 
@@ -194,6 +227,10 @@ def qmatmul(x: torch.Tensor, qweight, scales, mins, bias=None) -> torch.Tensor:
     if mode == "compiled" and x2.shape[0] <= SMALL_M and not torch.is_grad_enabled():
         x2 = x2.clone() if x2._base is not None else x2    # a few rows: views recompile (guards)
         y = (KERNELS.reduce8 if mins is None else KERNELS.reduce4)(x2, qweight, scales, mins)
+        if bias is not None:
+            y = y + bias
+    elif not torch.is_grad_enabled():
+        y = _mm_tiled(x2, qweight, scales, mins, KERNELS.dequant)
         if bias is not None:
             y = y + bias
     else:

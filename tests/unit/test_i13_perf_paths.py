@@ -1,0 +1,62 @@
+"""Issue 13 (B8, B2, B3): the performance paths keep their results.  The KV pool is not
+resident before it is used (lazily committed zeros), and the many-row quantized matmul
+(dequantized a tile of output rows at a time) equals dequantize + F.linear.  Small: seconds."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmosd.models import quant as Q
+from llmosd.models.llama import LlamaConfig, PagedKV, lazy_zeros
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def test_i13_b8_kv_pool_is_not_resident_until_written():
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4)
+    before = _rss_kib()
+    kv = PagedKV(cfg, num_blocks=4096, block_size=16)          # 2 x 256 MiB
+    grew = _rss_kib() - before
+    assert kv.nbytes() == 2 * 4 * 4096 * 16 * 256 * 4
+    assert grew < kv.nbytes() // 1024 // 8, f"the pool became resident at once (+{grew} KiB)"
+    assert kv.k.is_contiguous() and kv.k.dtype == torch.float32
+    assert not kv.k[:, :8].any() and not kv.v[:, -8:].any()   # zeros, not garbage
+    kc, _ = kv.slots(1)
+    kc[5] = 1.0                                                # writable, a view of the pool
+    assert kv.k[1].reshape(-1, 4, 64)[5].eq(1).all()
+
+
+def test_i13_b8_lazy_zeros_any_float_dtype():
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        t = lazy_zeros((3, 5, 7), "cpu", dt)
+        assert t.shape == (3, 5, 7) and t.dtype == dt and not t.any()
+
+
+def test_i13_b2_many_row_qmatmul_tiled_equals_dequantized_linear(monkeypatch):
+    monkeypatch.setattr(Q, "TILE", 40 * 64)                    # several tiles, a ragged last one
+    for bits in (8, 4):
+        w = Q.quantize(torch.randn(100, 64), bits)
+        x = torch.randn(9, 64)
+        want = F.linear(x, Q.dequantize(w["qweight"], w["scales"], w.get("mins")))
+        with torch.inference_mode():
+            got = Q.qmatmul(x, w["qweight"], w["scales"], w.get("mins"))
+        assert got.shape == (9, 100)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        eager = Q._mm_tiled(x, w["qweight"], w["scales"], w.get("mins"), Q._dequant)
+        torch.testing.assert_close(eager, want, atol=1e-4, rtol=1e-4)
+
+
+def test_i13_b3_prefill_rows_with_bias_and_grad_path():
+    w = Q.quantize(torch.randn(48, 64), 4)
+    bias = torch.randn(48)
+    x = torch.randn(2, 5, 64)
+    want = F.linear(x, Q.dequantize(w["qweight"], w["scales"], w["mins"]), bias)
+    with torch.inference_mode():
+        got = Q.qmatmul(x, w["qweight"], w["scales"], w["mins"], bias)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(Q.qmatmul(x, w["qweight"], w["scales"], w["mins"], bias), want,
+                               atol=1e-4, rtol=1e-4)           # grad mode: the plain path
