@@ -31,7 +31,7 @@ def test_i9_cli_is_a_package_of_module_level_commands():
                 "top": ["top"], "admin": ["fsck"], "metrics": ["metrics"], "keygen": ["keygen"],
                 "infer": ["run", "generate", "chat", "score", "classify", "embed"],
                 "jobs": ["train", "jobs", "logs", "cancel", "pause", "resume"],
-                "finetune": ["finetune", "eval", "merge"]}
+                "finetune": ["finetune", "eval", "merge"], "http": ["serve-http"]}
     for module, names in subjects.items():
         mod = importlib.import_module(f"llmctl.cli.{module}")
         assert sorted(c.name for c in mod.COMMANDS) == sorted(names)
