@@ -10,8 +10,9 @@ case min = -8 * scale), so Q8_0, Q4_0 and Q4_1 blocks are kept bit for bit.
 ``QLinear`` and ``QEmbedding`` replace ``nn.Linear``/``nn.Embedding`` after a model is built
 (``quantize_model`` or ``install``); a tied lm_head shares the embedding's q tensors.  The
 matmul kernel for a few rows (decode) is a reduction over the packed weight compiled with
-``torch.compile`` once per process when that works (decided once, logged: ``kernel_mode``);
-more rows (prefill), gradients or no compiler: dequantize + ``F.linear``.
+``torch.compile`` once per process when that works (decided once, logged: ``kernel_mode``),
+or on x86-64 CPUs with AVX-512 the C kernel of ``models.qkernels`` (faster, and without Dynamo's
+per-call cost); more rows (prefill), gradients or no compiler: dequantize + ``F.linear``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import nn
 
 GROUP = 32
 SMALL_M = 4                       # rows up to which the reduction kernel beats dequant + GEMM
+CK_ROWS = 16                      # rows up to which the C kernel beats dequant + GEMM (CPU)
 QSUFFIXES = (".qweight", ".scales", ".mins")
 log = logging.getLogger("llmosd.quant")
 
@@ -165,13 +167,18 @@ class _Kernels:
         self.mode: str | None = None          # "compiled" | "eager"
         self.reduce8, self.reduce4 = _mm_reduce, _mm_reduce
         self.dequant = _dequant
+        self.ck = None                        # qkernels.CKernel where it runs
         self.wanted = os.environ.get("LLMOSD_COMPILE", "auto")
 
     def ensure(self) -> str:
         with self.lock:
             if self.mode is None:
                 self.mode = self._try_compile() if self.wanted != "off" else "eager"
-                log.info("quantized kernels: %s", self.mode)
+                if self.wanted != "off":
+                    from llmosd.models import qkernels
+                    self.ck = qkernels.load()
+                log.info("quantized kernels: %s%s", self.mode,
+                         f"; C kernel (AVX-512) for up to {CK_ROWS} rows" if self.ck else "")
             return self.mode
 
     def _try_compile(self) -> str:
@@ -224,7 +231,12 @@ def qmatmul(x: torch.Tensor, qweight, scales, mins, bias=None) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     mode = KERNELS.mode or KERNELS.ensure()
-    if mode == "compiled" and x2.shape[0] <= SMALL_M and not torch.is_grad_enabled():
+    ck = KERNELS.ck
+    if ck is not None and x2.shape[0] <= CK_ROWS and not torch.is_grad_enabled() and ck.fits(x2, scales):
+        y = ck.mm(x2, qweight, scales, mins)
+        if bias is not None:
+            y = y + bias
+    elif mode == "compiled" and x2.shape[0] <= SMALL_M and not torch.is_grad_enabled():
         x2 = x2.clone() if x2._base is not None else x2    # a few rows: views recompile (guards)
         y = (KERNELS.reduce8 if mins is None else KERNELS.reduce4)(x2, qweight, scales, mins)
         if bias is not None:

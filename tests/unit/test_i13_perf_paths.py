@@ -60,3 +60,33 @@ def test_i13_b3_prefill_rows_with_bias_and_grad_path():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(Q.qmatmul(x, w["qweight"], w["scales"], w["mins"], bias), want,
                                atol=1e-4, rtol=1e-4)           # grad mode: the plain path
+
+
+def test_i13_b1_c_kernel_equals_dequantized_linear_and_serves_decode_rows():
+    """The AVX-512 C kernel (where the CPU and a C compiler allow it) gives x @ W.T for 4 and
+    8 bits, any row count (chunks of 8), and qmatmul routes a few rows through it."""
+    import pytest
+    from llmosd.models import qkernels
+    k = qkernels.load()
+    if k is None:
+        pytest.skip("no AVX-512 or no C compiler here")
+    for bits in (4, 8):
+        w = Q.quantize(torch.randn(70, 160), bits)
+        ref_w = Q.dequantize(w["qweight"], w["scales"], w.get("mins"))
+        for rows in (1, 5, 8, 17):
+            x = torch.randn(rows, 160)
+            torch.testing.assert_close(k.mm(x, w["qweight"], w["scales"], w.get("mins")),
+                                       F.linear(x, ref_w), atol=1e-4, rtol=1e-4)
+        x = torch.randn(3, 160)[:, :]                          # a view: taken as it is
+        calls = []
+        orig = k.mm
+        try:
+            k.mm = lambda *a: calls.append(1) or orig(*a)
+            Q.kernel_mode()
+            if Q.KERNELS.ck is k:
+                with torch.inference_mode():
+                    got = Q.qmatmul(x, w["qweight"], w["scales"], w.get("mins"))
+                torch.testing.assert_close(got, F.linear(x, ref_w), atol=1e-4, rtol=1e-4)
+                assert calls, "a decode-sized matmul did not use the C kernel"
+        finally:
+            k.mm = orig
