@@ -98,7 +98,7 @@ class InstanceManager:
         self.max_prefill_tokens, self.max_waiting = max_prefill_tokens, max_waiting
         self.kv_block_size, self.quant, self.compile = kv_block_size, quant, compile
         self.kv = KVLimit(max(0, max_kv_bytes))
-        self.device_bytes = device_memory(device)
+        self._device_bytes = None               # asked of the device at the first pool sizing
         self._tasks: dict = {}                      # request key -> Task: only these methods touch it
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
         self._ready_waiters: dict[int, list[Ready]] = {}
@@ -198,7 +198,9 @@ class InstanceManager:
         return getattr(self, key)
 
     def _pool_sizes(self) -> dict:
-        return {"max_kv_bytes": max(0, int(self._setting("max_kv_bytes"))), "device_bytes": self.device_bytes,
+        if self._device_bytes is None:
+            self._device_bytes = device_memory(self.device)
+        return {"max_kv_bytes": max(0, int(self._setting("max_kv_bytes"))), "device_bytes": self._device_bytes,
                 "max_batch": self._setting("max_batch"), "block_size": self._setting("kv_block_size")}
 
     def _engine_settings(self) -> dict:
