@@ -15,6 +15,12 @@ from pathlib import Path
 
 import pytest
 
+# A test run started in the background of a non-interactive shell (`.ci/run &`) inherits
+# SIGINT ignored, and so would every llmctl the tests start: the Ctrl-C tests would send a
+# signal nobody hears.  Tests start their processes with the default disposition.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 ROOT = Path(__file__).resolve().parent.parent
 # Public-domain text carried in the repository (tests need nothing outside it).
 SHAKESPEARE = ROOT / "tests" / "data" / "tinyshakespeare.txt"

@@ -189,33 +189,34 @@ _LOCK = threading.Lock()
 _STATE: dict = {}
 
 
-def load() -> CKernel | None:
-    """The process's kernel, compiled and checked on first use; None where it cannot run."""
+def load(quantize, dequantize) -> CKernel | None:
+    """The process's kernel, compiled and checked on first use against ``dequantize`` of
+    ``quantize``d random weights (``models.quant``'s: passed in, so this module needs nothing
+    of it); None where it cannot run."""
     with _LOCK:
         if "k" not in _STATE:
-            _STATE["k"] = _build()
+            _STATE["k"] = _build(quantize, dequantize)
         return _STATE["k"]
 
 
-def _build() -> CKernel | None:
+def _build(quantize, dequantize) -> CKernel | None:
     if os.environ.get("LLMOSD_CKERNEL", "auto") == "off" or not _has_avx512():
         return None
     try:
         with tempfile.TemporaryDirectory(prefix="llmosd-qk-") as d:
             k = CKernel(_compile(d))                 # the mapped library outlives its file
-        _self_check(k)
+        _self_check(k, quantize, dequantize)
     except Exception as e:                           # no compiler, an odd toolchain: torch paths
         log.info("the C quantized kernel is not available (%s)", e)
         return None
     return k
 
 
-def _self_check(k: CKernel) -> None:
-    from llmosd.models import quant as Q
+def _self_check(k: CKernel, quantize, dequantize) -> None:
     g = torch.Generator().manual_seed(0)
     for bits in (4, 8):
-        w = Q.quantize(torch.randn(40, 96, generator=g), bits)
-        ref_w = Q.dequantize(w["qweight"], w["scales"], w.get("mins"))
+        w = quantize(torch.randn(40, 96, generator=g), bits)
+        ref_w = dequantize(w["qweight"], w["scales"], w.get("mins"))
         for M in (1, 3, 11):
             x = torch.randn(M, 96, generator=g)
             got = k.mm(x, w["qweight"], w["scales"], w.get("mins"))

@@ -176,7 +176,7 @@ class _Kernels:
                 self.mode = self._try_compile() if self.wanted != "off" else "eager"
                 if self.wanted != "off":
                     from llmosd.models import qkernels
-                    self.ck = qkernels.load()
+                    self.ck = qkernels.load(quantize, dequantize)
                 log.info("quantized kernels: %s%s", self.mode,
                          f"; C kernel (AVX-512) for up to {CK_ROWS} rows" if self.ck else "")
             return self.mode

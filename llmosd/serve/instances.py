@@ -15,9 +15,8 @@ Admission of generations (issue 13) is the engines': each instance has a paged K
 when it loads (``placement.pool_blocks`` from ``max_kv_bytes``, ``kv_block_size`` and the
 model) and charged with its weights, so there is no per-request reservation here; an engine
 answers Busy past ``max_waiting`` queued requests, and a prompt the pool could never hold
-with InvalidArgument.  Engines report their blocks and queues (``blocks`` messages) into the
-instances' rows.  And it returns the engine's stream credits: each chunk written to a
-client's socket is one ``Engine.credit``.
+with InvalidArgument; their ``blocks`` reports fill the rows.  It returns the engines' stream
+credits: each chunk written to a client's socket is one ``Engine.credit``.
 
 Load options (issue 13): ``acquire(..., load_opts={"dtype", "quant"})`` loads with them
 (``load_model(..., dtype, quant=)``; the instance's ``load_opts`` keeps them); asking for an
@@ -98,7 +97,7 @@ class InstanceManager:
         self.max_prefill_tokens, self.max_waiting = max_prefill_tokens, max_waiting
         self.kv_block_size, self.quant, self.compile = kv_block_size, quant, compile
         self.kv = KVLimit(max(0, max_kv_bytes))
-        self._device_bytes = None               # asked of the device at the first pool sizing
+        self._device_bytes = 0                  # asked of the device at the first pool sizing
         self._tasks: dict = {}                      # request key -> Task: only these methods touch it
         self._unload_waiters: dict[int, list[Callable[[], None]]] = {}
         self._ready_waiters: dict[int, list[Ready]] = {}
@@ -163,8 +162,7 @@ class InstanceManager:
     check_opts = staticmethod(check_opts)      # (ops.serve asks the manager)
 
     def _estimate(self, manifest: dict, opts: dict) -> tuple:
-        """(estimator key, corrected weights bytes, raw weights bytes, KV pool bytes) of a
-        load of ``manifest`` with resolved ``opts``."""
+        """(estimator key, corrected weights, raw weights, KV pool) bytes of a load."""
         dtype = resolve_dtype(opts["dtype"], self.device)
         ekey = ("instance", str(dtype).replace("torch.", "") + ("" if opts["quant"] in ("auto", "none")
                                                                else "-" + opts["quant"]))
@@ -172,10 +170,9 @@ class InstanceManager:
         return ekey, weights, raw, self._pool_estimate(manifest, dtype.itemsize)[1]
 
     def load_bytes(self, manifest: dict, load_opts: dict | None = None) -> int:
-        """What a new instance of ``manifest`` will hold on the device (estimated weights plus
-        its KV pool), as the memory manager will charge it: what a device-bytes quota counts."""
-        _, weights, _, pool = self._estimate(manifest, self.resolve_opts(load_opts))
-        return weights + pool
+        """A new instance's bytes on the device as the ledger will charge them (weights + KV
+        pool, estimated): what a device-bytes quota counts."""
+        return sum(self._estimate(manifest, self.resolve_opts(load_opts))[1::2])
 
     def _pool_estimate(self, manifest: dict, dtype_bytes: int) -> tuple[int, int]:
         """(blocks, bytes) of the KV pool a load of ``manifest`` will allocate (0, 0 when its
@@ -198,8 +195,7 @@ class InstanceManager:
         return getattr(self, key)
 
     def _pool_sizes(self) -> dict:
-        if self._device_bytes is None:
-            self._device_bytes = device_memory(self.device)
+        self._device_bytes = self._device_bytes or device_memory(self.device)
         return {"max_kv_bytes": max(0, int(self._setting("max_kv_bytes"))), "device_bytes": self._device_bytes,
                 "max_batch": self._setting("max_batch"), "block_size": self._setting("kv_block_size")}
 

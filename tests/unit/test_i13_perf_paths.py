@@ -67,7 +67,7 @@ def test_i13_b1_c_kernel_equals_dequantized_linear_and_serves_decode_rows():
     8 bits, any row count (chunks of 8), and qmatmul routes a few rows through it."""
     import pytest
     from llmosd.models import qkernels
-    k = qkernels.load()
+    k = qkernels.load(Q.quantize, Q.dequantize)
     if k is None:
         pytest.skip("no AVX-512 or no C compiler here")
     for bits in (4, 8):

@@ -66,7 +66,7 @@ def test_i11_3_ps_prints_adapters_indented_under_their_base():
     t.add("other:latest", "sha256:o", "cpu", None)
     rows = ps_rows(t.rows())
     assert [r[1] for r in rows] == ["base:latest", ADAPTER_MARK + "ad1:latest", "other:latest"]
-    assert rows[0][4] == "2.1 MB" and rows[1][:5] == ["", "`- ad1:latest", "ready", "", "64.0 KB"]
+    assert rows[0][5] == "2.1 MB" and rows[1][:6] == ["", "`- ad1:latest", "ready", "", "", "64.0 KB"]
     line = adapter_line({**i.row(), "adapter": a.row(), "load_ms": 1500.0, "already_loaded": False})
     assert line.startswith("ad1:latest ready on instance 1 (base:latest") and "64.0 KB" in line
     again = adapter_line({**i.row(), "adapter": a.row(), "load_ms": 0.0, "already_loaded": True})
