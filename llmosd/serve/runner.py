@@ -33,7 +33,7 @@ import torch
 
 from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
 import llmosd.serve.evaluate as evaluate
-from llmosd.models import lora
+from llmosd.models import cstep, lora
 from llmosd.models.llama import KVCache, Llama, PagedKV, paged_batch
 from llmosd.models.loader import resident_bytes
 from llmosd.serve.request import GREEDY_BELOW, Call, SamplingParams, invalid_argument
@@ -110,6 +110,8 @@ class Runner:
         self.block_bytes = block_size * self.kv_position_bytes
         self.kv: PagedKV | None = None
         self.graphs_enabled = device.type == "cuda" and compile != "off"
+        self.fused = device.type == "cpu" and compile != "off"      # the C decode step
+        self._cstep = None             # its plan; False: this model cannot take it
         self._graphs: dict = {}        # (batch, length) -> _DecodeGraph
         self._graph_pool = None
         if num_blocks:
@@ -272,9 +274,16 @@ class Runner:
         sampled = [i for i, w in enumerate(ws) if w.sample]
         dec = [i for i, w in enumerate(ws) if len(w.ids) == 1]
         logits: dict[int, torch.Tensor] = {}      # index in ws -> (V,) float32
-        graph = self._graph_for([ws[i] for i in dec]) if base and dec and self.graphs_enabled else None
-        if graph is not None:
-            rows = graph.replay([(ws[i].ids, ws[i].start, ws[i].block_table) for i in dec])  # (Bp, V)
+        rows = None                               # (>= len(dec), V): the decodes' logits
+        if base and dec:              # decodes in one fused call: a CUDA graph, or C on the CPU
+            if self.graphs_enabled:
+                graph = self._graph_for([ws[i] for i in dec])
+                if graph is not None:
+                    rows = graph.replay([(ws[i].ids, ws[i].start, ws[i].block_table) for i in dec])
+            elif (plan := self._cplan()) is not None:
+                rows = plan.run([ws[i].ids[0] for i in dec], [ws[i].start for i in dec],
+                                [ws[i].block_table for i in dec])
+        if rows is not None:
             for r, i in enumerate(dec):
                 logits[i] = rows[r]
             single = set(dec)
@@ -340,11 +349,20 @@ class Runner:
                 return None
         return self._graphs[key]
 
+    def _cplan(self):
+        """The C decode step's plan (``cstep``) for this model and pool on the CPU, or None
+        where it does not apply (decodes then run eagerly)."""
+        if self._cstep is None or (self._cstep and self._cstep.kv is not self.kv):
+            self._cstep = cstep.plan_for(self.model, self.kv) if self.fused else None
+            self._cstep = self._cstep or False
+        return self._cstep or None
+
     def _drop_graphs(self) -> None:
-        """The captured graphs hold the weights' and the pool's addresses: drop them when
-        either moves or the model's modules change."""
+        """The captured graphs and the C step's plan hold the weights' and the pool's
+        addresses: drop them when either moves or the model's modules change."""
         self._graphs.clear()
         self._graph_pool = None
+        self._cstep = None
 
     # -- calls ----------------------------------------------------------------------------------
     def start_call(self, call: Call, slice_tokens: int | None = None) -> "CallTask":

@@ -120,8 +120,8 @@ def read_timed(g, out: list) -> None:
 def test_i13_2_long_prompt_does_not_stop_decoders(d):
     """Three clients decode while a ~1,800-token prompt arrives: chunked in PREFILL-token
     slices, it is prefilled over many steps, so the decoders' longest gap between tokens
-    during it is a small part of its prefill time (whole, it would be all of it) and within a
-    few decode steps' time."""
+    during it is a small part of its prefill time (whole, it would be all of it) and about one
+    chunk's share of it."""
     decoders = []
     with d.client() as c:          # prompts whose greedy run meets no EOS and streams a chunk
         for i in range(12):        # for most tokens (random weights: not every token is text)
@@ -162,9 +162,11 @@ def test_i13_2_long_prompt_does_not_stop_decoders(d):
     worst, typical = max(during), statistics.median(before)
     # whole, the prompt would stop every decoder for all of its prefill
     assert worst <= prefill_s / 3, (worst, prefill_s, prompt_tokens)
-    # a step holds the 3 decodes plus at most PREFILL prompt tokens: at most (3 + PREFILL)
-    # decode steps' work (measured ~10; the whole prompt at once: ~130)
-    assert worst / typical <= 3 + PREFILL, (worst, typical)
+    # a step holds the 3 decodes plus at most PREFILL prompt tokens: the worst gap is about
+    # one chunk's step, measured against the prefill's mean time per chunk (later chunks attend
+    # to more positions and cost up to ~3x the mean; the decodes alone, fused, are ~1 ms)
+    per_chunk = prefill_s * PREFILL / prompt_tokens
+    assert worst <= 4 * per_chunk + 3 * typical, (worst, per_chunk, typical)
 
 
 def test_i13_2_long_score_answers_and_generations_go_on(d):

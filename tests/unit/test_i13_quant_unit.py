@@ -68,7 +68,14 @@ def test_i13_3_qlinear_equals_float_linear_on_its_dequantized_weight(bits, rows)
     with torch.inference_mode():
         y = lin(x)
     ref = F.linear(x, lin.dequantized(), lin.bias)
-    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    ck = Q.KERNELS.ck
+    if ck is not None and ck.int8_activations and 2 * rows <= Q.CK_ROWS:
+        # the C kernel quantizes activations to int8 per group of 32 (as llama.cpp): its
+        # documented bound is relative to the output's scale
+        from llmosd.models.qkernels import TOLERANCE
+        torch.testing.assert_close(y, ref, atol=TOLERANCE * float(ref.abs().max()), rtol=0)
+    else:
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
     assert Q.kernel_mode() in ("compiled", "eager")
 
 
@@ -115,7 +122,10 @@ def test_i13_3_load_forms_and_no_copy_of_float_weights(tmp_path):
             torch.testing.assert_close(again(x), q4(x), atol=1e-4, rtol=1e-4)
         none = build(cfg, read_safetensors(qfile), cpu, torch.float32, "none")
         assert not Q.is_quantized(none)
-        torch.testing.assert_close(none(x), q4(x), atol=1e-4, rtol=1e-4)
+        want = none(x)                     # q4's few rows: int8 activations where VNNI runs
+        ck = Q.KERNELS.ck
+        tol = 0.02 * float(want.abs().max()) if ck is not None and ck.int8_activations else 1e-4
+        torch.testing.assert_close(q4(x), want, atol=tol, rtol=1e-4)
 
 
 def test_i13_3_lora_on_a_quantized_base():
