@@ -32,6 +32,9 @@ from .upload import RESEND, import_source, upload_file
 
 __all__ = ["Client", "Generation"]
 
+RECV_SLICE_MS = 100     # a reply's wait looks at the connection's monitor this often
+
+
 class Generation:
     """An in-flight ``generate`` stream: iterate for text pieces; ``stats`` once exhausted.
 
@@ -126,6 +129,7 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
         self._ids = itertools.count(1)
         self._ctx = zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._rcvtimeo = -1                          # _sock's RCVTIMEO (see _wait_at_most)
         self._open: dict[int, weakref.ref] = {}      # generations that may still be running
         self.daemon_info: dict | None = None
 
@@ -159,7 +163,7 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
             raise DaemonUnavailable(f"cannot connect to {self.url!r}: {e}",
                                     hint="--socket / LLMOSD_SOCKET takes a path, unix:///path, "
                                          "ipc:///path or tcp://host:port") from None
-        self._sock = s
+        self._sock, self._rcvtimeo = s, -1       # -1: libzmq's RCVTIMEO default (no limit)
         try:
             self.daemon_info = self._call("hello", {"client": "llmctl", "version": protocol.VERSION},
                                           timeout=self.connect_timeout)
@@ -201,6 +205,8 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
 
     def _cancel_stale(self) -> None:
         """Cancel every generation left unfinished: a new request would drop its replies."""
+        if not self._open:          # the usual case, on every request
+            return
         for ref in list(self._open.values()):
             gen = ref()
             if gen is not None:
@@ -217,27 +223,37 @@ class Client(JobsMixin, AdminMixin, MetricsMixin):
             pass
 
     def _recv(self, rid: int, timeout: float) -> dict:
-        """Next reply for request ``rid`` (others, and beats, are dropped) or Timeout."""
+        """Next reply for request ``rid`` (others, and beats, are dropped) or Timeout.
+
+        Waits in a blocking recv (per reply, cheaper than polling the socket and its monitor
+        together) of at most RECV_SLICE_MS at a time; the monitor is read between slices,
+        only when no reply has come, so a delivered reply is always read before a
+        disconnection is reported (within a slice of it)."""
         deadline = time.monotonic() + timeout
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._mon, zmq.POLLIN)
+        sock = self._sock
         while True:
             left = deadline - time.monotonic()
-            ready = dict(poller.poll(int(max(left, 0) * 1000) + 1))
-            if self._sock not in ready and self._mon in ready:
-                self._check_monitor()       # only once every delivered reply has been read
-            if self._sock not in ready:
+            self._wait_at_most(min(RECV_SLICE_MS, int(max(left, 0) * 1000) + 1))
+            try:
+                data = sock.recv()
+            except zmq.Again:
+                self._check_monitor()
                 if time.monotonic() >= deadline:
                     raise Timeout(f"no reply from llmosd within {timeout:g}s ({self.url})",
                                   hint="the daemon may be overloaded or hung; see its log")
                 continue
-            msg = protocol.decode(self._sock.recv(), max_size=self.max_message + (1 << 20))
+            msg = protocol.decode(data, max_size=self.max_message + (1 << 20))
             if msg["type"] == "beat" or msg["id"] != rid:
                 if msg["type"] == "beat":
                     deadline = max(deadline, time.monotonic() + timeout)
                 continue
             return msg
+
+    def _wait_at_most(self, ms: int) -> None:
+        """Make a blocking recv on the socket give up after ``ms`` (set only when it changes)."""
+        if ms != self._rcvtimeo:
+            self._sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
 
     def _check_monitor(self) -> None:
         from zmq.utils.monitor import recv_monitor_message

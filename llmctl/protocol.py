@@ -17,6 +17,7 @@ This module imports neither torch nor zmq: it is pure data handling shared by bo
 from __future__ import annotations
 
 import math
+import threading
 
 import msgpack
 
@@ -177,8 +178,19 @@ SCHEMAS: dict[str, dict[str, Field]] = {
 STREAMING = frozenset({"create", "generate", "chat", "import", "job_logs", "eval", "merge"})
 
 
+_packers = threading.local()      # one Packer per thread: packb makes a new one per message
+_PACKER_KEEP = 1 << 20            # a packer whose buffer grew past this is not kept
+
+
 def encode(msg: dict) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    data = packer.pack(msg)
+    if len(data) > _PACKER_KEEP:     # its buffer holds as much: let it go with the packer
+        del _packers.packer
+    return data
 
 
 def request(rid: int, type_: str, body: dict | None = None) -> dict:
@@ -204,6 +216,10 @@ def decode(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> dict:
     except Exception as e:  # msgpack raises several unrelated types
         raise BadRequest(f"message is not valid msgpack: {e.__class__.__name__}: {e}",
                          hint="each frame must be one msgpack map; see llmosd-protocol(7)") from None
+    if _well_formed(msg):
+        if "body" not in msg:
+            msg["body"] = {}
+        return msg
     if not isinstance(msg, dict):
         raise BadRequest(f"message must be a msgpack map, got {type(msg).__name__}")
     rid = msg.get("id")
@@ -223,6 +239,20 @@ def decode(data: bytes, max_size: int = DEFAULT_MAX_MESSAGE) -> dict:
         e.rid = rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= U64 else 0
         raise
     return msg
+
+
+def _well_formed(msg) -> bool:
+    """The checks of ``decode`` at once, for the usual envelope (msgpack makes plain dicts and
+    ints, so ``type(x) is int`` is ``isinstance`` less bool); anything else takes the checks
+    one by one, which name the problem."""
+    if type(msg) is not dict:
+        return False
+    rid, body = msg.get("id"), msg.get("body", _NO_BODY)
+    return (type(msg.get("v")) is int and type(msg.get("type")) is str and type(rid) is int
+            and 0 <= rid <= U64 and (body is _NO_BODY or type(body) is dict))
+
+
+_NO_BODY = object()
 
 
 def _peek_id(data: bytes) -> int:
@@ -251,6 +281,11 @@ def check_request(msg: dict) -> None:
     if schema is None:
         raise UnknownType(f"unknown message type {_short(msg['type'])}",
                           hint="known types: " + ", ".join(sorted(SCHEMAS)))
+    if not msg["body"]:       # ping, status, ps...: only a required field can be missing
+        for name, f in schema.items():
+            if f.required:
+                raise InvalidArgument(f"'{msg['type']}' needs the field '{name}'")
+        return
     # nil means "not given" for every optional field: handlers never see None
     body = msg["body"] = {k: v for k, v in msg["body"].items() if v is not None}
     for name, f in schema.items():

@@ -65,6 +65,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter("llmosd_requests", "Requests answered, by message type and result "
                                 "(ok, an error name, or disconnected)", ["type", "result"], registry=r)
+        self._requests: dict[tuple[str, str], Counter] = {}     # request_counter's children
         self.prompt_tokens = Counter("llmosd_prompt_tokens", "Prompt tokens of finished generations",
                                      registry=r)
         self.generated_tokens = Counter("llmosd_generated_tokens",
@@ -85,9 +86,18 @@ class Metrics:
     def reply(self, mtype, result, body: dict | None = None) -> None:
         """One request answered: count it; a generation's ``end`` adds its tokens and times."""
         kind = request_type(mtype)
-        self.requests.labels(kind, result_label(result)).inc()
+        self.request_counter(kind, result_label(result)).inc()
         if kind in GENERATIONS and result == "ok" and isinstance(body, dict):
             self.generation_stats(body)
+
+    def request_counter(self, kind: str, result: str):
+        """The ``llmosd_requests`` child for these labels, kept once made: ``labels()`` (label
+        checks, a lock) costs more than the count itself, on every reply.  The labels are
+        bounded (see ``request_type``, ``result_label``), and so is this dict."""
+        child = self._requests.get((kind, result))
+        if child is None:
+            child = self._requests[(kind, result)] = self.requests.labels(kind, result)
+        return child
 
     def generation_stats(self, stats: dict) -> None:
         """Tokens and latencies from an ``end``'s statistics (missing values: not observed)."""

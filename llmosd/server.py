@@ -32,6 +32,11 @@ log = logging.getLogger("llmosd.server")
 
 
 REMOTE_UID = -2        # every tcp (CURVE) client, until keys map to uids
+RECV_BATCH = 256       # messages handled per round at most (engine output is not starved)
+ZERO_COPY_MIN = 65536  # replies from this size are sent without a copy (pyzmq's copy_threshold)
+# plain ints: | and & of pyzmq's enum.Flag constants run Python code on every message
+NOBLOCK, EVENTS, POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+SEND_MORE = NOBLOCK | int(zmq.SNDMORE)
 
 
 def audit_refusal(peer: "Peer", mtype: str, body: dict) -> None:
@@ -94,8 +99,8 @@ class Peer:
             self.uid = (key_uids or {}).get(self.key, REMOTE_UID)
         if address:   # ipc peers: "...:uid:gid:pid"
             parts = address.rsplit(":", 3)
-            if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
-                self.uid, self.gid, self.pid = (int(p) for p in parts[1:])
+            if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit() and parts[3].isdigit():
+                self.uid, self.gid, self.pid = int(parts[1]), int(parts[2]), int(parts[3])
         self.streams: dict[int, Stream] = {}
         # Things held for this client outside streams (e.g. open uploads): while non-empty the
         # peer stays known and gets beats, so its disconnection is noticed and they are freed.
@@ -166,8 +171,8 @@ class Ctx:
 
     def ok(self, body: dict | None = None) -> None:
         self._answered()
-        self.server.count(self.type, "ok", body)
         self.server.send(self.peer, protocol.reply(self.rid, "ok", body))
+        self.server.count(self.type, "ok", body)     # after the send: off the reply's path
 
     def error(self, err: LlmosdError | dict) -> None:
         self._answered()
@@ -284,7 +289,10 @@ class Server:
     def _try_send(self, peer: Peer, data: bytes, on_sent) -> str:
         """'sent', 'again' (the peer's pipe is full) or 'gone' (the peer disconnected)."""
         try:
-            self.sock.send_multipart([peer.ident, data], flags=zmq.NOBLOCK, copy=False)
+            # send_multipart's checks cost more than a small reply's send; a refusal comes at
+            # the routing frame, before anything is queued.  Zero-copy pays only when large.
+            self.sock.send(peer.ident, SEND_MORE)
+            self.sock.send(data, NOBLOCK, copy=len(data) < ZERO_COPY_MIN)
         except zmq.ZMQError as e:
             if e.errno == errno.EAGAIN:
                 return "again"
@@ -345,10 +353,12 @@ class Server:
 
     # -- receiving ----------------------------------------------------------------------------
     def _receive(self) -> None:
-        for _ in range(256):   # bounded so engine output is never starved by a flood
-            try:
-                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        """Handle the queued messages, up to RECV_BATCH; called when the poll found the socket
+        readable.  EVENTS says whether one more waits: cheaper than a recv failing (EAGAIN)."""
+        sock = self.sock
+        for _ in range(RECV_BATCH):
+            frames = self._recv_message()
+            if frames is None:
                 return
             ident = frames[0].bytes
             peer = self.peers.get(ident)
@@ -365,6 +375,19 @@ class Server:
                 self.peers[ident] = peer
             self._handle(peer, frames[1:])
             self.forget_if_idle(peer)
+            if not sock.getsockopt(EVENTS) & POLLIN:
+                return
+
+    def _recv_message(self) -> list | None:
+        """The next message's frames (routing id first), or None.  ``Frame.more``: no socket
+        option read per part (recv_multipart's way); a message arrives whole."""
+        try:
+            frames = [self.sock.recv(NOBLOCK, copy=False)]
+        except zmq.Again:
+            return None
+        while frames[-1].more:
+            frames.append(self.sock.recv(NOBLOCK, copy=False))
+        return frames
 
     def _handle(self, peer: Peer, frames) -> None:
         rid, mtype = 0, None
@@ -397,12 +420,15 @@ class Server:
             self.count(mtype, Internal.name)
             self.send(peer, protocol.reply(rid, "error", Internal(f"internal error: {e}").to_wire()))
 
-    def _run_calls(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
+    def _run_calls(self, woken: bool = True) -> None:
+        """Run the posted calls; ``woken``: the pipe is readable, empty it first (else no read:
+        a syscall and an exception).  A call posted meanwhile has its byte wake the next round."""
+        if woken:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
                 pass
-        except BlockingIOError:
-            pass
         while self._calls:
             fn, args = self._calls.popleft()
             try:
@@ -418,11 +444,16 @@ class Server:
         deadline = None
         last_beat = time.monotonic()
         while True:
-            backlog = any(p.backlog for p in self.peers.values())
+            backlog = bool(self.peers) and any(p.backlog for p in self.peers.values())
             timeout = 10 if backlog else int(self.heartbeat * 1000 / 2) or 1
-            poller.poll(timeout)
-            self._run_calls()
-            if not self.stopping:
+            sock_ready = woken = False
+            for x, _ in poller.poll(timeout):      # the socket and/or the wake pipe's fd
+                if x is self.sock:
+                    sock_ready = True
+                else:
+                    woken = True
+            self._run_calls(woken)
+            if sock_ready and not self.stopping:
                 self._receive()
             self._pump_backlogs()
             if time.monotonic() - last_beat >= self.heartbeat / 2:
