@@ -80,6 +80,22 @@ def _digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def _sha256_of(f: BinaryIO, keep: bool) -> tuple[str, bytes]:
+    """(digest, bytes read: b"" unless ``keep``) of an open file, read in 4 MiB blocks."""
+    h, blocks = hashlib.sha256(), []
+    while block := f.read(1 << 22):
+        h.update(block)
+        if keep:
+            blocks.append(block)
+    return "sha256:" + h.hexdigest(), b"".join(blocks)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes whenever a file's content may have: any write moves mtime and ctime, a
+    ``touch`` or ``utime`` back moves ctime, a replacement changes the inode."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class Store:
     """Thread-safe access to one store directory.
 
@@ -103,6 +119,10 @@ class Store:
         self._lock = threading.RLock()          # one disk write at a time
         self.index = Index()                    # read from the disk at ``recover`` or first use
         self._warned: set[str] = set()
+        # digest -> _identity of the file when it last matched its digest (verify_blob);
+        # engine and loader threads verify concurrently.
+        self._verified: dict[str, tuple] = {}
+        self._verified_lock = threading.Lock()
         self.writer = StoreWriter()
         # Blobs that something besides the manifests needs (job records: their data files and
         # parents): recover() and the clean-ups keep them.  Called from any thread.
@@ -216,27 +236,51 @@ class Store:
 
     def verify_blob(self, digest: str) -> None:
         """Raise StoreCorrupt unless the blob exists and its content matches its digest."""
-        self._checked_blob(digest, keep=False)
+        self.open_verified(digest).close()
+
+    def open_verified(self, digest: str) -> BinaryIO:
+        """The blob opened for reading (never through a link), at offset 0, once its content
+        matched its digest; StoreCorrupt if it does not.  Hashed once per Store: while the
+        file keeps the ``_identity`` it had when it last matched, it is not hashed again; any
+        write, touch or replacement changes that, and the next call hashes it.  (``fsck``
+        always hashes.)"""
+        f = self._checked_open(digest)
+        try:
+            before = _identity(os.fstat(f.fileno()))
+            with self._verified_lock:
+                if self._verified.get(digest) == before:
+                    return f
+            self._check(digest, _sha256_of(f, keep=False)[0])
+            if _identity(os.fstat(f.fileno())) == before:      # not changed while read
+                with self._verified_lock:
+                    self._verified[digest] = before
+            f.seek(0)
+            return f
+        except BaseException:
+            f.close()
+            raise
 
     def read_blob(self, digest: str) -> bytes:
-        return self._checked_blob(digest, keep=True)
+        """The blob's bytes, always hashed (they are read anyway) and checked: StoreCorrupt."""
+        with self._checked_open(digest) as f:
+            got, data = _sha256_of(f, keep=True)
+        self._check(digest, got)
+        return data
 
-    def _checked_blob(self, digest: str, keep: bool) -> bytes:
-        """The blob's bytes (b"" unless ``keep``), hashed in blocks and checked against its
-        digest.  StoreCorrupt when it is missing or does not match."""
-        h, blocks = hashlib.sha256(), []
+    def _checked_open(self, digest: str) -> BinaryIO:
+        """``_open_blob``, a missing blob being StoreCorrupt."""
         try:
-            with self._open_blob(digest) as f:
-                while block := f.read(1 << 22):
-                    h.update(block)
-                    if keep:
-                        blocks.append(block)
+            return self._open_blob(digest)
         except FileNotFoundError:
             raise StoreCorrupt(f"blob {digest} is missing from the store", hint=_FIX_HINT) from None
-        if "sha256:" + h.hexdigest() != digest:
+
+    def _check(self, digest: str, got: str) -> None:
+        """StoreCorrupt (and forget it was verified) unless ``got`` is ``digest``."""
+        if got != digest:
+            with self._verified_lock:
+                self._verified.pop(digest, None)
             raise StoreCorrupt(f"blob {digest} is corrupt (its content does not match its digest)",
                                hint=_FIX_HINT)
-        return b"".join(blocks)
 
     def _free_unreferenced(self, digests: set[str]) -> int:
         """Delete those of ``digests`` that no manifest names and no job needs; returns the
