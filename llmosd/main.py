@@ -140,6 +140,8 @@ def serve(cfg, reload=None) -> int:
         torch.set_num_threads(threads)
         from llmosd.models import quant
         quant.set_compile(cfg.compile)        # before any load: the kernels are chosen once
+        from llmosd.models import qkernels
+        qkernels.set_int8_activations(cfg.activations == "int8")
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         server = Server(cfg.socket, max_message=cfg.max_message_bytes, send_hwm=cfg.send_hwm,

@@ -19,12 +19,10 @@ path at float32 rounding level (other summation orders).
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 from torch import nn
 
-log = logging.getLogger("llmosd.engine")
 
 SOURCE = r"""
 typedef struct { const float *ln1, *ln2; CW q, k, v, o, gate, up, down; } CLayer;
@@ -199,19 +197,19 @@ def _f32(t) -> bool:
 
 
 def _weight(mod, keep: list) -> CW | None:
-    """The C view of a linear layer (float32, or packed int4/int8 with float16 group scales;
-    a LoRA wrapper's base), or None if it is some other form."""
-    from llmosd.models.lora import LoraLinear
-    from llmosd.models.quant import GROUP, QLinear
-    if isinstance(mod, LoraLinear):
-        mod = mod.qbase if mod.qbase is not None else mod
+    """The C view of a linear layer: float32 (``nn.Linear``), or packed int4/int8 with float16
+    group scales (``quant.QLinear``, known by its buffers); a LoRA wrapper (``lora.LoraLinear``)
+    stands for its base, as the base group runs without adapters.  None: some other form."""
+    base = getattr(mod, "qbase", None)
+    if base is not None:
+        mod = base
     bias = getattr(mod, "bias", None)
     if bias is not None and not _f32(bias):
         return None
-    if isinstance(mod, QLinear):
+    if hasattr(mod, "qweight"):
         q, s, m = mod.qweight, mod.scales, mod.mins
         if s.dtype != torch.float16 or mod.dtype != torch.float32 or q.device.type != "cpu" \
-                or not all(t is None or t.is_contiguous() for t in (q, s, m)) or mod.in_features % GROUP:
+                or not all(t is None or t.is_contiguous() for t in (q, s, m)) or mod.in_features % 32:
             return None
         keep += [q, s, m, bias]
         return CW(mod.bits, mod.out_features, mod.in_features, q.data_ptr(), s.data_ptr(),
@@ -279,15 +277,3 @@ class Plan:
                          logits.data_ptr(), buf.data_ptr(), sc.data_ptr(), maxlen, nt)
         return logits
 
-
-def plan_for(model, kv) -> Plan | None:
-    """The plan for ``model`` over ``kv`` where the C kernels run here (``qkernels.load``: an
-    x86-64 CPU with AVX-512, a C compiler; ``LLMOSD_CKERNEL=off`` turns them off) and the model
-    takes this step; otherwise None."""
-    from llmosd.models import qkernels, quant
-    if quant.KERNELS.wanted == "off":
-        return None
-    ck = qkernels.load(quant.quantize, quant.dequantize)
-    plan = Plan.build(ck.lib, model, kv) if ck is not None else None
-    log.info("decode step: %s", "fused C" if plan is not None else "eager torch")
-    return plan

@@ -199,7 +199,9 @@ def check_shapes(cfg: LlamaConfig, shapes: dict[str, tuple], source: str = "the 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     """(D/2,) inverse frequencies, with HF's 'linear' and 'llama3' scaling, or explicit factors."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    # on the CPU even while a model is built on the meta device (a meta float64 op would
+    # import torch's compiler stack: ~70 MiB of RSS for nothing)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type"))
     if kind == "linear":

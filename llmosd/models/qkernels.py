@@ -1,25 +1,38 @@
-"""A hand-written AVX-512 kernel for quantized matmuls of a few rows (decode), on the CPU.
+"""Hand-written AVX-512 kernels for quantized matmuls of a few rows (decode), on the CPU, and
+the build of the library that holds them and the fused decode step (``cstep``).
 
 ``torch.compile``'s reduction kernel (``quant._mm_reduce``) reaches ~6 GMAC/s on one core and
 each compiled call costs ~60 us of Dynamo/AOT wrappers (a decode step makes ~200 such calls).
-This kernel reads the packed weight once per call for up to 8 rows, unpacks a group of 32
-nibbles (or int8 values) into two float vectors scaled by the group's scale, and accumulates
-``x * w`` with FMAs; the 4-bit minimum enters as ``min * sum(x of the group)``.  It is C with
-intrinsics, compiled once per process with the system's C compiler (as inductor needs one too)
-and called through ctypes (which releases the GIL): ~3 us per call instead of ~60, and 2-3x
-fewer cycles per weight.  Threads: OpenMP over output rows, sharing torch's libgomp.
+These kernels read the packed weight once for up to 8 rows, ``mm_cols`` computing any range of
+output columns (so the threads of an OpenMP region split a matmul by columns):
+
+- float32 activations (the default): a group of 32 nibbles (or int8 values) is unpacked into
+  two float vectors scaled by the group's scale and multiplied with FMAs; the 4-bit minimum
+  enters as ``min * sum(x of the group)``.  Float32 rounding only.
+- int8 activations (``set_int8_activations``, the daemon's ``activations = "int8"``; CPUs
+  with AVX-512 VNNI): each row of x is quantized per group of 32 to int8 (llama.cpp's q8_0),
+  and two groups at a time go through one ``vpdpbusd`` (unsigned nibbles or |w| times signed
+  x).  ~1.7x faster; the result is exactly the float dot product of the dequantized weight
+  with the quantized activations (``TOLERANCE`` bounds it against float32's).
+
+The library is C with intrinsics, compiled with the system's C compiler (as inductor needs one
+too), called through ctypes (which releases the GIL): ~3 us per call instead of ~60.  The
+compiled library is kept in a private cache directory (see ``_cache_dir``), so a process
+compiles it only once per machine and compiler.  Threads: OpenMP, torch's own libgomp (the
+library's ``libgomp.so.1`` resolves to the one torch loaded).
 
 ``load()`` returns None where it cannot run (not x86-64 with AVX-512F, no compiler, a compile
-or self-check failure): callers keep the torch paths.  Float32 activations only; the sums are
-in another order than a float GEMM's (differences at float32 rounding level).
+or self-check failure, ``LLMOSD_CKERNEL=off``): callers keep the torch paths.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -42,6 +55,9 @@ SOURCE = r"""
 #define GS 32
 typedef _Float16 half;
 
+/* int8 activations (VNNI builds, when asked): a process-wide mode, off by default */
+static int qk_int8 = 0;
+
 /* activations of up to 8 rows, quantized per group of 32 as llama.cpp's q8_0 (VNNI builds) */
 typedef struct { int8_t *xn, *xp; float *d, *xs; } QX;
 
@@ -50,7 +66,7 @@ typedef struct { int8_t *xn, *xp; float *d, *xs; } QX;
    pair of groups interleaved by halves [g 0-15, g+1 0-15, g 16-31, g+1 16-31] (the order of
    unpacked nibble pairs), xs = d * sum of xn (the 4-bit minimum meets the same quantized x
    as the nibbles: their errors cancel as in w = nibble * scale + min). */
-static void quant_x(const float *x, int R, int K, QX *o) {
+static void quant_x_i8(const float *x, int R, int K, QX *o) {
     int G = K / GS;
     for (int r = 0; r < R; r++) for (int g = 0; g < G; g++) {
         const float *xg = x + (size_t)r * K + g * GS;
@@ -91,7 +107,7 @@ __attribute__((constructor)) static void qk_init(void) {
     for (int r = 0; r < M; r++) ds[r] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(km, o->d + r * G + g));
 
 /* y[r, n] for 4-bit row n: sum over groups of scale * d_x * (nibbles . x_q) + min * d_x * sum(x_q) */
-static inline __attribute__((always_inline)) void row4(const QX *o, const int M, int K, int G,
+static inline __attribute__((always_inline)) void row4_i8(const QX *o, const int M, int K, int G,
         const uint8_t *q, const half *s, const half *m, float *y, int N, int n) {
     __m512 acc[8], am[8], ds[8];
     const uint8_t *qn = q + (size_t)n * (K / 2);
@@ -130,7 +146,7 @@ static inline __attribute__((always_inline)) void row4(const QX *o, const int M,
 }
 
 /* 8-bit row: |w| (unsigned) . (x_q with w's sign), two groups per 512 bits */
-static inline __attribute__((always_inline)) void row8(const QX *o, const int M, int K, int G,
+static inline __attribute__((always_inline)) void row8_i8(const QX *o, const int M, int K, int G,
         const int8_t *q, const half *s, float *y, int N, int n) {
     __m512 acc[8], ds[8];
     const int8_t *qn = q + (size_t)n * K;
@@ -167,21 +183,21 @@ static inline __attribute__((always_inline)) void row8(const QX *o, const int M,
     }
     for (int r = 0; r < M; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(acc[r]) + tail[r];
 }
-#else
+#endif
 /* float activations: unpack a group into two float vectors, FMA with x; the 4-bit minimum
    enters as min * sum(x of the group) */
-static void quant_x(const float *x, int R, int K, QX *o) {
+static void quant_x_f(const float *x, int R, int K, QX *o) {
     int G = K / GS;
     o->xn = (int8_t *)x;            /* the rows themselves */
     for (int r = 0; r < R; r++) for (int g = 0; g < G; g++) {
         float t = 0; for (int j = 0; j < GS; j++) t += x[(size_t)r * K + g * GS + j]; o->xs[r * G + g] = t; }
 }
 
-static inline __attribute__((always_inline)) void row4(const QX *o, const int M, int K, int G,
+static inline __attribute__((always_inline)) void row4_f(const QX *o, const int M, int K, int G,
         const uint8_t *q, const half *s, const half *m, float *y, int N, int n) {
     const float *x = (const float *)o->xn;
-    __m512 acc[8]; float am[8];
-    for (int r = 0; r < M; r++) { acc[r] = _mm512_setzero_ps(); am[r] = 0; }
+    __m512 acc[8], acc2[8]; float am[8];      /* two chains: an FMA's latency, not its rate, bounds one row */
+    for (int r = 0; r < M; r++) { acc[r] = acc2[r] = _mm512_setzero_ps(); am[r] = 0; }
     const uint8_t *qn = q + (size_t)n * (K / 2);
     const half *sn = s + (size_t)n * G, *mn = m + (size_t)n * G;
     const __m128i low = _mm_set1_epi8(15);
@@ -194,18 +210,18 @@ static inline __attribute__((always_inline)) void row4(const QX *o, const int M,
         for (int r = 0; r < M; r++) {
             const float *xr = x + (size_t)r * K + g * GS;
             acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), wl, acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), wh, acc[r]);
+            acc2[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), wh, acc2[r]);
             am[r] += mg * o->xs[r * G + g];
         }
     }
-    for (int r = 0; r < M; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(acc[r]) + am[r];
+    for (int r = 0; r < M; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r])) + am[r];
 }
 
-static inline __attribute__((always_inline)) void row8(const QX *o, const int M, int K, int G,
+static inline __attribute__((always_inline)) void row8_f(const QX *o, const int M, int K, int G,
         const int8_t *q, const half *s, float *y, int N, int n) {
     const float *x = (const float *)o->xn;
-    __m512 acc[8];
-    for (int r = 0; r < M; r++) acc[r] = _mm512_setzero_ps();
+    __m512 acc[8], acc2[8];
+    for (int r = 0; r < M; r++) acc[r] = acc2[r] = _mm512_setzero_ps();
     const int8_t *qn = q + (size_t)n * K;
     const half *sn = s + (size_t)n * G;
     for (int g = 0; g < G; g++) {
@@ -215,12 +231,12 @@ static inline __attribute__((always_inline)) void row8(const QX *o, const int M,
         for (int r = 0; r < M; r++) {
             const float *xr = x + (size_t)r * K + g * GS;
             acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), w0, acc[r]);
-            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc[r]);
+            acc2[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), w1, acc2[r]);
         }
     }
-    for (int r = 0; r < M; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < M; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
 }
-#endif
+
 
 static inline __attribute__((always_inline)) void rowf(const float *x, const int M, int K,
         const float *w, float *y, int N, int n) {
@@ -256,13 +272,24 @@ static void mm_cols(const CW *w, const float *x, int M, float *y, int ldy, int n
         int R = M - r0 < 8 ? M - r0 : 8;
         const float *xr = x + (size_t)r0 * K;
         float *yr = y + (size_t)r0 * ldy;
+#ifdef QK_VNNI
+        if (qk_int8 && w->kind == 4) {
+            quant_x_i8(xr, R, K, &o);
+            #define I4(MM) for (int n = n0; n < n1; n++) row4_i8(&o, MM, K, G, (const uint8_t *)w->q, w->s, w->m, yr, ldy, n)
+            RSWITCH(R, I4)
+        } else if (qk_int8 && w->kind == 8) {
+            quant_x_i8(xr, R, K, &o);
+            #define I8(MM) for (int n = n0; n < n1; n++) row8_i8(&o, MM, K, G, (const int8_t *)w->q, w->s, yr, ldy, n)
+            RSWITCH(R, I8)
+        } else
+#endif
         if (w->kind == 4) {
-            quant_x(xr, R, K, &o);
-            #define C4(MM) for (int n = n0; n < n1; n++) row4(&o, MM, K, G, (const uint8_t *)w->q, w->s, w->m, yr, ldy, n)
+            quant_x_f(xr, R, K, &o);
+            #define C4(MM) for (int n = n0; n < n1; n++) row4_f(&o, MM, K, G, (const uint8_t *)w->q, w->s, w->m, yr, ldy, n)
             RSWITCH(R, C4)
         } else if (w->kind == 8) {
-            quant_x(xr, R, K, &o);
-            #define C8(MM) for (int n = n0; n < n1; n++) row8(&o, MM, K, G, (const int8_t *)w->q, w->s, yr, ldy, n)
+            quant_x_f(xr, R, K, &o);
+            #define C8(MM) for (int n = n0; n < n1; n++) row8_f(&o, MM, K, G, (const int8_t *)w->q, w->s, yr, ldy, n)
             RSWITCH(R, C8)
         } else {
             #define CF(MM) for (int n = n0; n < n1; n++) rowf(xr, MM, K, (const float *)w->q, yr, ldy, n)
@@ -293,12 +320,52 @@ void qk_mm(int kind, const float *x, int M, int K, const void *q, const half *s,
     }
 }
 
-int qk_vnni(void) {
+/* bf16 of 16 floats, rounded to nearest even (finite values: weights) */
+static inline __m256i to_bf16(__m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    b = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                             _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+
+/* rows [0, N) of a packed weight (K columns) dequantized into out: float32, or bfloat16 when
+   bf16 is set (the tiles of a many-row GEMM) */
+void qk_dequant(int kind, const void *q, const half *s, const half *m, int N, int K, void *out,
+                int bf16, int nt) {
+    int G = K / GS;
+    #pragma omp parallel for num_threads(nt) if(nt > 1 && N >= 64) schedule(static)
+    for (int n = 0; n < N; n++) {
+        for (int g = 0; g < G; g++) {
+            __m512 sc = _mm512_set1_ps((float)s[(size_t)n * G + g]), w0, w1;
+            if (kind == 4) {
+                __m512 mn = _mm512_set1_ps((float)m[(size_t)n * G + g]);
+                __m128i b = _mm_loadu_si128((const __m128i *)((const uint8_t *)q + (size_t)n * (K / 2) + g * 16));
+                __m128i low = _mm_set1_epi8(15);
+                w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), sc, mn);
+                w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), sc, mn);
+            } else {
+                const int8_t *qg = (const int8_t *)q + (size_t)n * K + g * GS;
+                w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)qg))), sc);
+                w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qg + 16)))), sc);
+            }
+            size_t at = (size_t)n * K + g * GS;
+            if (bf16) {
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), to_bf16(w0));
+                _mm256_storeu_si256((__m256i *)((uint16_t *)out + at + 16), to_bf16(w1));
+            } else {
+                _mm512_storeu_ps((float *)out + at, w0);
+                _mm512_storeu_ps((float *)out + at + 16, w1);
+            }
+        }
+    }
+}
+
+/* int8 activations on (1) or off (0), where built with VNNI; returns the mode in force */
+int qk_set_int8(int on) {
 #ifdef QK_VNNI
-    return 1;
-#else
-    return 0;
+    qk_int8 = on ? 1 : 0;
 #endif
+    return qk_int8;
 }
 """
 
@@ -324,29 +391,84 @@ def _has_vnni() -> bool:
     return all(f in flags for f in ("avx512_vnni", "avx512bw", "avx512vl", "avx512dq"))
 
 
-def _compile(workdir: str) -> ctypes.CDLL:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler")
+def _command(cc: str, c: str, so: str) -> list[str]:
+    cmd = [cc, "-O3", "-mavx512f", "-mfma", "-mf16c", "-shared", "-fPIC", c, "-o", so, "-lm"]
+    if _has_vnni() and os.environ.get("LLMOSD_CKERNEL", "auto") != "float":
+        cmd += ["-mavx512vnni", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-DQK_VNNI"]
+    return cmd
+
+
+def _compile(cc: str, workdir: str) -> str:
+    """Compile the library into ``workdir``; its path."""
     c, so = os.path.join(workdir, "qk.c"), os.path.join(workdir, "qk.so")
     with open(c, "w") as f:
         f.write(cstep.HEADER + SOURCE + cstep.SOURCE)
-    base = [cc, "-O3", "-mavx512f", "-mfma", "-mf16c", "-shared", "-fPIC", c, "-o", so, "-lm"]
-    if _has_vnni() and os.environ.get("LLMOSD_CKERNEL", "auto") != "float":
-        base += ["-mavx512vnni", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-DQK_VNNI"]
     err = ""
     for extra in (["-fopenmp"], []):                 # without OpenMP: one thread, still correct
-        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(_command(cc, c, so) + extra, capture_output=True, text=True, timeout=300)
         if r.returncode == 0:
-            break
+            return so
         err = r.stderr[-500:]
-    else:
-        raise RuntimeError(f"the C compiler failed: {err}")
-    lib = ctypes.CDLL(so)
+    raise RuntimeError(f"the C compiler failed: {err}")
+
+
+def _cache_dir() -> str | None:
+    """Where compiled libraries are kept between processes: ``$LLMOSD_KERNEL_CACHE``, else
+    ``$XDG_CACHE_HOME/llmosd`` or ``~/.cache/llmosd``; None when it is not a directory of
+    this user's that only they can write (a library is code: never load one others could
+    have put there), or cannot be made."""
+    d = os.environ.get("LLMOSD_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmosd")
+    if d in ("", "off"):
+        return None
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        return d if _private(d, stat.S_ISDIR) else None
+    except OSError:
+        return None
+
+
+def _private(path: str, kind) -> bool:
+    st = os.lstat(path)                              # a link is never taken
+    return kind(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _library(cc: str) -> ctypes.CDLL:
+    """The compiled library: from the cache when an identical build is there (same source,
+    flags and compiler), else compiled now (and put in the cache atomically)."""
+    st = os.stat(cc)
+    key = hashlib.sha256("\0".join([cstep.HEADER + SOURCE + cstep.SOURCE, *_command(cc, "", ""),
+                                     os.path.realpath(cc), str(st.st_mtime_ns)]).encode()).hexdigest()[:24]
+    cache = _cache_dir()
+    cached = os.path.join(cache, f"qk-{key}.so") if cache else None
+    if cached and os.path.lexists(cached) and _private(cached, stat.S_ISREG):
+        return ctypes.CDLL(cached)
+    with tempfile.TemporaryDirectory(prefix="llmosd-qk-") as d:
+        so = _compile(cc, d)
+        lib = ctypes.CDLL(so)                        # the mapped library outlives its file
+        if cached:
+            try:
+                tmp = f"{cached}.{os.getpid()}.tmp"
+                shutil.copyfile(so, tmp)
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, cached)
+            except OSError as e:
+                log.info("could not keep the compiled kernel in %s (%s)", cache, e)
+    return lib
+
+
+def _open() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler")
+    lib = _library(shutil.which(cc) or cc)
     P, I = ctypes.c_void_p, ctypes.c_int
     lib.qk_mm.argtypes = [I, P, I, I, P, P, P, I, P, I]
     lib.qk_mm.restype = None
-    lib.qk_vnni.restype = I
+    lib.qk_dequant.argtypes = [I, P, P, P, I, I, P, I, I]
+    lib.qk_dequant.restype = None
+    lib.qk_set_int8.argtypes = [I]
+    lib.qk_set_int8.restype = I
     cstep.bind(lib)
     return lib
 
@@ -356,6 +478,7 @@ class CKernel:
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
+        self._int8 = False
 
     @staticmethod
     def fits(x: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -373,15 +496,42 @@ class CKernel:
                        0 if m is None else m.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
         return y
 
+    def dequant(self, qweight, scales, mins, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (N, K) in ``dtype`` (float32 or bfloat16), as ``quant.dequantize``
+        computes it (w = q * scale (+ min)), without torch's compiler."""
+        N, G = scales.shape
+        out = torch.empty(N, G * 32, dtype=dtype)
+        q, s = qweight.contiguous(), scales.contiguous()
+        m = None if mins is None else mins.contiguous()
+        self.lib.qk_dequant(8 if m is None else 4, q.data_ptr(), s.data_ptr(), 0 if m is None else m.data_ptr(),
+                            N, G * 32, out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads())
+        return out
+
     @property
     def int8_activations(self) -> bool:
         """Whether activations are quantized to int8 per group of 32 (VNNI dot products, as
         llama.cpp does) rather than multiplied in float32."""
-        return bool(self.lib.qk_vnni())
+        return self._int8
+
+    def set_int8_activations(self, on: bool) -> bool:
+        """Turn int8 activations on or off for this process (on needs AVX-512 VNNI); returns
+        whether they are on."""
+        self._int8 = bool(self.lib.qk_set_int8(1 if on else 0))
+        return self._int8
 
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
+_WANT = {"int8": False}
+
+
+def set_int8_activations(on: bool) -> None:
+    """The daemon's ``activations`` setting (int8: on): int8 activations for the few-row
+    quantized matmuls where the CPU has VNNI, now and for a kernel built later."""
+    with _LOCK:
+        _WANT["int8"] = bool(on)
+        if _STATE.get("k") is not None:
+            _STATE["k"].set_int8_activations(on)
 
 
 def load(quantize, dequantize) -> CKernel | None:
@@ -398,9 +548,11 @@ def _build(quantize, dequantize) -> CKernel | None:
     if os.environ.get("LLMOSD_CKERNEL", "auto") == "off" or not _has_avx512():
         return None
     try:
-        with tempfile.TemporaryDirectory(prefix="llmosd-qk-") as d:
-            k = CKernel(_compile(d))                 # the mapped library outlives its file
+        k = CKernel(_open())
         _self_check(k, quantize, dequantize)
+        if k.set_int8_activations(True):
+            _self_check(k, quantize, dequantize)
+        k.set_int8_activations(_WANT["int8"])
     except Exception as e:                           # no compiler, an odd toolchain: torch paths
         log.info("the C quantized kernel is not available (%s)", e)
         return None

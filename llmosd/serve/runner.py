@@ -33,7 +33,7 @@ import torch
 
 from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, LoadFailed, OutOfMemory
 import llmosd.serve.evaluate as evaluate
-from llmosd.models import cstep, lora
+from llmosd.models import cstep, lora, qkernels, quant
 from llmosd.models.llama import KVCache, Llama, PagedKV, paged_batch
 from llmosd.models.loader import resident_bytes
 from llmosd.serve.request import GREEDY_BELOW, Call, SamplingParams, invalid_argument
@@ -353,9 +353,16 @@ class Runner:
         """The C decode step's plan (``cstep``) for this model and pool on the CPU, or None
         where it does not apply (decodes then run eagerly)."""
         if self._cstep is None or (self._cstep and self._cstep.kv is not self.kv):
-            self._cstep = cstep.plan_for(self.model, self.kv) if self.fused else None
-            self._cstep = self._cstep or False
+            self._cstep = (self._fused_plan() if self.fused else None) or False
         return self._cstep or None
+
+    def _fused_plan(self):
+        if quant.KERNELS.wanted == "off":
+            return None
+        ck = qkernels.load(quant.quantize, quant.dequantize)
+        plan = cstep.Plan.build(ck.lib, self.model, self.kv) if ck is not None else None
+        log.info("decode step: %s", "fused C" if plan is not None else "eager torch")
+        return plan
 
     def _drop_graphs(self) -> None:
         """The captured graphs and the C step's plan hold the weights' and the pool's
