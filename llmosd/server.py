@@ -1,26 +1,26 @@
 """The control loop: one ROUTER socket, one thread, never blocked by model work.
 
-Everything other threads want done (an engine's chunk, a finished load, a job's progress) is
-handed in through ``post()``, a thread-safe call queue that wakes the loop through a pipe.
-Requests are decoded and checked here, then passed to the handler (``ops.Ops.dispatch``) as a
-``Ctx``; streamed replies go out through ``Stream``.
+Other threads hand work in (an engine's chunk, a finished load) through ``post()``, a
+thread-safe call queue that wakes the loop through a pipe.  Requests are decoded and checked
+here, then passed to the handler (``ops.Ops.dispatch``) as a ``Ctx``; streams use ``Stream``.
 
-Flow control: sends never block.  With ROUTER_MANDATORY, a full pipe (the client is slow)
-raises EAGAIN and the message waits in that peer's backlog; a vanished peer raises EHOSTUNREACH
-and all its streams are cancelled.  A client with anything open (streams, unanswered requests,
-uploads) gets a ``beat`` every ``heartbeat_ms`` when idle, so one that died quietly is noticed
-within about one beat.  A request id is unique among a client's unanswered requests.
+Flow control: sends never block.  With ROUTER_MANDATORY, a full pipe (a slow client) raises
+EAGAIN and the message waits in that peer's backlog; a vanished peer raises EHOSTUNREACH and
+its streams are cancelled.  A client with anything open gets a ``beat`` every ``heartbeat_ms``
+when idle, so one that died quietly is noticed.  Request ids are unique among a client's open ones.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
+import threading
 import time
 from typing import Callable
 
-import zmq
+import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
@@ -37,12 +37,13 @@ ZERO_COPY_MIN = 65536  # replies from this size are sent without a copy (pyzmq's
 # plain ints: | and & of pyzmq's enum.Flag constants run Python code on every message
 NOBLOCK, EVENTS, POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 SEND_MORE = NOBLOCK | int(zmq.SNDMORE)
+CURVE_HINT = ("make the server's keys with 'llmctl keygen --server --dir DIR' and set curve_server_key "
+              "and curve_authorized_dir (see llmosd(8)), or use an ipc:// socket")
 
 
 def audit_refusal(peer: "Peer", mtype: str, body: dict) -> None:
-    """The audit trail of refusals (issue 14): a permission_denied answer is logged at INFO
-    with the peer's uid and the reason, as every granted store change, load and job action is
-    by its handler."""
+    """The audit trail of refusals (issue 14): a permission_denied answer is logged at INFO with
+    the peer's uid and the reason (granted actions are logged by their handlers)."""
     if body.get("name") == "permission_denied":
         who = f"uid {peer.uid}" if peer.uid is not None else "an in-process caller"
         if peer.key:
@@ -50,13 +51,18 @@ def audit_refusal(peer: "Peer", mtype: str, body: dict) -> None:
         log.info("refused %s by %s: %s", mtype, who, body.get("message", ""))
 
 
+def send_error(server: "Server", peer: "Peer", rid: int, mtype: str | None, body: dict) -> None:
+    """An ``error`` reply to request ``rid``: counted, audited (a refusal), sent."""
+    server.count(mtype, body.get("name"))
+    audit_refusal(peer, mtype, body)
+    server.send(peer, protocol.reply(rid, "error", body))
+
+
 def key_uids(authorized: str) -> dict[str, int]:
     """Z85 public key -> local uid, for the authorized key files named after a local user
-    (``alice.key``, or ``alice.anything.key``): such a tcp client acts as that user (owns what
-    it makes, may act on what that user owns).  Never root: a remote key named ``root`` stays
-    REMOTE_UID (logged), so no key on disk is a remote superuser.  Links are not followed."""
+    (``alice.key``, ``alice.anything.key``): such a tcp client acts as that user.  Never root: a
+    key named ``root`` stays REMOTE_UID (logged), so no key is a remote superuser.  No links."""
     import pwd
-    import zmq.auth
     out = {}
     try:
         names = sorted(os.listdir(authorized))
@@ -66,9 +72,8 @@ def key_uids(authorized: str) -> dict[str, int]:
         path = os.path.join(authorized, name)
         if not name.endswith(".key") or os.path.islink(path) or not os.path.isfile(path):
             continue
-        user = name[:-len(".key")].split(".")[0]
         try:
-            uid = pwd.getpwnam(user).pw_uid
+            uid = pwd.getpwnam(name[:-len(".key")].split(".")[0]).pw_uid
             public, _ = zmq.auth.load_certificate(path)
         except (KeyError, ValueError, OSError):
             continue
@@ -83,12 +88,10 @@ def key_uids(authorized: str) -> dict[str, int]:
 class Peer:
     """One connected client (one DEALER socket), keyed by its ROUTER routing id.
 
-    ipc peers carry their uid/gid/pid (peer credentials).  tcp peers have none: their
-    identity is ``key``, the Z85 CURVE public key the ZAP handler accepted (its User-Id).
-    Their ``uid`` is the local user their key file is named after (``key_uids``: the
-    administrator's ``alice.key`` acts as alice), else REMOTE_UID: an unprivileged user that is
-    neither root nor the daemon's (uid None would count as a trusted in-process caller), so
-    remote clients own what they make and may touch nothing of a local user's."""
+    ipc peers carry their uid/gid/pid (peer credentials).  A tcp peer's identity is ``key``,
+    the Z85 CURVE public key the ZAP handler accepted; its ``uid`` is the local user its key
+    file is named after (``key_uids``), else REMOTE_UID: unprivileged, neither root nor the
+    daemon's (None would be a trusted in-process caller), owning only what it makes."""
 
     def __init__(self, ident: bytes, address: str | None, key: str | None = None,
                  key_uids: dict | None = None):
@@ -97,14 +100,11 @@ class Peer:
         self.key = key or None
         if self.key:
             self.uid = (key_uids or {}).get(self.key, REMOTE_UID)
-        if address:   # ipc peers: "...:uid:gid:pid"
-            parts = address.rsplit(":", 3)
-            if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit() and parts[3].isdigit():
-                self.uid, self.gid, self.pid = int(parts[1]), int(parts[2]), int(parts[3])
+        parts = (address or "").rsplit(":", 3)     # ipc peers: "...:uid:gid:pid"
+        if len(parts) == 4 and all(p.isdigit() for p in parts[1:]):
+            self.uid, self.gid, self.pid = map(int, parts[1:])
         self.streams: dict[int, Stream] = {}
-        # Things held for this client outside streams (e.g. open uploads): while non-empty the
-        # peer stays known and gets beats, so its disconnection is noticed and they are freed.
-        self.holds: set = set()
+        self.holds: set = set()     # held outside streams (uploads): the peer stays known, beaten
         self.open_ids: set[int] = set()     # request ids not answered yet (any request type)
         self.backlog: collections.deque = collections.deque()
         self.last_sent = time.monotonic()
@@ -120,11 +120,9 @@ class Stream:
 
     def __init__(self, server: "Server", peer: Peer, rid: int, on_cancel: Callable[[str], None],
                  mtype: str = ""):
-        self.server, self.peer, self.rid = server, peer, rid
-        self.on_cancel = on_cancel
+        self.server, self.peer, self.rid, self.on_cancel = server, peer, rid, on_cancel
         self.mtype = mtype            # the request's type, for the metrics
-        self.seq = 0
-        self.closed = False
+        self.seq, self.closed = 0, False
 
     def chunk(self, body: dict, on_sent: Callable[[], None] | None = None) -> None:
         if self.closed:
@@ -140,10 +138,8 @@ class Stream:
 
     def error(self, err: LlmosdError | dict) -> None:
         if not self.closed:
-            body = err if isinstance(err, dict) else err.to_wire()
-            self.server.count(self.mtype, body.get("name"))
-            audit_refusal(self.peer, self.mtype, body)
-            self.server.send(self.peer, protocol.reply(self.rid, "error", body))
+            send_error(self.server, self.peer, self.rid, self.mtype,
+                       err if isinstance(err, dict) else err.to_wire())
             self._close()
 
     def cancel(self, reason: str) -> None:
@@ -170,21 +166,19 @@ class Ctx:
         return self.peer.uid
 
     def ok(self, body: dict | None = None) -> None:
-        self._answered()
-        self.server.send(self.peer, protocol.reply(self.rid, "ok", body))
+        self._answered(self.server.send, self.peer, protocol.reply(self.rid, "ok", body))
         self.server.count(self.type, "ok", body)     # after the send: off the reply's path
 
     def error(self, err: LlmosdError | dict) -> None:
-        self._answered()
         body = err if isinstance(err, dict) else err.to_wire()
-        self.server.count(self.type, body.get("name"))
-        audit_refusal(self.peer, self.type, body)
-        self.server.send(self.peer, protocol.reply(self.rid, "error", body))
+        self._answered(send_error, self.server, self.peer, self.rid, self.type, body)
 
-    def _answered(self) -> None:
+    def _answered(self, send: Callable, *args) -> None:
+        # forget an idle peer only after the send: a reply that waits (EAGAIN) keeps it known
         if self.rid not in self.peer.streams:
             self.peer.open_ids.discard(self.rid)
-            self.server.forget_if_idle(self.peer)
+        send(*args)
+        self.server.forget_if_idle(self.peer)
 
     def stream(self, on_cancel: Callable[[str], None]) -> Stream:
         s = Stream(self.server, self.peer, self.rid, on_cancel, self.type)
@@ -197,51 +191,46 @@ class Server:
                  socket_mode: int = 0o660, curve: tuple[str, str] | None = None):
         """``curve``: (server secret key file, directory of authorized client public keys);
         required for tcp:// (see ``bind``), unused for ipc://."""
-        self.curve, self.auth = curve, None
+        self.curve, self.auth, self.socket_mode = curve, None, socket_mode
         self.key_uids: dict[str, int] = {}      # tcp: public key -> local uid (key_uids)
         self.url, self.max_message = url, max_message
         self.heartbeat = heartbeat_ms / 1000.0
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.SNDHWM, send_hwm)
-        self.sock.setsockopt(zmq.RCVHWM, send_hwm)
-        self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_message + (1 << 20))
-        # No ZMTP heartbeats: a client whose reader pauses would be dropped on a heartbeat
-        # timeout, and that path trips a libzmq assertion in the client (libzmq #3596/#3937).
-        # Liveness is ours instead: `beat` replies, whose failed delivery (EHOSTUNREACH) says
-        # the client is gone.  TCP peers get keepalives so a dead host is noticed too.
-        self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-        self.sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 30)
-        self.sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
-        self.socket_mode = socket_mode
+        # No ZMTP heartbeats: dropping a paused reader on a heartbeat timeout trips a libzmq
+        # assertion in the client (libzmq #3596/#3937).  Liveness is `beat` replies, whose failed
+        # delivery (EHOSTUNREACH) says the client is gone, and TCP keepalives for a dead host.
+        for opt, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.SNDHWM, send_hwm), (zmq.RCVHWM, send_hwm),
+                           (zmq.LINGER, 1000), (zmq.MAXMSGSIZE, max_message + (1 << 20)),
+                           (zmq.TCP_KEEPALIVE, 1), (zmq.TCP_KEEPALIVE_IDLE, 30),
+                           (zmq.TCP_KEEPALIVE_INTVL, 10)):
+            self.sock.setsockopt(opt, value)
         self.peers: dict[bytes, Peer] = {}
         self._calls: collections.deque = collections.deque()
+        # post() vs close(): no write to a closed (maybe reused) fd; an RLock for signal handlers
+        self._wake_lock, self._closed = threading.RLock(), False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.handler: Callable[[Ctx], None] | None = None
-        self.stopping = False
-        self.stop_requested = False
+        self.stopping = self.stop_requested = False
         self.idle_checks: list[Callable[[], bool]] = []   # shutdown waits until all are True
         self.on_peer_gone: list[Callable[[Peer], None]] = []   # run when a client disconnects
         self.metrics = Metrics()      # requests by type and result; gauges bound by ``ops``
 
     # -- setup --------------------------------------------------------------------------------
     def bind(self) -> None:
-        path = self.url[len("ipc://"):] if self.url.startswith("ipc://") else None
-        if path:
-            old = os.umask(0o777 & ~self.socket_mode)   # the socket is born with socket_mode
-            try:
-                self.sock.bind(self.url)
-            finally:
-                os.umask(old)
-            os.chmod(path, self.socket_mode)
-        else:
-            if self.url.startswith("tcp://"):
-                self._curve_server()
+        if self.url.startswith("tcp://"):
+            self._curve_server()
+        if not self.url.startswith("ipc://"):
             self.sock.bind(self.url)
+            return
+        old = os.umask(0o777 & ~self.socket_mode)   # the socket is born with socket_mode
+        try:
+            self.sock.bind(self.url)
+        finally:
+            os.umask(old)
+        os.chmod(self.url[len("ipc://"):], self.socket_mode)
 
     def _curve_server(self) -> None:
         """tcp:// is CURVE only: our key pair on the socket, and a ZAP handler that admits the
@@ -261,19 +250,22 @@ class Server:
 
     # -- cross-thread ----------------------------------------------------------------------
     def post(self, fn: Callable, *args) -> None:
-        """Run ``fn(*args)`` on the loop thread soon.  Safe from any thread and signal handlers."""
-        self._calls.append((fn, args))
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass   # the pipe is full, so the loop is already due to wake
+        """Run ``fn(*args)`` on the loop thread soon.  Safe from any thread and signal handlers.
+        After ``close`` a silent no-op: the process is exiting (an engine may still post)."""
+        self._wake((fn, args))
 
     def request_stop(self) -> None:
         self.stop_requested = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass
+        self._wake(None)
+
+    def _wake(self, call: tuple | None) -> None:
+        with self._wake_lock:
+            if self._closed:
+                return
+            if call is not None:
+                self._calls.append(call)
+            with contextlib.suppress(BlockingIOError):   # a full pipe: the loop is due to wake
+                os.write(self._wake_w, b"\0")
 
     # -- sending ------------------------------------------------------------------------------
     def send(self, peer: Peer, msg: dict, on_sent: Callable[[], None] | None = None) -> None:
@@ -307,10 +299,7 @@ class Server:
 
     def _pump_backlogs(self) -> None:
         for peer in list(self.peers.values()):
-            while peer.backlog:
-                data, on_sent = peer.backlog[0]
-                if self._try_send(peer, data, on_sent) != "sent":
-                    break
+            while peer.backlog and self._try_send(peer, *peer.backlog[0]) == "sent":
                 peer.backlog.popleft()
             self.forget_if_idle(peer)
 
@@ -333,8 +322,8 @@ class Server:
         peer.holds.clear()
 
     def count(self, mtype, result, body: dict | None = None) -> None:
-        """One request answered (``result``: ok, an error name, disconnected): the metrics.
-        Never raises: a metric is not worth a lost reply."""
+        """One request answered (``result``: ok, an error name, disconnected), for the metrics;
+        never raises: a metric is not worth a lost reply."""
         try:
             self.metrics.reply(mtype, result, body)
         except Exception:
@@ -363,15 +352,8 @@ class Server:
             ident = frames[0].bytes
             peer = self.peers.get(ident)
             if peer is None:
-                try:
-                    address = frames[1].get("Peer-Address") if len(frames) > 1 else None
-                except zmq.ZMQError:
-                    address = None
-                try:
-                    key = frames[1].get("User-Id") if self.auth and len(frames) > 1 else None
-                except zmq.ZMQError:
-                    key = None
-                peer = Peer(ident, address, key, self.key_uids)
+                key = _prop(frames, "User-Id") if self.auth else None
+                peer = Peer(ident, _prop(frames, "Peer-Address"), key, self.key_uids)
                 self.peers[ident] = peer
             self._handle(peer, frames[1:])
             self.forget_if_idle(peer)
@@ -412,23 +394,18 @@ class Server:
         except LlmosdError as e:
             rid = getattr(e, "rid", rid)
             log.debug("request %s from %r refused: %s", rid, peer, e)
-            self.count(mtype, e.name)
-            audit_refusal(peer, mtype, e.to_wire())
-            self.send(peer, protocol.reply(rid, "error", e.to_wire()))
+            send_error(self, peer, rid, mtype, e.to_wire())
         except Exception as e:
             log.exception("handler failed")
-            self.count(mtype, Internal.name)
-            self.send(peer, protocol.reply(rid, "error", Internal(f"internal error: {e}").to_wire()))
+            send_error(self, peer, rid, mtype, Internal(f"internal error: {e}").to_wire())
 
     def _run_calls(self, woken: bool = True) -> None:
         """Run the posted calls; ``woken``: the pipe is readable, empty it first (else no read:
         a syscall and an exception).  A call posted meanwhile has its byte wake the next round."""
         if woken:
-            try:
+            with contextlib.suppress(BlockingIOError):
                 while os.read(self._wake_r, 4096):
                     pass
-            except BlockingIOError:
-                pass
         while self._calls:
             fn, args = self._calls.popleft()
             try:
@@ -441,19 +418,13 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        deadline = None
-        last_beat = time.monotonic()
+        deadline, last_beat = None, time.monotonic()
         while True:
             backlog = bool(self.peers) and any(p.backlog for p in self.peers.values())
             timeout = 10 if backlog else int(self.heartbeat * 1000 / 2) or 1
-            sock_ready = woken = False
-            for x, _ in poller.poll(timeout):      # the socket and/or the wake pipe's fd
-                if x is self.sock:
-                    sock_ready = True
-                else:
-                    woken = True
-            self._run_calls(woken)
-            if sock_ready and not self.stopping:
+            ready = dict(poller.poll(timeout))     # the socket and/or the wake pipe's fd
+            self._run_calls(self._wake_r in ready)
+            if self.sock in ready and not self.stopping:
                 self._receive()
             self._pump_backlogs()
             if time.monotonic() - last_beat >= self.heartbeat / 2:
@@ -472,26 +443,29 @@ class Server:
                     return
 
     def close(self) -> None:
+        with self._wake_lock:      # from here on post() drops its call: no write to a closed fd
+            self._closed = True
         self.sock.close(linger=1000)
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
         if self.url.startswith("ipc://"):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.url[len("ipc://"):])
-            except FileNotFoundError:
-                pass
         os.close(self._wake_r)
         os.close(self._wake_w)
 
 
-CURVE_HINT = ("make the server's keys with 'llmctl keygen --server --dir DIR' and set curve_server_key "
-              "and curve_authorized_dir (see llmosd(8)), or use an ipc:// socket")
+def _prop(frames: list, name: str) -> str | None:
+    """A property of a new peer's first message frame (``Peer-Address``, ``User-Id``), or None."""
+    try:
+        return frames[1].get(name) if len(frames) > 1 else None
+    except zmq.ZMQError:
+        return None
 
 
 def load_server_keys(path: str) -> tuple[bytes, bytes]:
     """(public, secret) Z85 keys from a ``zmq.auth`` secret key file; ConfigError naming the file."""
-    import zmq.auth
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
@@ -507,8 +481,7 @@ class RefusalLoggingAuthenticator(ThreadAuthenticator):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self._address = ""
-        self._logged: dict = {}
+        self._address, self._logged = "", {}
 
     async def handle_zap_message(self, msg):
         self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else ""

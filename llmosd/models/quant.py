@@ -180,10 +180,20 @@ class _Kernels:
     def ensure(self) -> str:
         with self.lock:
             if self.mode is None:
-                self.mode = self._try_compile() if self.wanted != "off" else "eager"
                 if self.wanted != "off":
                     from llmosd.models import qkernels
                     self.ck = qkernels.load(quantize, dequantize)
+                if self.wanted == "off":
+                    self.mode = "eager"
+                elif self.ck is not None and not torch.cuda.is_available():
+                    # the C kernels serve every CPU path: torch's compiler (~165 MiB of RSS
+                    # and seconds per process) is never imported
+                    ck = self.ck
+                    self.dequant = lambda q, s, m: ck.dequant(q, s, m, torch.float32)
+                    self.dequant_bf16 = lambda q, s, m: ck.dequant(q, s, m, torch.bfloat16)
+                    self.mode = "compiled"
+                else:
+                    self.mode = self._try_compile()
                 log.info("quantized kernels: %s%s%s", self.mode,
                          f"; C kernel (AVX-512) for up to {CK_ROWS} rows" if self.ck else "",
                          "; bfloat16 prefill GEMMs on the CPU" if self.bf16 else "")
@@ -229,7 +239,8 @@ def set_compile(mode: str) -> None:
 
 
 def kernel_mode() -> str:
-    """"compiled" or "eager": decided (and the compile tried) once per process."""
+    """"compiled" (the C kernels of ``qkernels``, or torch.compile'd ones) or "eager": decided
+    (and the compile tried) once per process."""
     return KERNELS.ensure()
 
 

@@ -57,7 +57,7 @@ from llmosd.serve.calls import CallQueue
 from llmosd.serve.chat import TemplateError, fit, render
 from llmosd.serve.detok import StopMatcher, StreamDecoder
 from llmosd.serve.request import Call, Request, invalid_argument
-from llmosd.serve.runner import Runner, SeqWork
+from llmosd.serve.runner import Runner, SeqWork, release_free_heap
 from llmosd.serve.scheduler import Scheduler, Seq
 
 log = logging.getLogger("llmosd.engine")
@@ -194,6 +194,7 @@ class Engine(threading.Thread):
     # -- engine thread -----------------------------------------------------------------------
     def run(self) -> None:
         try:
+            trimmed = True
             with self.runner.session():
                 while self._admit():
                     worked = self._step()
@@ -201,8 +202,12 @@ class Engine(threading.Thread):
                         worked = self.calls.step() or worked
                     if worked:
                         self._report()
+                        trimmed = False
                         continue
                     self._report(force=True)
+                    if not self.live and not trimmed:     # idle: malloc's free pages to the OS
+                        release_free_heap()
+                        trimmed = True
                     with self._cv:        # idle, or every sequence waits for credits
                         if not (self._inbox or self._cancels or self._credits or self._stopping):
                             self._cv.wait(IDLE_WAIT)

@@ -22,8 +22,6 @@ different adapters, or none (exactly the base), take turns on one copy of the ba
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ from llmctl.errors import Cancelled, Internal, InvalidArgument, LlmosdError, Loa
 import llmosd.serve.evaluate as evaluate
 from llmosd.models import cstep, lora, qkernels, quant
 from llmosd.models.llama import KVCache, Llama, PagedKV, paged_batch
-from llmosd.models.loader import resident_bytes
+from llmosd.models.loader import release_free_heap, resident_bytes
 from llmosd.serve.request import GREEDY_BELOW, Call, SamplingParams, invalid_argument
 from llmosd.serve.sampling import make_generator, sample, top_logprobs
 
@@ -454,7 +452,7 @@ class Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        release_heap()
+        release_free_heap()
 
 
 class CallTask:
@@ -531,24 +529,3 @@ class _DecodeGraph:
         self.graph.replay()
         return self.out
 
-
-def _libc():
-    """glibc, if this process runs on it (None elsewhere: musl, macOS)."""
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return lib if hasattr(lib, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-
-
-def release_heap() -> None:
-    """Give the heap's free pages back to the system (glibc keeps freed memory for the
-    process, so its RSS would stay at its peak after an unload); nothing elsewhere."""
-    if _LIBC is not None:
-        try:
-            _LIBC.malloc_trim(0)
-        except Exception:          # never fatal: it only returns memory early
-            log.debug("malloc_trim failed", exc_info=True)

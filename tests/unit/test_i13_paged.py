@@ -227,7 +227,7 @@ def test_i13_2_runner_pool_api_and_errors(monkeypatch):
 def test_i13_2_logprobs_in_batch():
     run = make_runner()
     with run.session():
-        a, b = run.run([SeqWork("a", [1, 2, 3], 0, [0], logprobs=3),
+        a, b = run.run([SeqWork("a", [1, 2, 3], 0, [0], logprobs=3, sampling=GREEDY),
                         SeqWork("b", [4], 0, [1], sampling=SamplingParams(temperature=0.0))])
         ref = run.step(run.new_cache(8), [1, 2, 3], 0, GREEDY, None, [1, 2, 3], logprobs=3)
     assert a.token == ref.token and a.logprob == pytest.approx(ref.logprob, abs=1e-5)

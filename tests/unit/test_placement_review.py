@@ -312,7 +312,7 @@ def test_i12_review_10_a_swap_in_is_called_one():
 def test_i12_review_11_the_cpu_row_shows_what_the_budget_does_not_account(monkeypatch, capsys):
     from llmctl.cli.table import device_rows
     from llmosd.ops import rss_rows
-    import llmosd.serve.runner as runner
+    import llmosd.models.loader as loader
     cpu = {"device": "cpu", "budget": 8000, "instances": 2000, "jobs": 500, "reserved": 100,
            "free": 5400, "host_budget": 1000, "host_used": 400}
     assert rss_rows(cpu, 3000) == {"process_rss": 3000, "other": 500}   # jobs: other processes
@@ -324,8 +324,8 @@ def test_i12_review_11_the_cpu_row_shows_what_the_budget_does_not_account(monkey
     class Libc:
         def malloc_trim(self, pad):
             trims.append(pad)
-    monkeypatch.setattr(runner, "_LIBC", Libc())
-    runner.release_heap()
+    monkeypatch.setattr(loader, "_LIBC", Libc())
+    loader.release_free_heap()
     assert trims == [0]
 
 
