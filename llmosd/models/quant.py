@@ -238,6 +238,20 @@ def set_compile(mode: str) -> None:
             KERNELS.wanted = mode
 
 
+_EXACT = threading.local()
+
+
+class float32_gemms:
+    """Within it (this thread), many-row GEMMs stay float32: evaluations (score, embed,
+    classify) give the float32 path's figures, as transformers computes them."""
+
+    def __enter__(self):
+        self.prev, _EXACT.on = getattr(_EXACT, "on", False), True
+
+    def __exit__(self, *exc):
+        _EXACT.on = self.prev
+
+
 def kernel_mode() -> str:
     """"compiled" (the C kernels of ``qkernels``, or torch.compile'd ones) or "eager": decided
     (and the compile tried) once per process."""
@@ -258,6 +272,7 @@ def qmatmul(x: torch.Tensor, qweight, scales, mins, bias=None) -> torch.Tensor:
         y = (KERNELS.reduce8 if mins is None else KERNELS.reduce4)(x2, qweight, scales, mins)
     else:       # bfloat16 GEMMs: a bfloat16 model, or float32 4-bit prefill where the CPU runs bf16 natively
         bf = x2.dtype == torch.bfloat16 or (KERNELS.bf16 and mins is not None and M >= BF16_ROWS
+                                            and not getattr(_EXACT, "on", False)
                                             and x2.dtype == torch.float32 and not x2.is_cuda)
         y = _mm_tiled(x2, qweight, scales, mins, KERNELS.dequant_bf16 if bf else KERNELS.dequant,
                       torch.bfloat16 if bf else x2.dtype)

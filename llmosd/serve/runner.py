@@ -471,7 +471,8 @@ class CallTask:
         name = self.call.name
         try:
             self.runner.activate(self.call.adapter)
-            return next(self._gen)
+            with quant.float32_gemms():         # evaluations: the float32 path's figures
+                return next(self._gen)
         except StopIteration as e:
             self.done, self.result = True, e.value
             return 0

@@ -79,3 +79,14 @@ def test_i13_b3_2_few_rows_and_8_bit_or_float32_weights_never_take_bf16(monkeypa
 def test_i13_b3_3_env_turns_bf16_off(monkeypatch):
     monkeypatch.setenv("LLMOSD_PREFILL_BF16", "off")
     assert Q._Kernels().bf16 is False
+
+
+def test_i13_b3_4_evaluations_keep_float32_gemms():
+    """score/embed/classify run inside ``float32_gemms``: their many-row GEMMs stay float32
+    (the figures transformers computes), while generation prefill may take bf16."""
+    w = Q.quantize(torch.randn(96, 128), 4)
+    x = torch.randn(Q.BF16_ROWS + 8, 128)
+    want = F.linear(x, Q.dequantize(w["qweight"], w["scales"], w["mins"]))
+    with torch.inference_mode(), Q.float32_gemms():
+        got = Q.qmatmul(x, w["qweight"], w["scales"], w["mins"])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
