@@ -27,7 +27,7 @@ def srv(request):
         yield s
     finally:
         s.sock = real
-        if not s._closed:
+        if not real.closed:
             s.close()
 
 
