@@ -165,9 +165,9 @@ def test_i13_4_decode_kernels_perplexity_within_1_percent(stored, reference):
     try:
         for mode in modes:
             ck is not None and ck.set_int8_activations(mode == "int8")
+            same = [sum(a == b for a, b in zip(_greedy(model, p, N_GEN), g)) / N_GEN for p, g in seqs]
             for rows in (1, 8):
                 ppl = _ppl_few_rows(model, ids, rows)
-                same = [sum(a == b for a, b in zip(_greedy(model, p, N_GEN), g)) / N_GEN for p, g in seqs]
                 print(json.dumps({"form": f"q4_1 decode kernels, {rows} rows", "activations": mode,
                                   "ppl": round(ppl, 4), "ppl_float32": round(ref, 4), "rel": round(ppl / ref - 1, 5),
                                   "greedy_same_tokens": round(sum(same) / len(same), 4)}))
