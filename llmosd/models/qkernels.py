@@ -197,21 +197,30 @@ static inline __attribute__((always_inline)) void row4_f(const QX *o, const int 
         const uint8_t *q, const half *s, const half *m, float *y, int N, int n) {
     const float *x = (const float *)o->xn;
     __m512 acc[8], acc2[8]; float am[8];      /* two chains: an FMA's latency, not its rate, bounds one row */
-    for (int r = 0; r < M; r++) { acc[r] = acc2[r] = _mm512_setzero_ps(); am[r] = 0; }
+    for (int r = 0; r < M; r++) acc[r] = acc2[r] = _mm512_setzero_ps();
+    const half *mn0 = m + (size_t)n * G;
+    for (int r = 0; r < M; r++) {     /* the minimum's term, sum over g of min * sum(x), 16 groups at a time */
+        __m512 a = _mm512_setzero_ps();
+        int g = 0;
+        for (; g + 16 <= G; g += 16)
+            a = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mn0 + g))),
+                                _mm512_loadu_ps(o->xs + r * G + g), a);
+        float t = _mm512_reduce_add_ps(a);
+        for (; g < G; g++) t += (float)mn0[g] * o->xs[r * G + g];
+        am[r] = t;
+    }
     const uint8_t *qn = q + (size_t)n * (K / 2);
-    const half *sn = s + (size_t)n * G, *mn = m + (size_t)n * G;
+    const half *sn = s + (size_t)n * G;
     const __m128i low = _mm_set1_epi8(15);
     for (int g = 0; g < G; g++) {
         __m512 sc = _mm512_set1_ps((float)sn[g]);
         __m128i b = _mm_loadu_si128((const __m128i *)(qn + g * 16));
         __m512 wl = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))), sc);
         __m512 wh = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))), sc);
-        float mg = (float)mn[g];
         for (int r = 0; r < M; r++) {
             const float *xr = x + (size_t)r * K + g * GS;
             acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), wl, acc[r]);
             acc2[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + 16), wh, acc2[r]);
-            am[r] += mg * o->xs[r * G + g];
         }
     }
     for (int r = 0; r < M; r++) y[(size_t)r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r])) + am[r];
