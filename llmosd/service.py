@@ -151,6 +151,7 @@ SAMPLE_CONFIG = """\
 # max_waiting = 256        # requests queued on one instance before `busy`
 # kv_block_size = 16       # positions per block of the paged KV cache
 # compile = "auto"         # torch.compile of the decode kernels: auto | on | off
+# activations = "float32"  # decode matmuls of quantized weights on the CPU: float32 | int8 (VNNI, faster)
 # quant = "auto"           # weights of a load without --quant: auto | none | int8 | int4
 # shutdown_grace_s = 3.0
 # socket_mode = 0o660      # octal however written: 660, 0660, 0o660

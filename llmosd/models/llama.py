@@ -215,7 +215,7 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
         mid = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     elif kind == "factors":              # per-frequency divisors, as GGUF's rope_freqs.weight
-        inv = inv / torch.tensor(sc["factors"], dtype=torch.float64)
+        inv = inv / torch.tensor(sc["factors"], dtype=torch.float64, device="cpu")
     elif kind not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling type {kind!r}")
     return inv.float()

@@ -173,6 +173,7 @@ class JobOps(FinetuneOps):
         """Refuse to make ``canon`` when it exists (without force; with force when adapters
         use its weights, or when ``uid`` may not replace it: ``access``), is loaded, or is
         being made."""
+        self._check_no_job(canon)         # first: while a job writes it, the name's files move
         try:
             _, old, _ = self.store.get(canon)
             if force:
@@ -186,7 +187,6 @@ class JobOps(FinetuneOps):
         self.store.check_free(canon, replace=force)    # a name/namespace clash, refused up front
         if self.manager.table.ids_of(canon):
             raise Busy(f"{canon} is loaded; unload it before replacing it")
-        self._check_no_job(canon)
 
     def _check_no_job(self, canon: str) -> None:
         if self.jobs.writing(canon) or canon in self.publishing:
