@@ -379,25 +379,22 @@ int qk_set_int8(int on) {
 """
 
 
-def _has_avx512() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo), empty where they cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return all(f in flags.split() for f in ("avx512f", "fma", "f16c"))
+        return set()
+
+
+def _has_avx512() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and {"avx512f", "fma", "f16c"} <= _cpu_flags()
 
 
 def _has_vnni() -> bool:
     """AVX-512 VNNI with BW and VL: int8 dot products for the int8-activation kernels."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return all(f in flags for f in ("avx512_vnni", "avx512bw", "avx512vl", "avx512dq"))
+    return {"avx512_vnni", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags()
 
 
 def _command(cc: str, c: str, so: str) -> list[str]:

@@ -52,12 +52,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 from llmctl.errors import Busy, Cancelled, Internal, InvalidArgument, LlmosdError
+from llmosd.models.loader import release_free_heap
 from llmosd.serve.blocks import BlockManager, adapter_salt
 from llmosd.serve.calls import CallQueue
 from llmosd.serve.chat import TemplateError, fit, render
 from llmosd.serve.detok import StopMatcher, StreamDecoder
 from llmosd.serve.request import Call, Request, invalid_argument
-from llmosd.serve.runner import Runner, SeqWork, release_free_heap
+from llmosd.serve.runner import Runner, SeqWork
 from llmosd.serve.scheduler import Scheduler, Seq
 
 log = logging.getLogger("llmosd.engine")
